@@ -1,0 +1,119 @@
+"""The compressed linear autograd function shared by both modes and both parallel layouts.
+
+Forward computes Y = X W^T (+ Z A^T when the subspace factor A may be non-zero) and saves
+only Z = X P (r columns), plus references to the parameters. Backward regenerates P from its
+seed and returns:
+  - dX = dY W (+ (dY A) P^T): exact;
+  - subspace mode: dL/dA = dY^T Z (= G P, CompAct's compressed gradient), no grad for W0;
+  - unbiased mode: dL/dW = (dY^T Z) P^T (= G P P^T, unbiased as E[P P^T] = I).
+
+Shapes (s: sequence, b: micro-batch, n/m: in/out features of this TP rank's shard, r: columns
+of this rank's P slice): x [s, b, n] (or [s/tp, b, n] with sequence parallelism, gathered
+over the TP group inside), weight [m, n], factor [m, r], bias [m], output [s, b, m].
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from compact_dist.collectives import all_gather_first_dim, reduce_scatter_first_dim
+from compact_dist.projection import Projection, project, unproject
+
+SUBSPACE = "subspace"
+UNBIASED = "unbiased"
+
+
+class CompressedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        factor: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        projection: Projection,
+        epoch: int,
+        mode: str,
+        factor_is_zero: bool,
+        sequence_parallel: bool,
+        allreduce_dgrad: bool,
+        tp_group: Optional[dist.ProcessGroup],
+    ) -> torch.Tensor:
+        blocks = projection.blocks(epoch, x.device, x.dtype)
+        total_x = all_gather_first_dim(x, tp_group)[0] if sequence_parallel else x
+        out = torch.matmul(total_x, weight.to(x.dtype).t())
+        z = project(x, blocks)  # local shard only: this is all backward keeps of the input
+        use_factor = mode == SUBSPACE and not factor_is_zero
+        if use_factor:
+            z_total = project(total_x, blocks) if sequence_parallel else z
+            out = out + torch.matmul(z_total, factor.to(x.dtype).t())
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(z, weight, factor if use_factor else None)
+        ctx.projection, ctx.epoch, ctx.mode = projection, epoch, mode
+        ctx.use_factor = use_factor
+        ctx.factor_dtype = factor.dtype if factor is not None else None
+        ctx.use_bias = bias is not None
+        ctx.sequence_parallel, ctx.allreduce_dgrad = sequence_parallel, allreduce_dgrad
+        ctx.tp_group = tp_group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        z, weight, factor = ctx.saved_tensors
+        blocks = ctx.projection.blocks(ctx.epoch, grad_out.device, grad_out.dtype)
+        gather = None
+        if ctx.sequence_parallel:
+            # all-gather r columns of Z instead of the n columns of X
+            z, gather = all_gather_first_dim(z, ctx.tp_group, async_op=True)
+
+        grad_in = torch.matmul(grad_out, weight.to(grad_out.dtype))
+        if ctx.use_factor:
+            grad_in = grad_in + unproject(torch.matmul(grad_out, factor.to(grad_out.dtype)), blocks)
+
+        reduce = None
+        if ctx.sequence_parallel:
+            gather.wait()
+            grad_in, reduce = reduce_scatter_first_dim(grad_in, ctx.tp_group, async_op=True)
+        elif ctx.allreduce_dgrad:
+            reduce = dist.all_reduce(grad_in, group=ctx.tp_group, async_op=True)
+
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        g_hat = torch.matmul(g2.t(), z.reshape(-1, z.shape[-1]))  # [m, r] = G P
+        grad_weight = grad_factor = None
+        if ctx.mode == SUBSPACE:
+            grad_factor = g_hat.to(ctx.factor_dtype)
+        else:
+            grad_weight = unproject(g_hat, blocks).to(weight.dtype)
+        grad_bias = g2.sum(dim=0) if ctx.use_bias else None
+
+        if reduce is not None:
+            reduce.wait()
+        return (grad_in, grad_weight, grad_factor, grad_bias) + (None,) * 7
+
+
+def compressed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    factor: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    projection: Projection,
+    epoch: int,
+    mode: str,
+    factor_is_zero: bool = True,
+    sequence_parallel: bool = False,
+    allreduce_dgrad: bool = False,
+    tp_group: Optional[dist.ProcessGroup] = None,
+) -> torch.Tensor:
+    """Functional entry point; see the module docstring for shapes and semantics."""
+    if mode not in (SUBSPACE, UNBIASED):
+        raise ValueError(f"mode must be '{SUBSPACE}' or '{UNBIASED}', got {mode!r}")
+    if mode == SUBSPACE and factor is None:
+        raise ValueError("subspace mode needs the factor A")
+    return CompressedLinearFunction.apply(
+        x, weight, factor, bias, projection, epoch, mode, factor_is_zero,
+        sequence_parallel, allreduce_dgrad, tp_group,
+    )

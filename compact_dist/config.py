@@ -1,0 +1,134 @@
+"""Typed, validated compression settings.
+
+`CompressionConfig` is what a user writes (YAML / CLI overrides); `LayerCompression` is the
+resolved setting of one linear role (qkv, proj, fc1, fc2) that a layer is built with.
+Every bad value raises one `ValueError` (pydantic's ValidationError subclasses it) at load,
+before any process group exists.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LinearRole = Literal["qkv", "proj", "fc1", "fc2"]
+ALL_ROLES: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+# Megatron passes tp_comm_buffer_name=<role> to each of the four GPT linears.
+COLUMN_ROLES = ("qkv", "fc1")
+DEFAULT_RATIO = 0.25
+ROW_ROLES = ("proj", "fc2")
+
+
+class LayerCompression(BaseModel):
+    """Resolved compression of one linear layer.
+
+    Exactly one of `ratio` (r = round(ratio * in_features)) and `rank` (absolute r) is set.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["subspace", "unbiased"] = "subspace"
+    ratio: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    rank: Optional[int] = Field(default=None, ge=1)
+    seed: int = Field(default=1234, ge=0)
+    base_dtype: Literal["fp32", "bf16"] = "fp32"
+    row_parallel_blocks: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "LayerCompression":
+        if (self.ratio is None) == (self.rank is None):
+            raise ValueError("set exactly one of 'ratio' (0 < ratio <= 1) and 'rank' (>= 1)")
+        return self
+
+    def rank_for(self, in_features: int, num_blocks: int) -> int:
+        """Total projection rank r for a layer with `in_features` global input columns whose
+        projection is split into `num_blocks` diagonal blocks (r is a multiple of num_blocks)."""
+        if in_features % num_blocks:
+            raise ValueError(
+                f"in_features={in_features} is not divisible into {num_blocks} projection blocks"
+            )
+        block_in = in_features // num_blocks
+        if self.rank is not None:
+            if self.rank % num_blocks:
+                raise ValueError(
+                    f"rank={self.rank} must be a multiple of the {num_blocks} projection blocks"
+                )
+            per_block = self.rank // num_blocks
+        else:
+            per_block = max(1, round(self.ratio * block_in))
+        if per_block > block_in:
+            raise ValueError(
+                f"rank per block {per_block} exceeds the block's {block_in} input columns"
+            )
+        return per_block * num_blocks
+
+
+class CompressionConfig(BaseModel):
+    """User-facing CompAct settings for a GPT model.
+
+    mode: 'subspace' (frozen W0 + trainable A, the paper's update rule) or 'unbiased'
+        (trainable W with the gradient G P P^T, activation memory only).
+    ratio / rank: compression size (default ratio 0.25); `ratios` overrides it per role.
+    resample_interval: T, draw a new projection every T optimizer steps.
+    base_dtype: storage dtype of the frozen W0 in subspace mode ('bf16' merges with
+        stochastic rounding).
+    row_parallel_blocks: number of diagonal blocks of P for row-parallel layers; it must be
+        divisible by the tensor-parallel size, which keeps TP=1,2,4,... on identical math.
+    layers: which of the four GPT linears are compressed; the rest stay Megatron's.
+    moments_on_resample: what happens to Adam moments of A when P changes.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    mode: Literal["subspace", "unbiased"] = "subspace"
+    ratio: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    rank: Optional[int] = Field(default=None, ge=1)
+    ratios: dict[LinearRole, float] = Field(default_factory=dict)
+    seed: int = Field(default=1234, ge=0)
+    resample_interval: int = Field(default=200, ge=1)
+    base_dtype: Literal["fp32", "bf16"] = "fp32"
+    row_parallel_blocks: int = Field(default=8, ge=1)
+    layers: list[LinearRole] = Field(default_factory=lambda: list(ALL_ROLES))
+    moments_on_resample: Literal["keep", "reset"] = "keep"
+
+    @model_validator(mode="after")
+    def _check(self) -> "CompressionConfig":
+        if self.ratio is not None and self.rank is not None:
+            raise ValueError("set only one of 'ratio' and 'rank'")
+        if self.ratio is None and self.rank is None:
+            self.ratio = DEFAULT_RATIO
+        for role, value in self.ratios.items():
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"ratios[{role}]={value} must satisfy 0 < ratio <= 1")
+        if self.rank is not None and self.ratios:
+            raise ValueError("per-role 'ratios' cannot be combined with an absolute 'rank'")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"'layers' lists a role twice: {self.layers}")
+        return self
+
+    def for_role(self, role: str) -> Optional[LayerCompression]:
+        """The resolved setting for one linear role, or None when that role stays uncompressed."""
+        if not self.enabled or role not in self.layers:
+            return None
+        return LayerCompression(
+            mode=self.mode,
+            ratio=self.ratios.get(role, self.ratio) if self.rank is None else None,
+            rank=self.rank,
+            seed=self.seed,
+            base_dtype=self.base_dtype,
+            row_parallel_blocks=self.row_parallel_blocks,
+        )
+
+    def check_parallel(self, tensor_model_parallel_size: int) -> None:
+        """Raise before any process group is created if TP cannot split the projection."""
+        if not self.enabled:
+            return
+        if any(r in ROW_ROLES for r in self.layers) and (
+            self.row_parallel_blocks % tensor_model_parallel_size
+        ):
+            raise ValueError(
+                f"row_parallel_blocks={self.row_parallel_blocks} must be divisible by the "
+                f"tensor-model-parallel size {tensor_model_parallel_size}"
+            )

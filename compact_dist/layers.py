@@ -1,0 +1,323 @@
+"""CompAct replacements for Megatron-core's ColumnParallelLinear and RowParallelLinear.
+
+They subclass Megatron's layers, so they take exactly the keyword arguments Megatron passes
+through a ModuleSpec (config, init_method, bias, gather_output / input_is_parallel,
+skip_bias_add, is_expert, tp_comm_buffer_name, tp_group, stride, ...), initialise `weight`
+and `bias` with Megatron's own code (same values for the same seed) and return
+(output, bias) like Megatron's. The extra keyword `compression` (a LayerCompression) selects:
+
+- subspace mode: `weight` is the frozen base W0 (requires_grad=False, dtype
+  `base_dtype`, kept through module.to()/bfloat16()) and `subspace_factor` is the trainable
+  A, zero after every merge, with W_eff = W0 + A P^T;
+- unbiased mode: `weight` stays trainable and gets the gradient G P P^T.
+
+Either way only Z = X P is saved for backward. Tensor layout per TP rank:
+  column-parallel: W0 [out/tp, in], A [out/tp, r], P dense [in, r], same on all TP ranks;
+  row-parallel:    W0 [out, in/tp], A [out, r/tp], P block-diagonal, this rank's blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Optional
+
+import torch
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    set_tensor_model_parallel_attributes,
+)
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.utils import get_pg_rank, get_pg_size
+
+from compact_dist.autograd import SUBSPACE, compressed_linear
+from compact_dist.collectives import reduce_scatter_to_sequence_parallel_region
+from compact_dist.config import LayerCompression
+from compact_dist.projection import Projection, block_seed, unproject
+
+_BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Default layer ids in construction order (the same on every rank that builds the same model);
+# compact_dist.subspace.assign_layer_ids() replaces them with ids from the model structure.
+_construction_counter = itertools.count()
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Round fp32 `x` to bf16 up or down with probability proportional to the distance."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(
+        0, 1 << 16, bits.shape, generator=generator, device=x.device, dtype=torch.int32
+    )
+    rounded = (bits + noise) & -65536  # clear the 16 bits bf16 drops
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+class CompactLinearMixin:
+    """State and operations shared by the column- and row-parallel compact layers."""
+
+    compression: LayerCompression
+    projection: Projection
+    projection_epoch: int
+    merge_count: int
+
+    def _init_compression(
+        self,
+        compression: LayerCompression,
+        layer_id: Optional[int],
+        role: Optional[str],
+        num_blocks: int,
+        first_block: int,
+        local_blocks: int,
+        partition_dim: int,
+    ) -> None:
+        if not isinstance(compression, LayerCompression):
+            raise ValueError(
+                f"{type(self).__name__} needs compression=LayerCompression(...), got "
+                f"{type(compression).__name__}"
+            )
+        if self.config.gradient_accumulation_fusion:
+            raise ValueError("compact layers do not support gradient_accumulation_fusion")
+        if self.is_expert:
+            raise ValueError("compact layers do not support MoE expert layers (is_expert=True)")
+        self.compression = compression
+        self.role: Optional[str] = role
+        self.projection = Projection(
+            seed=compression.seed,
+            layer_id=next(_construction_counter) if layer_id is None else layer_id,
+            in_features=self.input_size,
+            rank=compression.rank_for(self.input_size, num_blocks),
+            num_blocks=num_blocks,
+            first_block=first_block,
+            local_blocks=local_blocks,
+        )
+        self.projection_epoch = 0
+        self.merge_count = 0
+        self.subspace_factor: Optional[torch.nn.Parameter] = None
+        if compression.mode == SUBSPACE:
+            w = self.weight
+            w.requires_grad_(False)
+            w.data = w.data.to(_BASE_DTYPES[compression.base_dtype])
+            # column-parallel: [out/tp, r]; row-parallel: [out, r/tp]
+            shape = (w.shape[0], self.projection.local_rank)
+            self.subspace_factor = torch.nn.Parameter(
+                torch.zeros(shape, dtype=self.config.params_dtype, device=w.device)
+            )
+            set_tensor_model_parallel_attributes(self.subspace_factor, True, partition_dim, 1)
+            self.subspace_factor.allreduce = True
+            self._merged_version = self.subspace_factor._version
+
+    # ----------------------------------------------------------------------------- state
+    @property
+    def layer_id(self) -> int:
+        return self.projection.layer_id
+
+    def set_layer_id(self, layer_id: int) -> None:
+        self.projection = dataclasses.replace(self.projection, layer_id=layer_id)
+
+    @property
+    def factor_is_zero(self) -> bool:
+        """True when A is known to be zero (nothing wrote A since the last merge)."""
+        f = self.subspace_factor
+        return f is None or f._version == self._merged_version
+
+    def get_extra_state(self) -> Any:
+        return {"projection_epoch": self.projection_epoch, "merge_count": self.merge_count}
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.projection_epoch = int(state["projection_epoch"])
+            self.merge_count = int(state["merge_count"])
+
+    def _apply(self, fn, recurse=True):
+        """Keep the frozen base W0 in its storage dtype through .to()/.bfloat16()/.cuda()."""
+        if self.subspace_factor is None:
+            return super()._apply(fn, recurse)
+        params = self._parameters
+        order = list(params)
+        base = params.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = fn(torch.empty(0, device=base.device)).device
+            base.data = base.data.to(device)
+            rebuilt = {k: (base if k == "weight" else params[k]) for k in order}
+            params.clear()
+            params.update(rebuilt)
+        return self
+
+    # -------------------------------------------------------------------- projections
+    def projection_blocks(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """This rank's blocks of the current P: [local_blocks, block_in, block_rank]."""
+        return self.projection.blocks(self.projection_epoch, self.weight.device, dtype)
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """W_eff = W0 + A P^T (fp32) of this rank's shard; W itself in unbiased mode."""
+        w = self.weight.float()
+        if self.subspace_factor is None:
+            return w
+        return w + unproject(self.subspace_factor.float(), self.projection_blocks())
+
+    @torch.no_grad()
+    def merge_subspace(self, lr: float = 0.0, weight_decay: float = 0.0) -> None:
+        """W0 <- W0 (1 - lr * weight_decay) + A P^T; A <- 0 (decoupled decay on W_eff).
+
+        With a bf16 W0 the sum is rounded stochastically, with noise that depends on
+        (seed, layer id, merge count, TP shard) only, so data-parallel replicas stay equal.
+        """
+        factor = self.subspace_factor
+        if factor is None:
+            return
+        w = self.weight
+        decay = 1.0 - lr * weight_decay
+        merged = w.float() if w.dtype != torch.float32 else w
+        if decay != 1.0:
+            merged.mul_(decay)
+        merged.add_(unproject(factor.float(), self.projection_blocks()))
+        if w.dtype != torch.float32:
+            gen = torch.Generator(device=w.device)
+            # negative "epochs" keep these streams apart from the projections'
+            gen.manual_seed(
+                block_seed(self.compression.seed, self.layer_id, -1 - self.merge_count,
+                           self.projection.first_block)
+            )
+            w.copy_(stochastic_round_to_bf16(merged, gen))
+        factor.zero_()
+        self._merged_version = factor._version
+        self.merge_count += 1
+
+    def resample_projection(self) -> None:
+        """Switch to the next projection epoch (a new P). A must be merged first."""
+        if not self.factor_is_zero:
+            raise RuntimeError("merge_subspace() must run before resample_projection()")
+        self.projection_epoch += 1
+
+    def _compressed(self, x, bias, sequence_parallel, allreduce_dgrad):
+        return compressed_linear(
+            x,
+            self.weight,
+            self.subspace_factor,
+            bias,
+            self.projection,
+            self.projection_epoch,
+            self.compression.mode,
+            factor_is_zero=self.factor_is_zero,
+            sequence_parallel=sequence_parallel,
+            allreduce_dgrad=allreduce_dgrad,
+            tp_group=self.tp_group,
+        )
+
+    def _sharded(self, prefix, sharded_offsets, metadata, axes):
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict,
+            prefix,
+            axes,
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
+
+
+class CompactColumnParallelLinear(CompactLinearMixin, ColumnParallelLinear):
+    """ColumnParallelLinear (Y = X W^T, W split along its output rows) with CompAct.
+
+    Input [s, b, in] ([s/tp, b, in] with sequence parallelism); output [s, b, out/tp]
+    (or [s, b, out] with gather_output). P is the same dense [in, r] matrix on every rank.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        compression: LayerCompression,
+        layer_id: Optional[int] = None,
+        **kwargs,
+    ):
+        if kwargs.get("skip_weight_param_allocation"):
+            raise ValueError("compact layers own their weight: skip_weight_param_allocation")
+        super().__init__(input_size, output_size, **kwargs)
+        self._init_compression(
+            compression, layer_id, kwargs.get("tp_comm_buffer_name"), 1, 0, 1, partition_dim=0
+        )
+
+    def forward(
+        self,
+        input_: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        runtime_gather_output: Optional[bool] = None,
+    ):
+        if weight is not None:
+            raise ValueError("compact layers do not take an external weight in forward")
+        bias = self.bias if not self.skip_bias_add else None
+        if self.allreduce_dgrad or self.sequence_parallel or self.disable_grad_reduce:
+            x = input_  # the TP communication happens inside the compressed function
+        else:
+            x = copy_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        out = self._compressed(x, bias, self.sequence_parallel, self.allreduce_dgrad)
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather:
+            out = gather_from_tensor_model_parallel_region(out, group=self.tp_group)
+        return out, (self.bias if self.skip_bias_add else None)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return self._sharded(
+            prefix, sharded_offsets, metadata, {"weight": 0, "bias": 0, "subspace_factor": 0}
+        )
+
+
+class CompactRowParallelLinear(CompactLinearMixin, RowParallelLinear):
+    """RowParallelLinear (W split along its input columns) with CompAct.
+
+    Input [s, b, in/tp]; output [s, b, out] after the TP all-reduce ([s/tp, b, out] after the
+    reduce-scatter with sequence parallelism). P is block-diagonal with
+    `row_parallel_blocks` blocks whose seeds use the global block index, and this rank
+    draws only the blocks of its input shard, so any TP size dividing the block count
+    computes the same math as TP=1.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        compression: LayerCompression,
+        layer_id: Optional[int] = None,
+        **kwargs,
+    ):
+        super().__init__(input_size, output_size, **kwargs)
+        tp_size, tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
+        blocks = compression.row_parallel_blocks
+        if blocks % tp_size:
+            raise ValueError(
+                f"row_parallel_blocks={blocks} must be divisible by the TP size {tp_size}"
+            )
+        local = blocks // tp_size
+        self._init_compression(
+            compression, layer_id, kwargs.get("tp_comm_buffer_name"),
+            blocks, tp_rank * local, local, partition_dim=1,
+        )
+
+    def forward(self, input_: torch.Tensor):
+        if self.input_is_parallel:
+            x = input_
+        else:
+            x = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
+        out = self._compressed(x, None, False, False)
+        if self.sequence_parallel:
+            out = reduce_scatter_to_sequence_parallel_region(out, self.tp_group)
+        else:
+            out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        if self.skip_bias_add:
+            return out, self.bias
+        return (out + self.bias if self.bias is not None else out), None
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        return self._sharded(prefix, sharded_offsets, metadata, {"weight": 1, "subspace_factor": 1})

@@ -1,0 +1,47 @@
+"""GPT / LLaMA layer spec with CompAct linears and SDPA core attention.
+
+Built on megatron-core's local spec (no transformer-engine): the four linears are swapped for
+ModuleSpecs of the compact layers carrying each role's resolved LayerCompression, and the
+core attention for SDPACoreAttention. Roles left out of `CompressionConfig.layers` (or a
+disabled config) keep Megatron's ColumnParallelLinear / RowParallelLinear, which makes the
+same function build the uncompressed baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from compact_dist.attention import SDPACoreAttention
+from compact_dist.config import CompressionConfig
+from compact_dist.layers import CompactColumnParallelLinear, CompactRowParallelLinear
+
+
+def _linear(role: str, compression: CompressionConfig, megatron_linear, compact_cls):
+    setting = compression.for_role(role)
+    if setting is None:
+        return megatron_linear
+    return ModuleSpec(module=compact_cls, params={"compression": setting})
+
+
+def get_compact_gpt_layer_spec(
+    compression: CompressionConfig,
+    normalization: Optional[str] = None,
+    qk_layernorm: bool = False,
+) -> ModuleSpec:
+    """TransformerLayer spec: compact linear_qkv / linear_proj / linear_fc1 / linear_fc2 (per
+    `compression`) and SDPA attention. normalization: 'RMSNorm' (LLaMA) or 'LayerNorm'."""
+    spec = copy.deepcopy(
+        get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
+    )
+    attn = spec.submodules.self_attention.submodules
+    mlp = spec.submodules.mlp.submodules
+    attn.core_attention = SDPACoreAttention
+    attn.linear_qkv = _linear("qkv", compression, attn.linear_qkv, CompactColumnParallelLinear)
+    attn.linear_proj = _linear("proj", compression, attn.linear_proj, CompactRowParallelLinear)
+    mlp.linear_fc1 = _linear("fc1", compression, mlp.linear_fc1, CompactColumnParallelLinear)
+    mlp.linear_fc2 = _linear("fc2", compression, mlp.linear_fc2, CompactRowParallelLinear)
+    return spec
