@@ -66,6 +66,21 @@ class CompactLinearMixin:
     projection_epoch: int
     merge_count: int
 
+    @classmethod
+    def _check_arguments(cls, compression, kwargs) -> None:
+        """Reject what the compact layers do not support, before Megatron builds anything."""
+        if not isinstance(compression, LayerCompression):
+            raise ValueError(
+                f"{cls.__name__} needs compression=LayerCompression(...), got "
+                f"{type(compression).__name__}"
+            )
+        if kwargs["config"].gradient_accumulation_fusion:
+            raise ValueError("compact layers do not support gradient_accumulation_fusion")
+        if kwargs.get("is_expert"):
+            raise ValueError("compact layers do not support MoE expert layers (is_expert=True)")
+        if kwargs.get("skip_weight_param_allocation"):
+            raise ValueError("compact layers own their weight: skip_weight_param_allocation")
+
     def _init_compression(
         self,
         compression: LayerCompression,
@@ -76,15 +91,6 @@ class CompactLinearMixin:
         local_blocks: int,
         partition_dim: int,
     ) -> None:
-        if not isinstance(compression, LayerCompression):
-            raise ValueError(
-                f"{type(self).__name__} needs compression=LayerCompression(...), got "
-                f"{type(compression).__name__}"
-            )
-        if self.config.gradient_accumulation_fusion:
-            raise ValueError("compact layers do not support gradient_accumulation_fusion")
-        if self.is_expert:
-            raise ValueError("compact layers do not support MoE expert layers (is_expert=True)")
         self.compression = compression
         self.role: Optional[str] = role
         self.projection = Projection(
@@ -241,8 +247,7 @@ class CompactColumnParallelLinear(CompactLinearMixin, ColumnParallelLinear):
         layer_id: Optional[int] = None,
         **kwargs,
     ):
-        if kwargs.get("skip_weight_param_allocation"):
-            raise ValueError("compact layers own their weight: skip_weight_param_allocation")
+        self._check_arguments(compression, kwargs)
         super().__init__(input_size, output_size, **kwargs)
         self._init_compression(
             compression, layer_id, kwargs.get("tp_comm_buffer_name"), 1, 0, 1, partition_dim=0
@@ -292,6 +297,7 @@ class CompactRowParallelLinear(CompactLinearMixin, RowParallelLinear):
         layer_id: Optional[int] = None,
         **kwargs,
     ):
+        self._check_arguments(compression, kwargs)
         super().__init__(input_size, output_size, **kwargs)
         tp_size, tp_rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
         blocks = compression.row_parallel_blocks

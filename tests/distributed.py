@@ -1,0 +1,43 @@
+"""Run a test body in N gloo processes with Megatron's parallel state (spawned, CPU)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch.multiprocessing as mp
+
+from conftest import free_port
+
+
+def _worker(rank, world_size, port, tp, fn, args):
+    warnings.filterwarnings("ignore")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from compact_dist.rng import model_parallel_manual_seed
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        model_parallel_manual_seed(1234)
+        fn(rank, *args)
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, tp: int | None = None) -> None:
+    """Run fn(rank, *args) on `world_size` processes; an assertion in any one fails the test."""
+    mp.start_processes(
+        _worker,
+        args=(world_size, free_port(), tp or world_size, fn, args),
+        nprocs=world_size,
+        join=True,
+        start_method="spawn",
+    )

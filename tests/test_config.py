@@ -1,0 +1,59 @@
+import pytest
+
+from compact_dist.config import CompressionConfig, LayerCompression
+
+
+def test_defaults_resolve_per_role():
+    cfg = CompressionConfig(ratios={"fc1": 0.5}, layers=["qkv", "fc1"])
+    assert cfg.ratio == 0.25
+    assert cfg.for_role("qkv").ratio == 0.25
+    assert cfg.for_role("fc1").ratio == 0.5
+    assert cfg.for_role("proj") is None
+    assert CompressionConfig(enabled=False).for_role("qkv") is None
+    assert CompressionConfig(rank=16).for_role("fc2").rank == 16
+
+
+def test_rank_for_blocks():
+    lc = LayerCompression(ratio=0.25)
+    assert lc.rank_for(64, 1) == 16
+    assert lc.rank_for(64, 8) == 16  # 8 blocks of 8 columns -> 2 each
+    assert LayerCompression(rank=24).rank_for(64, 8) == 24
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"ratio": 0.0}, "greater than 0"),
+        ({"ratio": 1.5}, "less than or equal to 1"),
+        ({"ratio": 0.5, "rank": 8}, "only one of 'ratio' and 'rank'"),
+        ({"mode": "lowrank"}, "subspace"),
+        ({"layers": ["qkv", "attn"]}, "qkv"),
+        ({"layers": ["qkv", "qkv"]}, "twice"),
+        ({"ratios": {"fc1": 2.0}}, r"ratios\[fc1\]"),
+        ({"rank": 8, "ratios": {"fc1": 0.5}}, "cannot be combined"),
+        ({"resample_interval": 0}, "greater than or equal to 1"),
+        ({"base_dtype": "fp16"}, "fp32"),
+        ({"typo_field": 1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_config_raises_one_clear_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CompressionConfig(**kwargs)
+
+
+def test_bad_layer_shapes_raise():
+    with pytest.raises(ValueError, match="multiple of the 8 projection blocks"):
+        LayerCompression(rank=12).rank_for(64, 8)
+    with pytest.raises(ValueError, match="not divisible into 8"):
+        LayerCompression(ratio=0.5).rank_for(60, 8)
+    with pytest.raises(ValueError, match="exceeds"):
+        LayerCompression(rank=100).rank_for(64, 1)
+    with pytest.raises(ValueError, match="exactly one"):
+        LayerCompression()
+
+
+def test_tp_must_divide_row_blocks_before_any_process_group():
+    CompressionConfig(row_parallel_blocks=8).check_parallel(4)
+    with pytest.raises(ValueError, match="divisible by the tensor-model-parallel size 3"):
+        CompressionConfig(row_parallel_blocks=8).check_parallel(3)
+    CompressionConfig(row_parallel_blocks=8, layers=["qkv", "fc1"]).check_parallel(3)
