@@ -108,6 +108,13 @@ class CompressionConfig(BaseModel):
             raise ValueError(f"'layers' lists a role twice: {self.layers}")
         return self
 
+    @classmethod
+    def from_yaml(cls, path: str) -> "CompressionConfig":
+        import yaml
+
+        with open(path) as f:
+            return cls.model_validate(yaml.safe_load(f) or {})
+
     def for_role(self, role: str) -> Optional[LayerCompression]:
         """The resolved setting for one linear role, or None when that role stays uncompressed."""
         if not self.enabled or role not in self.layers:

@@ -57,3 +57,15 @@ def test_tp_must_divide_row_blocks_before_any_process_group():
     with pytest.raises(ValueError, match="divisible by the tensor-model-parallel size 3"):
         CompressionConfig(row_parallel_blocks=8).check_parallel(3)
     CompressionConfig(row_parallel_blocks=8, layers=["qkv", "fc1"]).check_parallel(3)
+
+
+def test_shipped_yaml_loads_and_bad_yaml_fails(tmp_path):
+    from pathlib import Path
+
+    shipped = Path(__file__).parents[1] / "configs" / "compression.yaml"
+    cfg = CompressionConfig.from_yaml(str(shipped))
+    assert cfg == CompressionConfig()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ratio: 3\n")
+    with pytest.raises(ValueError, match="ratio"):
+        CompressionConfig.from_yaml(str(bad))
