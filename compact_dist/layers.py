@@ -185,7 +185,9 @@ class CompactLinearMixin:
         merged = w.float() if w.dtype != torch.float32 else w
         if decay != 1.0:
             merged.mul_(decay)
-        merged.add_(unproject(factor.float(), self.projection_blocks()))
+        # A P^T in A's dtype (bf16 on GPUs: tensor cores, fp32 accumulation); an fp32 GEMM of
+        # this size per layer and step would cost more than the layer's forward
+        merged.add_(unproject(factor, self.projection_blocks(factor.dtype)))
         if w.dtype != torch.float32:
             gen = torch.Generator(device=w.device)
             # negative "epochs" keep these streams apart from the projections'

@@ -21,7 +21,7 @@ def tiny_config(**overrides) -> TransformerConfig:
 
 def tiny_gpt(compression: CompressionConfig, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    return build_gpt_model(tiny_config(**overrides), compression, VOCAB, SEQ)
+    return build_gpt_model(tiny_config(**overrides), compression, VOCAB, SEQ, "learned_absolute")
 
 
 def text_batch(batch: int = 4, seed: int = 0):
