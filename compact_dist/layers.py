@@ -171,33 +171,54 @@ class CompactLinearMixin:
         return w + unproject(self.subspace_factor.float(), self.projection_blocks())
 
     @torch.no_grad()
-    def merge_subspace(self, lr: float = 0.0, weight_decay: float = 0.0) -> None:
+    def merge_subspace(
+        self,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        factor: Optional[torch.Tensor] = None,
+        base_flat: Optional[torch.Tensor] = None,
+        base_start: int = 0,
+    ) -> None:
         """W0 <- W0 (1 - lr * weight_decay) + A P^T; A <- 0 (decoupled decay on W_eff).
 
-        With a bf16 W0 the sum is rounded stochastically, with noise that depends on
-        (seed, layer id, merge count, TP shard) only, so data-parallel replicas stay equal.
+        factor: the value of A to merge, shape [out, r] of this TP shard (default: the module's
+            A; ZeRO passes its fp32 master copy). The module's A is zeroed either way; other
+            copies (optimizer masters, ZeRO partitions) are the caller's.
+        base_flat, base_start: the flat slice W0.view(-1)[base_start : base_start + numel] to
+            update (default: all of W0; under ZeRO-3, this rank's partition of W0).
+        With a bf16 W0 the sum is rounded stochastically, with noise that depends on (seed,
+        layer id, merge count, TP shard, slice start) only, so replicas stay equal.
         """
-        factor = self.subspace_factor
-        if factor is None:
+        module_factor = self.subspace_factor
+        if module_factor is None:
             return
-        w = self.weight
-        decay = 1.0 - lr * weight_decay
-        merged = w.float() if w.dtype != torch.float32 else w
-        if decay != 1.0:
-            merged.mul_(decay)
-        # A P^T in A's dtype (bf16 on GPUs: tensor cores, fp32 accumulation); an fp32 GEMM of
-        # this size per layer and step would cost more than the layer's forward
-        merged.add_(unproject(factor, self.projection_blocks(factor.dtype)))
-        if w.dtype != torch.float32:
-            gen = torch.Generator(device=w.device)
-            # negative "epochs" keep these streams apart from the projections'
-            gen.manual_seed(
-                block_seed(self.compression.seed, self.layer_id, -1 - self.merge_count,
-                           self.projection.first_block)
-            )
-            w.copy_(stochastic_round_to_bf16(merged, gen))
-        factor.zero_()
-        self._merged_version = factor._version
+        factor = module_factor if factor is None else factor
+        base = self.weight.view(-1) if base_flat is None else base_flat
+        n = self.weight.shape[1] if base_flat is None else self.projection.local_in
+        if base.numel():
+            # rows of W0 that the slice touches, and A P^T for just those rows, in A's module
+            # dtype (bf16 on GPUs: tensor cores with fp32 accumulation; an fp32 GEMM of this
+            # size per layer and step would cost more than the layer's forward)
+            row0, row1 = base_start // n, -(-(base_start + base.numel()) // n)
+            dtype = module_factor.dtype
+            delta = unproject(factor[row0:row1].to(dtype), self.projection_blocks(dtype))
+            offset = base_start - row0 * n
+            delta = delta.reshape(-1)[offset : offset + base.numel()]
+            merged = base.float() if base.dtype != torch.float32 else base
+            decay = 1.0 - lr * weight_decay
+            if decay != 1.0:
+                merged.mul_(decay)
+            merged.add_(delta)
+            if base.dtype != torch.float32:
+                gen = torch.Generator(device=base.device)
+                # negative "epochs" keep these streams apart from the projections'
+                gen.manual_seed(block_seed(
+                    self.compression.seed, self.layer_id, -1 - self.merge_count,
+                    (self.projection.first_block << 40) + base_start,
+                ))
+                base.copy_(stochastic_round_to_bf16(merged, gen))
+        module_factor.zero_()
+        self._merged_version = module_factor._version
         self.merge_count += 1
 
     def resample_projection(self) -> None:

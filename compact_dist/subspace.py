@@ -60,10 +60,49 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     return [g for g in groups if g["params"]]
 
 
+def _is_zero3(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _has_master_copy(p: torch.Tensor) -> bool:
+    """DeepSpeed keeps an fp32 master (ZeRO-1/2/3 or its bf16 optimizer) for this parameter."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
 @torch.no_grad()
 def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: float) -> None:
+    """Merge every compact layer: W0 <- W0 (1 - lr wd) + A P^T, A <- 0.
+
+    Works with plain torch optimizers and DeepSpeed ZeRO 0-3: A is read from DeepSpeed's fp32
+    master (a collective over the data-parallel group, so every rank must call this), every
+    copy of A (module, master, ZeRO-3 partition) is zeroed, and under ZeRO-3 each rank updates
+    only its own partition of W0.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import safe_set_local_fp32_param
+
     for layer in compact_layers(model):
-        layer.merge_subspace(lr=lr, weight_decay=weight_decay)
+        factor = layer.subspace_factor
+        if factor is None:
+            continue
+        master = safe_get_full_fp32_param(factor) if _has_master_copy(factor) else None
+        if master is not None:
+            master = master.view(factor.ds_shape if _is_zero3(factor) else factor.shape)
+        base_flat, base_start = None, 0
+        w0 = layer.weight
+        if _is_zero3(w0):
+            part = w0.ds_tensor
+            base_start = part.ds_numel * torch.distributed.get_rank(group=w0.ds_process_group)
+            valid = max(0, min(part.ds_numel, w0.ds_numel - base_start))
+            base_flat = part.narrow(0, 0, valid)
+        layer.merge_subspace(lr, weight_decay, factor=master, base_flat=base_flat,
+                             base_start=base_start)
+        if master is not None:
+            if _is_zero3(factor):
+                factor.ds_tensor.zero_()
+                safe_set_local_fp32_param(factor, torch.zeros_like(factor.ds_tensor))
+            else:
+                safe_set_full_fp32_param(factor, torch.zeros_like(master))
 
 
 def resample_projections(model: torch.nn.Module) -> None:
@@ -74,8 +113,9 @@ def resample_projections(model: torch.nn.Module) -> None:
 class SubspaceStepper:
     """Runs the merge after each optimizer step and the resample every T steps.
 
-    With a torch optimizer, `moments_on_resample='reset'` zeroes the Adam moments of A when P
-    changes ('keep' leaves them, as GaLore does for its projected moments).
+    `moments_on_resample='reset'` zeroes the Adam moments of A when P changes (pass the torch
+    optimizer; under DeepSpeed the moments are found through the parameters); 'keep' leaves
+    them, as GaLore does for its projected moments.
     """
 
     def __init__(self, model: torch.nn.Module, config: CompressionConfig):
@@ -92,17 +132,23 @@ class SubspaceStepper:
         if self.steps % self.config.resample_interval:
             return False
         resample_projections(self.model)
-        if optimizer is not None and self.config.moments_on_resample == "reset":
+        if self.config.moments_on_resample == "reset":
             reset_moments(optimizer, subspace_factors(self.model))
         return True
 
 
-def reset_moments(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> None:
-    """Zero the moments of `params` and their step count (so bias correction restarts)."""
+def reset_moments(
+    optimizer: Optional[torch.optim.Optimizer], params: Iterable[torch.Tensor]
+) -> None:
+    """Zero the Adam moments (exp_avg, exp_avg_sq) of `params`; the step count stays, the same
+    with a torch optimizer as under DeepSpeed, whose step count is shared by a flat group."""
+    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
     for p in params:
-        state = optimizer.state.get(p, {})
-        for key, value in state.items():
-            if torch.is_tensor(value) and (value.shape == p.shape or key == "step"):
-                value.zero_()
-            elif key == "step":
-                state[key] = 0
+        for key in ("exp_avg", "exp_avg_sq"):
+            if _has_master_copy(p):
+                current = safe_get_full_optimizer_state(p, key)
+                if current is not None:
+                    safe_set_full_optimizer_state(p, torch.zeros_like(current), key)
+            elif optimizer is not None and key in optimizer.state.get(p, {}):
+                optimizer.state[p][key].zero_()

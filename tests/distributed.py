@@ -12,7 +12,9 @@ from conftest import free_port
 
 def _worker(rank, world_size, port, tp, fn, args):
     warnings.filterwarnings("ignore")
-    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state

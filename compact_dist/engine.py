@@ -1,0 +1,93 @@
+"""DeepSpeed wiring for Megatron-core models: the `mpu` adapter and engine construction.
+
+The adapter answers DeepSpeed's model-parallel questions from megatron.core.parallel_state,
+so ZeRO partitions over Megatron's data-parallel group and gradient-norm clipping counts
+tensor-parallel shards once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+
+
+class MegatronMPU:
+    """The subset of Megatron-LM's legacy `mpu` API that DeepSpeed calls (no pipeline)."""
+
+    get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_pipeline_model_parallel_world_size = staticmethod(
+        ps.get_pipeline_model_parallel_world_size
+    )
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return torch.distributed.get_rank(group=ps.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return torch.distributed.get_world_size(group=ps.get_model_parallel_group())
+
+
+def deepspeed_config(
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    data_parallel_size: int,
+    bf16: bool,
+    grad_clip: float,
+) -> dict[str, Any]:
+    """DeepSpeed JSON config for a client (torch) optimizer and scheduler."""
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "train_batch_size": micro_batch_size * gradient_accumulation_steps * data_parallel_size,
+        "gradient_clipping": grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {
+            "stage": zero_stage,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": 50_000_000,
+            "allgather_bucket_size": 50_000_000,
+            "stage3_param_persistence_threshold": 0,
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def use_deepspeed_checkpointing(seed: int) -> None:
+    """Route Megatron's activation recompute through deepspeed.checkpointing.
+
+    Megatron-core calls `tensor_parallel.checkpoint(fn, distribute_saved_activations, *args)`
+    for full and selective recompute; this points that name at DeepSpeed's checkpoint, and
+    makes DeepSpeed's RNG tracker the one Megatron's dropout forks, so DeepSpeed's replay
+    restores the states the forward used (as Megatron-DeepSpeed does).
+    """
+    import deepspeed
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    deepspeed.checkpointing.configure(MegatronMPU, partition_activations=False)
+    ds_ckpt.model_parallel_cuda_manual_seed(seed)
+    mpu_random._CUDA_RNG_STATE_TRACKER = ds_ckpt.get_cuda_rng_tracker()
+    mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    def checkpoint(function, distribute_saved_activations, *args):
+        return deepspeed.checkpointing.checkpoint(function, *args)
+
+    tensor_parallel.checkpoint = checkpoint
