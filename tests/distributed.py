@@ -43,3 +43,30 @@ def run_distributed(fn, world_size: int, *args, tp: int | None = None) -> None:
         join=True,
         start_method="spawn",
     )
+
+
+def _raw_worker(rank, world_size, port, fn, args):
+    """Only the environment a launcher sets; the body initialises everything itself."""
+    warnings.filterwarnings("ignore")
+    os.environ.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        fn(rank, *args)
+    finally:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed_raw(fn, world_size: int, *args) -> None:
+    """Run fn(rank, *args) in `world_size` spawned processes that only have launcher env."""
+    mp.start_processes(_raw_worker, args=(world_size, free_port(), fn, args),
+                       nprocs=world_size, join=True, start_method="spawn")

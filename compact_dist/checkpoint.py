@@ -1,0 +1,115 @@
+"""Atomic, resumable training checkpoints on top of DeepSpeed's engine checkpoints.
+
+Layout under `dir`:
+    step_00000100/          DeepSpeed engine checkpoint (module, ZeRO optimizer, scheduler,
+                            client state: step, data position, subspace stepper)
+    step_00000100/compact_rank{R}.pt
+                            per-rank state DeepSpeed does not keep: RNG states (CPU, CUDA,
+                            Megatron tracker), projection epochs, and under ZeRO-3 this rank's
+                            partitions of the frozen W0 bases (which merges change, but which
+                            DeepSpeed treats as constants it need not restore)
+    latest                  name of the newest *complete* checkpoint, replaced atomically
+                            (os.replace) after every rank finished writing; a save killed
+                            midway leaves `latest` on the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import random as mpu_random
+
+from compact_dist.subspace import compact_layers
+
+LATEST = "latest"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rank_state(model: torch.nn.Module) -> dict[str, Any]:
+    layers = []
+    for layer in compact_layers(model):
+        entry = {"epoch": layer.projection_epoch, "merges": layer.merge_count}
+        if hasattr(layer.weight, "ds_id") and layer.subspace_factor is not None:
+            entry["w0_partition"] = layer.weight.ds_tensor.detach().cpu().clone()
+        layers.append(entry)
+    return {
+        "cpu_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": {k: v.clone() for k, v in mpu_random.get_cuda_rng_tracker().get_states().items()},
+        "layers": layers,
+    }
+
+
+def _restore_rank_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    mpu_random.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+    layers = compact_layers(model)
+    if len(layers) != len(state["layers"]):
+        raise ValueError("checkpoint was written by a model with other compact layers")
+    for layer, entry in zip(layers, state["layers"]):
+        layer.projection_epoch, layer.merge_count = entry["epoch"], entry["merges"]
+        if "w0_partition" in entry:
+            with torch.no_grad():
+                layer.weight.ds_tensor.copy_(entry["w0_partition"])
+
+
+def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep_last: int) -> str:
+    """Collective: every rank calls. Returns the tag written."""
+    root = Path(directory)
+    tag = f"step_{step:08d}"
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / tag, ignore_errors=True)  # a leftover of a killed save
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    rank_file = root / tag / f"compact_rank{dist.get_rank()}.pt"
+    tmp = rank_file.with_suffix(".tmp")
+    torch.save(_rank_state(engine.module), tmp)
+    os.replace(tmp, rank_file)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _atomic_write_bytes(root / LATEST, tag.encode())
+        tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+        for old in tags[:-keep_last]:
+            shutil.rmtree(root / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def latest_tag(directory: str) -> Optional[str]:
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    return tag if (Path(directory) / tag).is_dir() else None
+
+
+def load_checkpoint(engine, directory: str) -> Optional[dict]:
+    """Collective. Loads the newest complete checkpoint; returns its client state or None."""
+    tag = latest_tag(directory)
+    if tag is None:
+        return None
+    _, client_state = engine.load_checkpoint(
+        directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    state = torch.load(
+        Path(directory) / tag / f"compact_rank{dist.get_rank()}.pt", weights_only=False
+    )
+    _restore_rank_state(engine.module, state)
+    dist.barrier()
+    return client_state

@@ -1,0 +1,448 @@
+"""Training data for `compact-train`: real text -> tokenizer -> Megatron indexed dataset -> batches.
+
+Entry point used by the trainer::
+
+    cfg = DataConfig(...)                 # validated at load (pydantic, ValueError on bad values)
+    cfg.check_paths()                     # before any process group: globs must match files
+    tokenizer, train_iter, valid_batches = build_data(cfg, seq_length, micro_batch_size,
+                                                      dp_rank, dp_size)
+    batch = next(train_iter)              # {"tokens", "labels", "position_ids"}: LongTensor[b, s]
+    state = train_iter.state_dict()       # {"consumed_samples": int, ...}; put in the checkpoint
+    train_iter.load_state_dict(state)     # the next batches equal those of an uninterrupted run
+    for batch in valid_batches(max_batches):   # same fixed batches on every call
+        ...
+
+with b = micro_batch_size and s = seq_length.
+
+Pipeline:
+1. Corpus. `source="stdlib"`: the running interpreter's standard-library `.py` files (walked
+   in sorted order; test directories and site-packages skipped). `source="files"`: the `paths`
+   globs (sorted); `.jsonl` files give one document per line (`obj[jsonl_key]`), any other file
+   is one UTF-8 text document. Reading stops at `max_bytes` of UTF-8 text.
+2. Tokenizer. `byte`: bytes 0..255 and end-of-document 256 (vocab 257). `bpe`: HF `tokenizers`
+   byte-level BPE with `vocab_size` entries (id 0 is `<|endoftext|>`) trained on the corpus.
+3. Documents are split into train/valid by a seeded document permutation (`valid_fraction`),
+   tokenized, each followed by the end-of-document token, and written with megatron-core's
+   `IndexedDatasetBuilder` to `<cache_dir>/<key>/{train,valid}.{bin,idx}` (+ `tokenizer.json`,
+   `meta.json`); `key` hashes the settings and the corpus text. Global rank 0 builds into a
+   temporary directory renamed into place (a killed build never leaves a partial dataset),
+   the other ranks wait on `torch.distributed.barrier()` when a process group exists.
+4. Samples (`TokenChunkDataset`, our own, over `IndexedDataset`): sample i is tokens
+   [i s, i s + s + 1) of the split's concatenated token stream (chunks may span documents).
+5. `BatchIterator`: global sample g reads sample perm_e[g mod N], perm_e a seeded permutation
+   reshuffled each epoch e = g // N (seed + e). A micro-step consumes b * dp_size global
+   samples; DP rank r takes [consumed + r b, consumed + (r + 1) b). So the ranks' batches,
+   concatenated in rank order, are exactly the dp_size=1 stream with micro batch b * dp_size,
+   and the state is one integer (`consumed_samples`).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EOD_TEXT = "<|endoftext|>"
+_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_FORMAT_VERSION = 1  # bump when the on-disk layout or tokenization changes
+
+
+class DataConfig(BaseModel):
+    """Data settings (the `data:` section of a train config); bad values raise ValueError."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["stdlib", "files"] = "stdlib"
+    paths: list[str] = []
+    jsonl_key: str = Field("text", min_length=1)
+    tokenizer: Literal["byte", "bpe"] = "bpe"
+    vocab_size: int = Field(2048, ge=260)
+    max_bytes: int = Field(8_000_000, ge=1)
+    valid_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    cache_dir: str = ".cache/compact_dist"
+    seed: int = Field(1234, ge=0)
+
+    @model_validator(mode="after")
+    def _paths_for_source(self) -> "DataConfig":
+        if self.source == "files" and not self.paths:
+            raise ValueError("source='files' needs a non-empty 'paths' list of file globs")
+        if self.source == "stdlib" and self.paths:
+            raise ValueError("'paths' is only used with source='files' (source is 'stdlib')")
+        return self
+
+    def check_paths(self) -> list[Path]:
+        """Files the corpus is read from, in order; ValueError if a glob matches no file.
+
+        Touches only the filesystem, so it runs before any process group exists.
+        """
+        if self.source == "stdlib":
+            return list(_stdlib_files())
+        files: list[Path] = []
+        for pattern in self.paths:
+            matched = sorted(
+                Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                if os.path.isfile(p)
+            )
+            if not matched:
+                raise ValueError(f"no files match data.paths entry {pattern!r} "
+                                 f"(relative to {os.getcwd()})")
+            files.extend(m for m in matched if m not in files)
+        return files
+
+
+# ----------------------------------------------------------------------------- corpus
+
+def _stdlib_files() -> Iterator[Path]:
+    """The interpreter's stdlib .py files: directory walk in sorted order, tests skipped."""
+    root = sysconfig.get_paths()["stdlib"]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in sorted(filenames):
+            if name.endswith(".py") and not name.startswith("test_"):
+                yield Path(dirpath, name)
+
+
+def _file_documents(path: Path, jsonl_key: str) -> Iterator[str]:
+    if path.suffix != ".jsonl":
+        yield path.read_text(encoding="utf-8", errors="replace")
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON object ({e})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(jsonl_key), str):
+                raise ValueError(f"{path}:{lineno}: expected an object with a string "
+                                 f"field {jsonl_key!r} (data.jsonl_key)")
+            yield obj[jsonl_key]
+
+
+def read_corpus(cfg: DataConfig) -> list[str]:
+    """Documents of the corpus in a deterministic order, at most `cfg.max_bytes` UTF-8 bytes
+    in total (the last document is truncated to fit). Empty documents are dropped."""
+    docs, total = [], 0
+    for path in cfg.check_paths():
+        for doc in _file_documents(path, cfg.jsonl_key):
+            raw = doc.encode("utf-8")
+            if total + len(raw) > cfg.max_bytes:
+                raw = raw[: cfg.max_bytes - total]
+                doc = raw.decode("utf-8", errors="ignore")
+            if doc:
+                docs.append(doc)
+                total += len(raw)
+            if total >= cfg.max_bytes:
+                return docs
+    return docs
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+class Tokenizer:
+    """`encode(str) -> list[int]` (no end-of-document token added), `decode(list[int]) -> str`
+    (special tokens dropped); `vocab_size` ids in [0, vocab_size), `eod` ends a document."""
+
+    def __init__(self, kind: Literal["byte", "bpe"], hf: Optional[Any] = None) -> None:
+        self.kind = kind
+        self._hf = hf
+        if kind == "byte":
+            self.vocab_size, self.eod = 257, 256
+        else:
+            self.vocab_size, self.eod = hf.get_vocab_size(), hf.token_to_id(EOD_TEXT)
+
+    @classmethod
+    def byte(cls) -> "Tokenizer":
+        return cls("byte")
+
+    @classmethod
+    def train_bpe(cls, docs: list[str], vocab_size: int) -> "Tokenizer":
+        """Byte-level BPE trained on `docs` with `<|endoftext|>` as id 0."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[EOD_TEXT], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator(docs, trainer)
+        return cls("bpe", hf)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """A BPE tokenizer saved by `save` (HF tokenizer.json)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls("bpe", HFTokenizer.from_file(str(path)))
+
+    def save(self, path: str | Path) -> None:
+        if self._hf is not None:
+            self._hf.save(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        if self._hf is None:
+            return list(text.encode("utf-8"))
+        return self._hf.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._hf is None:
+            return [list(t.encode("utf-8")) for t in texts]
+        return [e.ids for e in self._hf.encode_batch(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [int(i) for i in ids]
+        if self._hf is None:
+            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return self._hf.decode(ids, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------- indexed dataset
+
+def _rank() -> tuple[int, int]:
+    """(global rank, local rank); (0, 0) without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _key(cfg: DataConfig, docs: list[str]) -> str:
+    h = hashlib.sha256(json.dumps({
+        "version": _FORMAT_VERSION, "tokenizer": cfg.tokenizer,
+        "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None,
+        "valid_fraction": cfg.valid_fraction, "seed": cfg.seed,
+    }, sort_keys=True).encode())
+    for doc in docs:
+        raw = doc.encode("utf-8")
+        h.update(len(raw).to_bytes(8, "little"))
+        h.update(raw)
+    return h.hexdigest()[:16]
+
+
+def _complete(path: Path) -> bool:
+    return (path / "meta.json").is_file()  # written last, before the rename
+
+
+def split_documents(num_docs: int, valid_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, valid) document indices, each in corpus order; both non-empty."""
+    if num_docs < 2:
+        raise ValueError(f"the corpus has {num_docs} document(s); a train/valid split needs >= 2")
+    n_valid = min(num_docs - 1, max(1, round(valid_fraction * num_docs)))
+    valid = set(np.random.default_rng(seed).permutation(num_docs)[:n_valid].tolist())
+    return [i for i in range(num_docs) if i not in valid], sorted(valid)
+
+
+def _build(cfg: DataConfig, docs: list[str], out: Path) -> None:
+    """Tokenizer + {train,valid}.{bin,idx} into `out` via a temporary directory and a rename."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        if cfg.tokenizer == "bpe":
+            tok = Tokenizer.train_bpe(docs, cfg.vocab_size)
+            tok.save(tmp / "tokenizer.json")
+        else:
+            tok = Tokenizer.byte()
+        dtype = DType.optimal_dtype(tok.vocab_size)
+        meta = {"tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size, "eod": tok.eod,
+                "documents": len(docs)}
+        for name, idx in zip(("train", "valid"),
+                             split_documents(len(docs), cfg.valid_fraction, cfg.seed)):
+            builder = IndexedDatasetBuilder(str(tmp / f"{name}.bin"), dtype=dtype)
+            n_tokens = 0
+            for ids in tok.encode_batch([docs[i] for i in idx]):
+                ids.append(tok.eod)
+                builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+                n_tokens += len(ids)
+            builder.finalize(str(tmp / f"{name}.idx"))
+            meta[f"{name}_documents"], meta[f"{name}_tokens"] = len(idx), n_tokens
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not _complete(out):  # lost a race to a concurrent, finished build: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_dataset(cfg: DataConfig) -> tuple[Tokenizer, Path]:
+    """Build (global rank 0) or reuse the tokenized corpus; returns (tokenizer, directory).
+
+    Every rank calls this; with a process group the others wait on a barrier. If the
+    directory is still missing after it (a node-local `cache_dir` on another node), each
+    node's local rank 0 builds its own copy (deterministic), then all meet again.
+    """
+    docs = read_corpus(cfg)
+    out = Path(cfg.cache_dir) / _key(cfg, docs)
+    rank, local_rank = _rank()
+    if rank == 0 and not _complete(out):
+        _build(cfg, docs, out)
+    _barrier()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if local_rank == 0 and not _complete(out):
+            _build(cfg, docs, out)
+        _barrier()
+    tok = Tokenizer.load(out / "tokenizer.json") if cfg.tokenizer == "bpe" else Tokenizer.byte()
+    return tok, out
+
+
+# ----------------------------------------------------------------------------- samples
+
+class TokenChunkDataset:
+    """Fixed-length samples over one split's concatenated token stream.
+
+    `self[i]` is int64 ndarray[seq_length + 1]: stream tokens [i s, i s + s + 1).
+    """
+
+    def __init__(self, path_prefix: str | Path, seq_length: int) -> None:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.indexed = IndexedDataset(str(path_prefix))
+        self.seq_length = seq_length
+        self._starts = np.concatenate([[0], np.cumsum(self.indexed.sequence_lengths, dtype=np.int64)])
+        self.num_tokens = int(self._starts[-1])
+        self.num_samples = max(0, (self.num_tokens - 1) // seq_length)
+        if self.num_samples == 0:
+            raise ValueError(
+                f"{path_prefix}: {self.num_tokens} tokens give no sample of seq_length+1="
+                f"{seq_length + 1} tokens; raise data.max_bytes / valid_fraction or lower "
+                "seq_length")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.num_samples:
+            raise IndexError(i)
+        start, need = i * self.seq_length, self.seq_length + 1
+        doc = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pieces = []
+        while need:
+            offset = start - int(self._starts[doc])
+            n = min(need, int(self._starts[doc + 1]) - start)
+            pieces.append(self.indexed.get(doc, offset=offset, length=n))
+            start, need, doc = start + n, need - n, doc + 1
+        return np.concatenate(pieces).astype(np.int64)
+
+
+def _collate(samples: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """b samples of s+1 tokens -> tokens/labels/position_ids, each LongTensor[b, s]."""
+    x = torch.from_numpy(np.stack(samples))
+    b, s = x.shape[0], x.shape[1] - 1
+    return {"tokens": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous(),
+            "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous()}
+
+
+class BatchIterator:
+    """Infinite, resumable, data-parallel-aware iterator of training micro-batches.
+
+    `next(it)` -> {"tokens", "labels", "position_ids"}: LongTensor[micro_batch_size, s]
+    (labels[:, t] = tokens[:, t + 1] of the sample). Global sample g maps to
+    dataset[perm(seed + g // N)[g % N]]; each call advances `consumed_samples` by
+    micro_batch_size * dp_size and rank r reads its slice [r b, (r + 1) b) of that window.
+    """
+
+    def __init__(self, dataset: TokenChunkDataset, micro_batch_size: int, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 1234) -> None:
+        if micro_batch_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"bad micro_batch_size={micro_batch_size} / dp_rank={dp_rank} / "
+                             f"dp_size={dp_size}")
+        self.dataset, self.micro_batch_size = dataset, micro_batch_size
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.consumed_samples = 0
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed_samples // len(self.dataset)
+
+    def sample_index(self, g: int) -> int:
+        """Dataset index of global sample `g` (reshuffled every epoch with seed + epoch)."""
+        n = len(self.dataset)
+        epoch = g // n
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng(self.seed + epoch).permutation(n)
+            self._perm_epoch = epoch
+        return int(self._perm[g % n])
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        first = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        batch = _collate([self.dataset[self.sample_index(g)]
+                          for g in range(first, first + self.micro_batch_size)])
+        self.consumed_samples += self.micro_batch_size * self.dp_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "seed": self.seed,
+                "num_samples": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at `state["consumed_samples"]` (global, so dp_size may differ on resume)."""
+        for key, mine in (("seed", self.seed), ("num_samples", len(self.dataset))):
+            if key in state and state[key] != mine:
+                raise ValueError(f"data state has {key}={state[key]} but this run has {mine}: "
+                                 "resuming would not reproduce the data order")
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+def eval_batches(dataset: TokenChunkDataset, micro_batch_size: int, dp_rank: int = 0,
+                 dp_size: int = 1, max_batches: Optional[int] = None
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+    """Fixed validation micro-batches (LongTensor[b, s] dicts), identical on every call.
+
+    Samples are read in order; step k, rank r takes samples (k b dp + r b + j) mod N. Every
+    rank yields the same count: max(1, N // (b dp)) capped by `max_batches`.
+    """
+    per_step = micro_batch_size * dp_size
+    steps = max(1, len(dataset) // per_step)
+    if max_batches is not None:
+        steps = min(steps, max_batches)
+    for k in range(steps):
+        first = k * per_step + dp_rank * micro_batch_size
+        yield _collate([dataset[g % len(dataset)] for g in range(first, first + micro_batch_size)])
+
+
+class Data(NamedTuple):
+    tokenizer: Tokenizer
+    train: BatchIterator
+    valid_batches: Callable[..., Iterator[dict[str, torch.Tensor]]]
+
+
+def build_data(cfg: DataConfig, seq_length: int, micro_batch_size: int, dp_rank: int = 0,
+               dp_size: int = 1) -> Data:
+    """(tokenizer, train BatchIterator, valid_batches(max_batches=None)) for this DP rank.
+
+    Call on every rank (after the process group exists, if any; see `prepare_dataset`).
+    """
+    tok, path = prepare_dataset(cfg)
+    train = TokenChunkDataset(path / "train", seq_length)
+    valid = TokenChunkDataset(path / "valid", seq_length)
+
+    def valid_batches(max_batches: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
+        return eval_batches(valid, micro_batch_size, dp_rank, dp_size, max_batches)
+
+    return Data(tok, BatchIterator(train, micro_batch_size, dp_rank, dp_size, cfg.seed),
+                valid_batches)

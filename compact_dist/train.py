@@ -1,0 +1,302 @@
+"""`compact-train` / `python -m compact_dist.train`: pretrain a Megatron-core GPT with CompAct
+layers under DeepSpeed ZeRO.
+
+    compact-train [--config configs/train/tiny.yaml] [section.key=value ...]
+
+Without --config it runs the embedded default: a 4-layer LLaMA-style model on the running
+interpreter's standard-library source, BPE tokenizer trained locally, CompAct ratio 1/4.
+`compression.enabled=false` trains the Megatron baseline for comparison. Ranks come from the
+environment (torchrun, the deepspeed launcher or srun), so the same command runs under each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from compact_dist.train_config import TrainConfig, load_train_config, world_from_environment
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="compact-train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config (default: the embedded default job)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="validate, print the resolved config as JSON and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env wins
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser.parse_args(argv)
+
+
+def init_distributed(cfg: TrainConfig) -> torch.device:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from compact_dist.rng import model_parallel_manual_seed
+
+    rank, local_rank, world = world_from_environment()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm over the same group
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size
+    )
+    model_parallel_manual_seed(cfg.train.seed)
+    return device
+
+
+def transformer_config(cfg: TrainConfig, bf16: bool):
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, r = cfg.model, cfg.recompute
+    recompute = {}
+    if r.granularity == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                         recompute_num_layers=r.num_layers)
+    elif r.granularity == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn, normalization="RMSNorm", gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout, bias_dropout_fusion=False,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        **recompute,
+    )
+
+
+def lr_lambda(cfg: TrainConfig):
+    o, steps = cfg.optim, cfg.train.train_steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return (o.min_lr + (o.lr - o.min_lr) * cosine) / o.lr
+
+    return factor
+
+
+class Logger:
+    """Rank-0 console progress line (tqdm) and tensorboard scalars."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, start_step: int):
+        self.active = rank == 0
+        self.bar = self.writer = None
+        if not self.active:
+            return
+        if cfg.logging.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.train.train_steps, initial=start_step, unit="step",
+                            dynamic_ncols=True, file=sys.stdout)
+        if cfg.logging.tensorboard_dir:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
+
+    def print(self, text: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar else print)(text)
+
+    def step(self, step: int, scalars: dict[str, float], line: bool) -> None:
+        if not self.active:
+            return
+        if self.writer:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix_str(
+                f"loss {scalars['train/loss']:.3f} {scalars['perf/tokens_per_s']:,.0f} tok/s "
+                f"mem {scalars['perf/memory_GiB']:.2f} GiB", refresh=False)
+        if line:
+            self.print(
+                f"step {step:5d} | loss {scalars['train/loss']:.4f} | lr "
+                f"{scalars['train/lr']:.2e} | {scalars['perf/tokens_per_s']:,.0f} tok/s | "
+                f"mem {scalars['perf/memory_GiB']:.2f} GiB")
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+        if self.writer:
+            self.writer.close()
+
+
+def memory_gib(device: torch.device) -> float:
+    """CUDA peak allocated, or this process's resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train per `cfg`; returns {"losses": [...], "valid": [...]} (rank-local, DP-averaged)."""
+    import deepspeed
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from compact_dist.checkpoint import load_checkpoint, save_checkpoint
+    from compact_dist.data import build_data
+    from compact_dist.engine import MegatronMPU, deepspeed_config, use_deepspeed_checkpointing
+    from compact_dist.memory import linear_memory_table
+    from compact_dist.model import build_gpt_model
+    from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
+
+    rank, _, world = world_from_environment()
+    cfg.check_environment(world, torch.cuda.is_available())
+    device = init_distributed(cfg)
+    bf16 = cfg.train.precision == "bf16" or (
+        cfg.train.precision == "auto" and device.type == "cuda")
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    tp = cfg.parallel.tensor_model_parallel_size
+    grad_accum = cfg.gradient_accumulation_steps(dp)
+    if cfg.recompute.deepspeed_checkpointing:
+        use_deepspeed_checkpointing(cfg.train.seed)
+
+    tokenizer, train_iter, valid_batches = build_data(
+        cfg.data, cfg.model.seq_length, cfg.train.micro_batch_size, dp_rank, dp)
+    vocab = -(-tokenizer.vocab_size // (64 * tp)) * 64 * tp  # Megatron-style padding
+    mcfg = transformer_config(cfg, bf16)
+    position = None if cfg.model.position_embedding == "auto" else cfg.model.position_embedding
+    torch.manual_seed(cfg.train.seed)
+    model = build_gpt_model(mcfg, cfg.compression, vocab, cfg.model.seq_length, position)
+    model.to(device)
+    log = Logger(cfg, rank, 0)
+    table = linear_memory_table(model, cfg.model.seq_length, cfg.train.micro_batch_size, device)
+    log.print(table)
+
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        **({"fused": True} if device.type == "cuda" else {}))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    ds_config = deepspeed_config(
+        zero_stage=cfg.train.zero_stage, micro_batch_size=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=grad_accum, data_parallel_size=dp, bf16=bf16,
+        grad_clip=cfg.optim.grad_clip)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        mpu=MegatronMPU)
+    stepper = SubspaceStepper(engine.module, cfg.compression)
+
+    step = 0
+    if cfg.checkpoint.dir and cfg.checkpoint.resume:
+        state = load_checkpoint(engine, cfg.checkpoint.dir)
+        if state is not None:
+            step = state["step"]
+            stepper.steps = state["stepper_steps"]
+            train_iter.load_state_dict(state["data"])
+            log.print(f"resumed from step {step} in {cfg.checkpoint.dir}")
+    if log.bar:
+        log.bar.n = step
+
+    def to_device(batch):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def evaluate() -> float:
+        engine.eval()
+        total, count = torch.zeros((), device=device), 0
+        with torch.no_grad():
+            for batch in valid_batches(cfg.train.eval_batches):
+                b = to_device(batch)
+                total += engine(b["tokens"], b["position_ids"], None,
+                                labels=b["labels"]).float().mean()
+                count += 1
+        engine.train()
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return (total / (count * dp)).item()
+
+    history = {"losses": [], "valid": []}
+    tokens_per_step = cfg.train.micro_batch_size * grad_accum * dp * cfg.model.seq_length
+    engine.train()
+    start_time, start_step = time.perf_counter(), step
+    while step < cfg.train.train_steps:
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(grad_accum):
+            b = to_device(next(train_iter))
+            loss = engine(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean()
+            engine.backward(loss)
+            loss_sum += loss.detach()
+            lr = engine.get_lr()[0]  # the rate this optimizer step uses
+            engine.step()
+        stepper.after_step(lr, cfg.optim.weight_decay)
+        step += 1
+        dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
+        mean_loss = (loss_sum / (grad_accum * dp)).item()
+        history["losses"].append(mean_loss)
+        elapsed = time.perf_counter() - start_time
+        scalars = {
+            "train/loss": mean_loss, "train/lr": lr,
+            "perf/tokens_per_s": tokens_per_step * (step - start_step) / max(elapsed, 1e-9),
+            "perf/memory_GiB": memory_gib(device),
+        }
+        log.step(step, scalars, line=step % cfg.train.log_interval == 0 or step == 1)
+        if step % cfg.train.eval_interval == 0 or step == cfg.train.train_steps:
+            vloss = evaluate()
+            history["valid"].append((step, vloss))
+            log.print(f"step {step:5d} | validation loss {vloss:.4f} | "
+                      f"perplexity {math.exp(min(vloss, 50)):.2f}")
+            if log.writer:
+                log.writer.add_scalar("valid/loss", vloss, step)
+                log.writer.add_scalar("valid/perplexity", math.exp(min(vloss, 50)), step)
+        interval = cfg.checkpoint.save_interval
+        if cfg.checkpoint.dir and ((interval and step % interval == 0)
+                                   or step == cfg.train.train_steps):
+            save_checkpoint(engine, cfg.checkpoint.dir, step, {
+                "step": step, "stepper_steps": stepper.steps, "data": train_iter.state_dict()},
+                cfg.checkpoint.keep_last)
+    log.close()
+    return history
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    try:  # every configuration error surfaces here, before any process group exists
+        cfg = load_train_config(args.config, args.overrides)
+        _, _, world = world_from_environment()
+        cfg.check_environment(world, torch.cuda.is_available())
+    except ValueError as err:
+        sys.exit(f"compact-train: invalid configuration: {err}")
+    if args.print_config:
+        print(json.dumps(cfg.model_dump(), indent=1))
+        return
+    try:
+        run(cfg)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Typed configuration of a `compact-train` run: YAML file + `section.key=value` overrides.
+
+`load_train_config` validates everything it can before any process group exists: field
+ranges (pydantic), divisibility of heads / FFN / batch by the parallel sizes (the world size
+comes from the launcher's environment), supported combinations, and that data paths exist.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from compact_dist.config import CompressionConfig
+from compact_dist.data import DataConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    """LLaMA-style GPT: RMSNorm, SwiGLU, no biases; rotary positions on GPUs."""
+
+    num_layers: int = Field(4, ge=1)
+    hidden_size: int = Field(128, ge=8)
+    num_attention_heads: int = Field(4, ge=1)
+    num_query_groups: Optional[int] = Field(None, ge=1)
+    ffn_hidden_size: Optional[int] = Field(None, ge=1)  # default: 8/3 * hidden, multiple of 64
+    seq_length: int = Field(128, ge=8)
+    position_embedding: Literal["auto", "rope", "learned_absolute"] = "auto"
+    init_std: float = Field(0.02, gt=0)
+    hidden_dropout: float = Field(0.0, ge=0, lt=1)
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
+
+    @property
+    def ffn(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return max(64, int(8 * self.hidden_size / 3) // 64 * 64)
+
+
+class ParallelConfig(_Section):
+    tensor_model_parallel_size: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+
+
+class OptimConfig(_Section):
+    lr: float = Field(2e-3, gt=0)
+    min_lr: float = Field(2e-4, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class TrainLoopConfig(_Section):
+    micro_batch_size: int = Field(8, ge=1)
+    global_batch_size: Optional[int] = Field(None, ge=1)  # default: micro * data-parallel
+    train_steps: int = Field(150, ge=1)
+    seed: int = Field(1234, ge=0)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    log_interval: int = Field(10, ge=1)
+    eval_interval: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+
+
+class RecomputeConfig(_Section):
+    """Megatron recompute ('full' per layer or 'selective' core attention), optionally run
+    through deepspeed.checkpointing instead of Megatron's tensor_parallel.checkpoint."""
+
+    granularity: Literal["none", "full", "selective"] = "none"
+    num_layers: int = Field(1, ge=1)
+    deepspeed_checkpointing: bool = False
+
+
+class CheckpointConfig(_Section):
+    dir: Optional[str] = None
+    save_interval: int = Field(0, ge=0)  # 0: only at the end (when dir is set)
+    resume: bool = True
+    keep_last: int = Field(2, ge=1)
+
+
+class LoggingConfig(_Section):
+    tensorboard_dir: Optional[str] = None
+    progress: bool = True
+
+
+class TrainConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
+    recompute: RecomputeConfig = RecomputeConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+    compression: CompressionConfig = CompressionConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "TrainConfig":
+        m, p = self.model, self.parallel
+        tp = p.tensor_model_parallel_size
+        if m.hidden_size % m.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={m.hidden_size} is not divisible by "
+                f"num_attention_heads={m.num_attention_heads}"
+            )
+        groups = m.num_query_groups or m.num_attention_heads
+        if m.num_attention_heads % groups:
+            raise ValueError("num_attention_heads must be divisible by num_query_groups")
+        for name, value in (("num_attention_heads", m.num_attention_heads),
+                            ("num_query_groups", groups), ("ffn_hidden_size", m.ffn)):
+            if value % tp:
+                raise ValueError(
+                    f"tensor_model_parallel_size={tp} does not divide {name}={value}"
+                )
+        if p.sequence_parallel:
+            if tp == 1:
+                raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1")
+            if m.seq_length % tp:
+                raise ValueError(f"seq_length={m.seq_length} is not divisible by TP size {tp}")
+            if self.train.zero_stage == 3:
+                raise ValueError("ZeRO-3 with sequence_parallel is not supported")
+        if self.recompute.deepspeed_checkpointing and self.recompute.granularity == "none":
+            raise ValueError("recompute.deepspeed_checkpointing needs granularity full/selective")
+        if self.optim.min_lr > self.optim.lr:
+            raise ValueError("optim.min_lr must not exceed optim.lr")
+        self.compression.check_parallel(tp)
+        return self
+
+    def check_environment(self, world_size: int, has_cuda: bool) -> None:
+        """Checks that need the world size and device, still before any process group."""
+        tp = self.parallel.tensor_model_parallel_size
+        if world_size % tp:
+            raise ValueError(f"world size {world_size} is not divisible by TP size {tp}")
+        dp = world_size // tp
+        per_step = self.train.micro_batch_size * dp
+        gbs = self.train.global_batch_size or per_step
+        if gbs % per_step:
+            raise ValueError(
+                f"global_batch_size={gbs} is not a multiple of micro_batch_size x data-parallel "
+                f"size = {self.train.micro_batch_size} x {dp}"
+            )
+        if self.parallel.sequence_parallel and not has_cuda:
+            raise ValueError(
+                "sequence_parallel needs CUDA: megatron-core 0.16.1's sequence-parallel "
+                "embedding and output gathers allocate on torch.cuda.current_device()"
+            )
+        if self.train.precision == "bf16" and not has_cuda:
+            raise ValueError("precision=bf16 needs CUDA; use fp32 (or auto) on CPU")
+        if self.model.position_embedding == "rope" and not has_cuda:
+            raise ValueError("rope needs CUDA in megatron-core 0.16.1; use learned_absolute")
+        self.data.check_paths()
+
+    def gradient_accumulation_steps(self, data_parallel_size: int) -> int:
+        per_step = self.train.micro_batch_size * data_parallel_size
+        return (self.train.global_batch_size or per_step) // per_step
+
+
+def _set_override(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_train_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
+    """YAML (or the embedded default when path is None) plus `a.b=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(f"config file {path!r} does not exist")
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        _set_override(tree, key.strip(), raw)
+    return TrainConfig.model_validate(tree)
+
+
+def world_from_environment() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun / the deepspeed launcher / srun."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
+    return 0, 0, 1

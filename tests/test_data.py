@@ -1,0 +1,249 @@
+"""Data pipeline: corpus, tokenizers, Megatron indexed files, splits, DP slicing, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compact_dist import data as D
+from compact_dist.data import BatchIterator, DataConfig, TokenChunkDataset, build_data
+
+SMALL = dict(max_bytes=300_000, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def byte_cfg(tmp_path_factory) -> DataConfig:
+    return DataConfig(tokenizer="byte", cache_dir=str(tmp_path_factory.mktemp("byte")), **SMALL)
+
+
+@pytest.fixture(scope="module")
+def byte_dir(byte_cfg) -> Path:
+    return D.prepare_dataset(byte_cfg)[1]
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    cfg = DataConfig(tokenizer="bpe", cache_dir=str(tmp_path_factory.mktemp("bpe")), **SMALL)
+    return cfg, *D.prepare_dataset(cfg)
+
+
+def _batches(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("tokens", "labels", "position_ids"))
+
+
+TEXT = "def f(x):\n    return x ** 2  # héllo wörld → 🎉\n\r\n\tclass A: pass\n"
+
+
+def test_byte_tokenizer_roundtrip():
+    tok = D.Tokenizer.byte()
+    ids = tok.encode(TEXT)
+    assert (tok.vocab_size, tok.eod) == (257, 256)
+    assert ids == list(TEXT.encode("utf-8")) and max(ids) < 256
+    assert tok.decode(ids) == TEXT
+    assert tok.decode(ids[:5] + [tok.eod] + ids[5:]) == TEXT  # eod is dropped
+
+
+def test_bpe_tokenizer_roundtrip_cached(bpe):
+    cfg, tok, path = bpe
+    assert (tok.vocab_size, tok.eod) == (512, 0)
+    ids = tok.encode(TEXT)
+    assert tok.decode(ids) == TEXT and all(0 <= i < 512 for i in ids)
+    code = "    def __init__(self, name):\n        self.name = name\n"
+    assert len(tok.encode(code)) < len(code.encode()) / 2  # merges were learned
+    assert (path / "tokenizer.json").is_file()
+    mtime = (path / "train.bin").stat().st_mtime_ns
+    tok2, path2 = D.prepare_dataset(cfg)  # second call reuses the cache, reloads the tokenizer
+    assert path2 == path and (path / "train.bin").stat().st_mtime_ns == mtime
+    assert tok2.encode(TEXT) == ids
+    assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_stdlib_corpus_capped_and_without_tests():
+    cfg = DataConfig(max_bytes=300_000)
+    docs = D.read_corpus(cfg)
+    assert sum(len(d.encode()) for d in docs) == 300_000  # the stdlib has more: capped exactly
+    files = cfg.check_paths()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert len(files) > 100 and all(f.suffix == ".py" and f.is_relative_to(stdlib) for f in files)
+    assert not [f for f in files if {"test", "tests", "site-packages"} & set(f.parts)]
+
+
+def test_indexed_files_and_disjoint_split(byte_cfg, byte_dir):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    docs = D.read_corpus(byte_cfg)
+    tok = D.Tokenizer.byte()
+    split = {}
+    for name in ("train", "valid"):
+        ds = IndexedDataset(str(byte_dir / name))
+        seqs = [ds[i] for i in range(len(ds))]
+        assert len(seqs) > 0 and len(ds.document_indices) == len(seqs) + 1
+        assert all(s[-1] == tok.eod and (s[:-1] != tok.eod).all() for s in seqs)
+        split[name] = [tok.decode(s.tolist()) for s in seqs]
+    train_idx, valid_idx = D.split_documents(len(docs), byte_cfg.valid_fraction, byte_cfg.seed)
+    assert not set(train_idx) & set(valid_idx) and len(train_idx) + len(valid_idx) == len(docs)
+    assert split["train"] == [docs[i] for i in train_idx]
+    assert split["valid"] == [docs[i] for i in valid_idx]
+    meta = json.loads((byte_dir / "meta.json").read_text())
+    assert meta["valid_documents"] == len(valid_idx) == max(1, round(0.05 * len(docs)))
+
+
+def test_samples_are_stream_chunks(byte_dir):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(byte_dir / "train"))
+    stream = np.concatenate([ds[i] for i in range(len(ds))]).astype(np.int64)
+    chunks = TokenChunkDataset(byte_dir / "train", seq_length=100)
+    assert len(chunks) == (len(stream) - 1) // 100
+    for i in (0, 1, len(chunks) // 2, len(chunks) - 1):
+        np.testing.assert_array_equal(chunks[i], stream[i * 100: i * 100 + 101])
+    batch = D._collate([chunks[3], chunks[7]])
+    assert batch["tokens"].shape == batch["labels"].shape == (2, 100)
+    assert batch["tokens"].dtype == torch.long
+    assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
+    assert torch.equal(batch["position_ids"][1], torch.arange(100))
+    with pytest.raises(ValueError, match="seq_length"):
+        TokenChunkDataset(byte_dir / "valid", seq_length=10**7)
+
+
+def test_epochs_are_reshuffled_permutations(byte_dir):
+    chunks = TokenChunkDataset(byte_dir / "train", seq_length=1024)
+    n = len(chunks)
+    it = BatchIterator(chunks, 1, seed=7)
+    order = [it.sample_index(g) for g in range(2 * n)]
+    assert sorted(order[:n]) == sorted(order[n:]) == list(range(n))
+    assert order[:n] != order[n:] and order[:n] != list(range(n))
+    assert order == [BatchIterator(chunks, 1, seed=7).sample_index(g) for g in range(2 * n)]
+
+
+def test_dp_ranks_partition_the_single_rank_stream(byte_dir):
+    chunks = TokenChunkDataset(byte_dir / "train", seq_length=1024)
+    steps = len(chunks) // 4 + 3  # crosses the epoch boundary
+    ref = _batches(BatchIterator(chunks, 4, seed=3), steps)
+    for dp in (2, 4):
+        ranks = [_batches(BatchIterator(chunks, 4 // dp, r, dp, seed=3), steps) for r in range(dp)]
+        for k in range(steps):
+            joined = torch.cat([ranks[r][k]["tokens"] for r in range(dp)])
+            assert torch.equal(joined, ref[k]["tokens"])
+    # consumed_samples is global: b * dp_size per micro-step on every rank
+    it = BatchIterator(chunks, 2, 1, 2, seed=3)
+    assert it.state_dict()["consumed_samples"] == 0
+    next(it)
+    assert it.state_dict()["consumed_samples"] == 4
+
+
+def test_resume_reproduces_next_batches_across_epoch(byte_dir):
+    chunks = TokenChunkDataset(byte_dir / "train", seq_length=1024)
+    per_epoch = len(chunks) // 6
+    full = BatchIterator(chunks, 3, 1, 2, seed=11)
+    ref = _batches(full, 2 * per_epoch + 4)
+    for stop in (5, per_epoch - 1, per_epoch + 2):  # resumed tail crosses an epoch boundary
+        it = BatchIterator(chunks, 3, 1, 2, seed=11)
+        _batches(it, stop)
+        state = json.loads(json.dumps(it.state_dict()))  # survives serialisation
+        resumed = BatchIterator(chunks, 3, 1, 2, seed=11)
+        resumed.load_state_dict(state)
+        assert resumed.consumed_samples == stop * 6
+        assert _same(_batches(resumed, per_epoch + 2), ref[stop: stop + per_epoch + 2])
+    with pytest.raises(ValueError, match="seed"):
+        BatchIterator(chunks, 3, seed=12).load_state_dict(full.state_dict())
+
+
+def test_valid_batches_fixed_and_dp_disjoint(bpe):
+    cfg = bpe[0]
+    tok, train, valid = build_data(cfg, 64, 2, 0, 1)
+    first, again = list(valid()), list(valid())
+    assert len(first) > 2 and _same(first, again)
+    assert len(list(valid(2))) == 2
+    assert _same(list(valid(2)), first[:2])
+    ranks = [list(build_data(cfg, 64, 1, r, 2).valid_batches()) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(first)
+    for k, batch in enumerate(first):  # rank r holds row r of the dp=1 batch
+        assert torch.equal(batch["tokens"], torch.cat([ranks[0][k]["tokens"], ranks[1][k]["tokens"]]))
+    assert next(train)["tokens"].max() < tok.vocab_size
+
+
+def test_files_source_txt_and_jsonl(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    texts = [f"plain text document number {i}. " * 40 for i in range(6)]
+    for i, t in enumerate(texts[:3]):
+        (corpus / f"doc{i}.txt").write_text(t)
+    with open(corpus / "sub" / "more.jsonl", "w") as f:
+        for t in texts[3:]:
+            f.write(json.dumps({"body": t, "id": 1}) + "\n\n")
+    cfg = DataConfig(source="files", paths=[str(corpus / "*.txt"), str(corpus / "**/*.jsonl")],
+                     jsonl_key="body", tokenizer="byte", valid_fraction=0.2,
+                     cache_dir=str(tmp_path / "cache"))
+    assert D.read_corpus(cfg) == texts
+    tok, train, valid = build_data(cfg, 32, 2)
+    train_idx, valid_idx = D.split_documents(6, 0.2, cfg.seed)
+    assert len(valid_idx) == 1
+    text = tok.decode(next(train)["tokens"][0].tolist())
+    assert len(text) == 32 and text in "".join(texts[i] for i in train_idx)
+    assert len(list(valid())) >= 1
+    bad = corpus / "bad.jsonl"
+    bad.write_text('{"body": "ok"}\n{"other": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2.*'body'"):
+        D.read_corpus(cfg.model_copy(update={"paths": [str(bad)]}))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(valid_fraction=0.7), "valid_fraction"),
+    (dict(valid_fraction=0.0), "valid_fraction"),
+    (dict(source="files"), "paths"),
+    (dict(paths=["x.txt"]), "paths"),
+    (dict(vocab_size=10), "vocab_size"),
+    (dict(tokenizer="wordpiece"), "tokenizer"),
+    (dict(max_bytes=-1), "max_bytes"),
+    (dict(shuffle=True), "shuffle"),
+])
+def test_bad_configs_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DataConfig(**kwargs)
+
+
+def test_glob_matching_nothing_raises_before_any_process_group(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "*.txt"), str(tmp_path / "*.md")])
+    with pytest.raises(ValueError, match=r"no files match .*\*\.md"):
+        cfg.check_paths()
+    assert DataConfig(source="files", paths=[str(tmp_path / "*.txt")]).check_paths() == [
+        tmp_path / "a.txt"]
+
+
+def _two_rank_build(rank, cache_dir, out_dir):
+    if rank == 1:  # only global rank 0 may build; rank 1 must wait at the barrier
+        def fail(*args):
+            raise AssertionError("rank 1 built the dataset")
+        D._build = fail
+    cfg = DataConfig(cache_dir=cache_dir, max_bytes=200_000, vocab_size=300)
+    tok, train, valid = build_data(cfg, 64, 2, rank, 2)
+    torch.save({"tok": tok.encode(TEXT), "train": _batches(train, 3), "valid": list(valid(2))},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_two_processes_rank0_builds_others_wait(tmp_path):
+    from distributed import run_distributed
+
+    cache = tmp_path / "cache"
+    run_distributed(_two_rank_build, 2, str(cache), str(tmp_path), tp=1)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert len(list(cache.iterdir())) == 1  # one dataset directory, no temporaries left
+    assert got[0]["tok"] == got[1]["tok"]
+    cfg = DataConfig(cache_dir=str(cache), max_bytes=200_000, vocab_size=300)
+    _, train, valid = build_data(cfg, 64, 4, 0, 1)
+    for k, batch in enumerate(_batches(train, 3)):
+        joined = torch.cat([got[0]["train"][k]["tokens"], got[1]["train"][k]["tokens"]])
+        assert torch.equal(joined, batch["tokens"])

@@ -1,0 +1,199 @@
+"""The compact-train entrypoint on CPU: config errors, ZeRO stages vs DDP, TP x DP, recompute,
+resume and atomic checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import run_distributed_raw
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small(tmp: Path, *extra: str) -> list[str]:
+    """Overrides for a ~1 s/step model on a 300 kB slice of the stdlib corpus."""
+    return [
+        "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.seq_length=32", "train.micro_batch_size=2", "train.train_steps=4",
+        "train.eval_interval=1000", "train.eval_batches=2", "train.log_interval=1",
+        "logging.progress=false", "optim.warmup_steps=1", "compression.resample_interval=2",
+        "data.max_bytes=300000", "data.vocab_size=512", f"data.cache_dir={tmp / 'cache'}",
+        *extra,
+    ]
+
+
+def _train(rank, overrides, out):
+    from compact_dist.train import run
+    from compact_dist.train_config import load_train_config
+
+    history = run(load_train_config(None, overrides))
+    if rank == 0:
+        Path(out).write_text(json.dumps(history))
+
+
+def train(world: int, overrides: list[str], tmp: Path, name: str) -> dict:
+    out = tmp / f"{name}.json"
+    run_distributed_raw(_train, world, overrides, str(out))
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.tensor_model_parallel_size=3"], "does not divide num_attention_heads"),
+        (["compression.ratio=1.5"], "less than or equal to 1"),
+        (["data.source=files", "data.paths=['/nonexistent/*.txt']"], "no files match"),
+        (["train.zero_stage=3", "parallel.tensor_model_parallel_size=2",
+          "parallel.sequence_parallel=true"], "ZeRO-3 with sequence_parallel"),
+        (["train.zero_stage=4"], "zero_stage"),
+        (["train.global_batch_size=3"], "not a multiple of micro_batch_size"),
+        (["model.typo=1"], "Extra inputs"),
+    ],
+)
+def test_config_errors_fail_with_one_message_before_any_process_group(
+        overrides, message, monkeypatch):
+    from megatron.core import parallel_state
+
+    from compact_dist.train_config import load_train_config
+
+    def no_group(*args, **kwargs):
+        raise AssertionError("a process group was created before the config was validated")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", no_group)
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel", no_group)
+    with pytest.raises(ValueError, match=message) as info:
+        cfg = load_train_config(None, overrides)
+        cfg.check_environment(world_size=1, has_cuda=False)
+    assert str(info.value).count("\n") < 6  # one message, not a wall of errors
+
+
+def test_cli_reports_bad_config_and_exits_nonzero(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "compact_dist.train", "compression.ratio=0"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode != 0
+    assert "invalid configuration" in proc.stderr and "ratio" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _ddp_reference(rank, overrides, out):
+    """The same model, data and schedule trained with torch DDP + torch AdamW."""
+    from megatron.core import parallel_state as ps
+
+    from compact_dist.data import build_data
+    from compact_dist.model import build_gpt_model
+    from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
+    from compact_dist.train import init_distributed, lr_lambda, transformer_config
+    from compact_dist.train_config import load_train_config
+
+    cfg = load_train_config(None, overrides)
+    init_distributed(cfg)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    tok, it, _ = build_data(cfg.data, cfg.model.seq_length, cfg.train.micro_batch_size, dp_rank, dp)
+    torch.manual_seed(cfg.train.seed)
+    vocab = -(-tok.vocab_size // 64) * 64
+    model = build_gpt_model(transformer_config(cfg, False), cfg.compression, vocab,
+                            cfg.model.seq_length)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(optimizer_param_groups(model, cfg.optim.weight_decay),
+                            lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    stepper = SubspaceStepper(model, cfg.compression)
+    losses = []
+    for _ in range(cfg.train.train_steps):
+        b = next(it)
+        loss = ddp(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                       cfg.optim.grad_clip)
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        stepper.after_step(lr, cfg.optim.weight_decay, opt)
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        losses.append(total.item() / dp)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"losses": losses}))
+
+
+def test_zero_1_2_3_match_ddp(tmp_path):
+    overrides = small(tmp_path)
+    out = tmp_path / "ddp.json"
+    run_distributed_raw(_ddp_reference, 2, overrides, str(out))
+    reference = json.loads(out.read_text())["losses"]
+    assert reference[-1] < reference[0]
+    for stage in (1, 2, 3):
+        got = train(2, overrides + [f"train.zero_stage={stage}"], tmp_path, f"z{stage}")
+        assert got["losses"] == pytest.approx(reference, rel=1e-4), (stage, got, reference)
+
+
+def test_tp2_dp2_equals_tp1_dp2(tmp_path):
+    base = train(2, small(tmp_path), tmp_path, "tp1")
+    tp2 = train(4, small(tmp_path, "parallel.tensor_model_parallel_size=2"), tmp_path, "tp2")
+    assert tp2["losses"] == pytest.approx(base["losses"], rel=1e-4)
+
+
+def test_recompute_variants_give_the_same_losses(tmp_path):
+    extra = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1", "train.train_steps=3"]
+    runs = {}
+    for name, opts in {
+        "none": [],
+        "full": ["recompute.granularity=full"],
+        "selective": ["recompute.granularity=selective"],
+        "deepspeed": ["recompute.granularity=full", "recompute.deepspeed_checkpointing=true"],
+    }.items():
+        runs[name] = train(1, small(tmp_path, *extra, *opts), tmp_path, name)["losses"]
+    for name in ("full", "selective", "deepspeed"):
+        assert runs[name] == pytest.approx(runs["none"], rel=1e-5), (name, runs)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    common = small(tmp_path, "train.train_steps=6", "train.zero_stage=3",
+                   f"checkpoint.dir={ckpt}", "checkpoint.save_interval=3",
+                   "checkpoint.keep_last=5")
+    full = train(2, common, tmp_path, "full")["losses"]
+    assert (ckpt / "latest").read_text() == "step_00000006"
+    (ckpt / "latest").write_text("step_00000003")  # as if the job died after step 3
+    resumed = train(2, common, tmp_path, "resumed")["losses"]
+    assert len(resumed) == 3
+    assert resumed == pytest.approx(full[3:], rel=1e-6, abs=1e-6)
+
+
+def _killed_save(rank, overrides, out):
+    import compact_dist.checkpoint as ckpt_mod
+    from compact_dist.train import run
+    from compact_dist.train_config import load_train_config
+
+    original = torch.save
+
+    def dying_save(obj, path, *a, **k):
+        if "compact_rank" in str(path) and "step_00000004" in str(path):
+            raise KeyboardInterrupt("killed during save")
+        return original(obj, path, *a, **k)
+
+    ckpt_mod.torch.save = dying_save
+    try:
+        run(load_train_config(None, overrides))
+    except KeyboardInterrupt:
+        Path(out + f".{rank}").write_text("killed")
+
+
+def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    common = small(tmp_path, f"checkpoint.dir={ckpt}", "checkpoint.save_interval=2")
+    run_distributed_raw(_killed_save, 1, common, str(tmp_path / "killed"))
+    assert (tmp_path / "killed.0").exists()
+    assert (ckpt / "latest").read_text() == "step_00000002"
+    assert (ckpt / "step_00000004").exists()  # the half-written one
+    resumed = train(1, common, tmp_path, "after_kill")["losses"]
+    assert len(resumed) == 2  # steps 3 and 4, continuing from step 2
