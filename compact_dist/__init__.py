@@ -1,9 +1,17 @@
 """compact_dist: CompAct (arXiv 2410.15352) compressed-activation linear layers for
 Megatron-core models trained under DeepSpeed."""
 
+import warnings
+
+# apex and transformer-engine are optional accelerators here; megatron-core's notice that they
+# are absent (printed once per process at import) is expected, not actionable.
+warnings.filterwarnings(
+    "ignore", message=r"(Apex is not installed|Transformer Engine and Apex are not installed)"
+)
+
 from compact_dist.config import CompressionConfig, LayerCompression
 from compact_dist.layers import CompactColumnParallelLinear, CompactRowParallelLinear
-from compact_dist.spec import get_compact_gpt_layer_spec
+from compact_dist.spec import get_compact_gpt_block_spec, get_compact_gpt_layer_spec
 from compact_dist.subspace import (
     SubspaceStepper,
     assign_layer_ids,
@@ -17,6 +25,7 @@ __all__ = [
     "LayerCompression",
     "CompactColumnParallelLinear",
     "CompactRowParallelLinear",
+    "get_compact_gpt_block_spec",
     "get_compact_gpt_layer_spec",
     "SubspaceStepper",
     "assign_layer_ids",

@@ -7,7 +7,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from compact_dist.config import CompressionConfig
-from compact_dist.spec import get_compact_gpt_layer_spec
+from compact_dist.spec import get_compact_gpt_block_spec
 from compact_dist.subspace import assign_layer_ids
 
 
@@ -29,9 +29,7 @@ def build_gpt_model(
         position_embedding_type = "rope" if torch.cuda.is_available() else "learned_absolute"
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_compact_gpt_layer_spec(
-            compression, normalization=config.normalization
-        ),
+        transformer_layer_spec=get_compact_gpt_block_spec(config, compression),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         position_embedding_type=position_embedding_type,

@@ -2,7 +2,7 @@
 
 On GPUs this is Megatron's `model_parallel_cuda_manual_seed`. Megatron's tracker and its
 checkpoint replay read and write *CUDA* generator states; on a CPU-only machine (CI, the
-gloo tests, the CPU demo) `install_cpu_rng_tracker` gives Megatron a tracker with the same
+gloo tests, CPU training runs) `install_cpu_rng_tracker` gives Megatron a tracker with the same
 interface over CPU generator states and points its private state get/set helpers at the CPU
 generator, so dropout forks and `tensor_parallel.checkpoint` recompute replay still work.
 It is never installed when CUDA is available.

@@ -4,7 +4,9 @@ Built on megatron-core's local spec (no transformer-engine): the four linears ar
 ModuleSpecs of the compact layers carrying each role's resolved LayerCompression, and the
 core attention for SDPACoreAttention. Roles left out of `CompressionConfig.layers` (or a
 disabled config) keep Megatron's ColumnParallelLinear / RowParallelLinear, which makes the
-same function build the uncompressed baseline.
+same function build the uncompressed baseline. Megatron's torch fallback norm (used without
+apex / transformer-engine, and always for RMSNorm) refuses sequence parallelism, so it is
+swapped for SequenceParallelTorchNorm (same math, SP-aware).
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from compact_dist.attention import SDPACoreAttention
 from compact_dist.config import CompressionConfig
 from compact_dist.layers import CompactColumnParallelLinear, CompactRowParallelLinear
+from compact_dist.norm import SequenceParallelTorchNorm
 
 
 def _linear(role: str, compression: CompressionConfig, megatron_linear, compact_cls):
@@ -44,4 +53,20 @@ def get_compact_gpt_layer_spec(
     attn.linear_proj = _linear("proj", compression, attn.linear_proj, CompactRowParallelLinear)
     mlp.linear_fc1 = _linear("fc1", compression, mlp.linear_fc1, CompactColumnParallelLinear)
     mlp.linear_fc2 = _linear("fc2", compression, mlp.linear_fc2, CompactRowParallelLinear)
+    layer = spec.submodules
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(layer, name) is WrappedTorchNorm:
+            setattr(layer, name, SequenceParallelTorchNorm)
     return spec
+
+
+def get_compact_gpt_block_spec(
+    config: TransformerConfig, compression: CompressionConfig, qk_layernorm: bool = False
+) -> TransformerBlockSubmodules:
+    """Decoder block spec: this rank's layers (pipeline-aware count) of the compact layer spec
+    and a sequence-parallel-capable final norm. Pass it to GPTModel as transformer_layer_spec."""
+    layer = get_compact_gpt_layer_spec(compression, config.normalization, qk_layernorm)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config),
+        layer_norm=layer.submodules.input_layernorm,
+    )

@@ -116,8 +116,9 @@ class Logger:
         if cfg.logging.progress:
             from tqdm import tqdm
 
+            # disable=None: no bar when stdout is not a terminal (logs keep the step lines)
             self.bar = tqdm(total=cfg.train.train_steps, initial=start_step, unit="step",
-                            dynamic_ncols=True, file=sys.stdout)
+                            dynamic_ncols=True, file=sys.stdout, disable=None)
         if cfg.logging.tensorboard_dir:
             from tensorboardX import SummaryWriter
 
@@ -168,7 +169,12 @@ def run(cfg: TrainConfig) -> dict:
 
     from compact_dist.checkpoint import load_checkpoint, save_checkpoint
     from compact_dist.data import build_data
-    from compact_dist.engine import MegatronMPU, deepspeed_config, use_deepspeed_checkpointing
+    from compact_dist.engine import (
+        MegatronMPU,
+        allreduce_sequence_parallel_grads,
+        deepspeed_config,
+        use_deepspeed_checkpointing,
+    )
     from compact_dist.memory import linear_memory_table
     from compact_dist.model import build_gpt_model
     from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
@@ -192,6 +198,7 @@ def run(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_gpt_model(mcfg, cfg.compression, vocab, cfg.model.seq_length, position)
     model.to(device)
+    allreduce_sequence_parallel_grads(model)
     log = Logger(cfg, rank, 0)
     table = linear_memory_table(model, cfg.model.seq_length, cfg.train.micro_batch_size, device)
     log.print(table)
@@ -276,11 +283,22 @@ def run(cfg: TrainConfig) -> dict:
             save_checkpoint(engine, cfg.checkpoint.dir, step, {
                 "step": step, "stepper_steps": stepper.steps, "data": train_iter.state_dict()},
                 cfg.checkpoint.keep_last)
+    if history["losses"]:
+        first, last = history["losses"][0], history["losses"][-1]
+        summary = f"done: {step} steps, train loss {first:.3f} -> {last:.3f}"
+        if history["valid"]:
+            vloss = history["valid"][-1][1]
+            summary += f", validation loss {vloss:.3f} (perplexity {math.exp(min(vloss, 50)):.1f})"
+        log.print(summary)
     log.close()
     return history
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    import warnings
+
+    # megatron-core 0.16.1 warns about its own default cuda_graph_scope on every config
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
     args = parse_args(argv)
     try:  # every configuration error surfaces here, before any process group exists
         cfg = load_train_config(args.config, args.overrides)

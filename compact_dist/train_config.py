@@ -61,12 +61,12 @@ class OptimConfig(_Section):
 class TrainLoopConfig(_Section):
     micro_batch_size: int = Field(8, ge=1)
     global_batch_size: Optional[int] = Field(None, ge=1)  # default: micro * data-parallel
-    train_steps: int = Field(150, ge=1)
+    train_steps: int = Field(400, ge=1)
     seed: int = Field(1234, ge=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     zero_stage: Literal[0, 1, 2, 3] = 1
-    log_interval: int = Field(10, ge=1)
-    eval_interval: int = Field(50, ge=1)
+    log_interval: int = Field(20, ge=1)
+    eval_interval: int = Field(100, ge=1)
     eval_batches: int = Field(8, ge=1)
 
 

@@ -117,3 +117,43 @@ def test_gpt_losses_at_tp2_equal_tp1(megatron_tp1):
     expected = _gpt_losses(4)  # includes two resamples (T=2)
     assert expected[-1] < expected[0]
     run_distributed(_gpt_tp_run, 2, expected)
+
+
+def _sp_norm_grads(rank, tp):
+    import torch.distributed as dist
+
+    from compact_dist.config import LayerCompression
+    from compact_dist.engine import allreduce_sequence_parallel_grads
+    from compact_dist.norm import SequenceParallelTorchNorm
+    from layer_utils import build, layer_config
+
+    comp = LayerCompression(ratio=0.25)
+    singles = [dist.new_group([r]) for r in range(tp)]
+
+    def net(config, tp_group=None):
+        norm = SequenceParallelTorchNorm(config, N, eps=1e-5)
+        kw = {} if tp_group is None else {"tp_group": tp_group}
+        return torch.nn.ModuleDict(
+            {"norm": norm, "linear": build("column", N, M, comp, config=config, **kw)})
+
+    torch.manual_seed(3)
+    x_full, g_full = torch.randn(S, B, N), torch.randn(S, B, M)
+    ref = net(layer_config(normalization="RMSNorm"), tp_group=singles[rank])
+    y, _ = ref["linear"](ref["norm"](x_full))
+    y.backward(g_full)
+
+    sp = layer_config(normalization="RMSNorm", sequence_parallel=True,
+                      tensor_model_parallel_size=tp)
+    partial, summed = net(sp), net(sp)
+    assert partial["norm"].weight.sequence_parallel
+    assert allreduce_sequence_parallel_grads(summed) == 1  # only the norm weight is SP-shared
+    for model in (partial, summed):
+        y, _ = model["linear"](model["norm"](x_full.chunk(tp, 0)[rank]))
+        y.backward(g_full.chunk(tp, -1)[rank])
+    # without the hook each TP rank holds the gradient of its sequence slice only
+    assert not torch.allclose(partial["norm"].weight.grad, ref["norm"].weight.grad, rtol=1e-3)
+    torch.testing.assert_close(summed["norm"].weight.grad, ref["norm"].weight.grad)
+
+
+def test_sequence_parallel_norm_gradients_are_summed_over_tp():
+    run_distributed(_sp_norm_grads, 2, 2)
