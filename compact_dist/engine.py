@@ -67,6 +67,35 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> int:
     return hooked
 
 
+def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
+                      lr_scheduler=None):
+    """`deepspeed.initialize` for a Megatron model with compact layers; returns the engine.
+
+    DeepSpeed's bf16/fp16 set-up casts every floating parameter's `.data` to the training dtype
+    (bypassing Module._apply), which would turn a frozen `base_dtype: fp32` W0 into bf16. W0 has
+    no gradient, master copy or optimizer state, so under ZeRO 0-2 its fp32 storage is simply
+    put back after the cast. Under ZeRO-3 W0 is partitioned in the training dtype; the
+    training config rejects that combination up front (use base_dtype bf16 there).
+    """
+    import deepspeed
+
+    from compact_dist.subspace import compact_layers
+
+    bases = [(layer.weight, layer.weight.data) for layer in compact_layers(model)
+             if layer.subspace_factor is not None]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config,
+        mpu=MegatronMPU)
+    for param, data in bases:
+        if param.dtype != data.dtype:
+            if hasattr(param, "ds_id"):
+                raise ValueError(
+                    f"ZeRO-3 partitioned W0 in {param.dtype}; compression.base_dtype must match "
+                    "the training precision under ZeRO-3 (use base_dtype bf16 with bf16)")
+            param.data = data.to(param.device)
+    return engine
+
+
 def deepspeed_config(
     *,
     zero_stage: int,

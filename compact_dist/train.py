@@ -163,16 +163,15 @@ def memory_gib(device: torch.device) -> float:
 
 def run(cfg: TrainConfig) -> dict:
     """Train per `cfg`; returns {"losses": [...], "valid": [...]} (rank-local, DP-averaged)."""
-    import deepspeed
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from compact_dist.checkpoint import load_checkpoint, save_checkpoint
     from compact_dist.data import build_data
     from compact_dist.engine import (
-        MegatronMPU,
         allreduce_sequence_parallel_grads,
         deepspeed_config,
+        initialize_engine,
         use_deepspeed_checkpointing,
     )
     from compact_dist.memory import linear_memory_table
@@ -212,9 +211,7 @@ def run(cfg: TrainConfig) -> dict:
         zero_stage=cfg.train.zero_stage, micro_batch_size=cfg.train.micro_batch_size,
         gradient_accumulation_steps=grad_accum, data_parallel_size=dp, bf16=bf16,
         grad_clip=cfg.optim.grad_clip)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        mpu=MegatronMPU)
+    engine = initialize_engine(model, optimizer, ds_config, lr_scheduler=scheduler)
     stepper = SubspaceStepper(engine.module, cfg.compression)
 
     step = 0

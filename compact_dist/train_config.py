@@ -152,6 +152,13 @@ class TrainConfig(_Section):
                 "sequence_parallel needs CUDA: megatron-core 0.16.1's sequence-parallel "
                 "embedding and output gathers allocate on torch.cuda.current_device()"
             )
+        bf16 = self.train.precision == "bf16" or (self.train.precision == "auto" and has_cuda)
+        c = self.compression
+        if (bf16 and self.train.zero_stage == 3 and c.enabled and c.mode == "subspace"
+                and c.base_dtype == "fp32"):
+            raise ValueError(
+                "ZeRO-3 with bf16 partitions the frozen W0 in bf16: set compression.base_dtype="
+                "bf16 (stochastic-rounding merges), or use ZeRO-1/2 to keep an fp32 W0")
         if self.train.precision == "bf16" and not has_cuda:
             raise ValueError("precision=bf16 needs CUDA; use fp32 (or auto) on CPU")
         if self.model.position_embedding == "rope" and not has_cuda:

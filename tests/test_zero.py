@@ -77,3 +77,42 @@ def test_zero_stage_matches_full_batch_reference(megatron_tp1, stage, moments):
     expected = _reference_losses(moments)
     assert expected[-1] < expected[0]
     run_distributed(_zero_run, 2, stage, moments, expected, tp=1)
+
+
+def _bf16_engine(rank):
+    import logging
+
+    from compact_dist import CompressionConfig, compact_layers, optimizer_param_groups
+    from compact_dist.engine import deepspeed_config, initialize_engine
+    from gpt_utils import loss_of, text_batch, tiny_gpt
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    model = tiny_gpt(CompressionConfig(ratio=0.25, base_dtype="fp32"))
+    bases = [l.weight.detach().clone() for l in compact_layers(model)]
+    opt = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=1e-3)
+    engine = initialize_engine(model, opt, deepspeed_config(
+        zero_stage=1, micro_batch_size=2, gradient_accumulation_steps=1, data_parallel_size=1,
+        bf16=True, grad_clip=1.0))
+    layers = compact_layers(engine.module)
+    assert all(l.subspace_factor.dtype == torch.bfloat16 for l in layers)  # trained in bf16
+    for layer, before in zip(layers, bases):  # the frozen base keeps its fp32 bits
+        assert layer.weight.dtype == torch.float32
+        assert torch.equal(layer.weight, before)
+    loss = loss_of(engine, text_batch(batch=2))
+    engine.backward(loss)
+    engine.step()
+    assert torch.isfinite(loss)
+
+
+def test_bf16_engine_keeps_fp32_base_weights(megatron_tp1):
+    run_distributed(_bf16_engine, 1, tp=1)
+
+
+def test_zero3_bf16_with_fp32_base_is_rejected_before_any_process_group():
+    from compact_dist.train_config import load_train_config
+
+    cfg = load_train_config(None, ["train.zero_stage=3", "train.precision=bf16"])
+    with pytest.raises(ValueError, match="base_dtype=bf16"):
+        cfg.check_environment(world_size=1, has_cuda=True)
+    ok = load_train_config(None, ["train.zero_stage=3", "compression.base_dtype=bf16"])
+    ok.check_environment(world_size=1, has_cuda=False)  # fp32 training on CPU: W0 stays fp32
