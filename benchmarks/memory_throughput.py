@@ -4,7 +4,10 @@ compact_dist.model.build_gpt_model (SDPA attention for every variant), DeepSpeed
 ZeRO (default stage 1), bf16 on CUDA, torch AdamW over compact_dist.subspace's parameter
 groups, and the subspace merge (SubspaceStepper.after_step) after every engine.step().
 Baseline (Megatron's own linears, optionally with Megatron full/selective recompute) and
-CompAct variants run one after another in the same process, on synthetic token batches.
+CompAct variants run on synthetic token batches, one after another in one process, or with
+--isolate each in a fresh process (or launcher job, --launcher torchrun|deepspeed --nproc N),
+so that nothing one variant leaves in the allocator or in DeepSpeed's / Megatron's globals
+can reach the next; the parts are merged into one report. Use --isolate for numbers.
 
 Single GPU:
     python benchmarks/memory_throughput.py --preset 350m --name h100_350m
@@ -81,6 +84,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                      "recompute.granularity": "selective"},
     "unbiased_r1/2": {"compression.mode": "unbiased", "compression.ratio": 0.5},
     "unbiased_r1/8": {"compression.mode": "unbiased", "compression.ratio": 0.125},
+    "compact_r1/8_bf16W0": {"compression.ratio": 0.125, "compression.base_dtype": "bf16"},
 }
 
 FLOPS_FORMULA = (
@@ -824,14 +828,100 @@ class Bench:
             report["ratios_vs_baseline"][name] = ratio
 
     def write(self, report: dict) -> None:
-        if self.rank != 0:
-            return
-        out = Path(self.args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{self.args.name}.json.tmp"
-        tmp.write_text(json.dumps(report, indent=1, default=str))
-        os.replace(tmp, out / f"{self.args.name}.json")
-        (out / f"{self.args.name}.md").write_text(markdown_table(report))
+        if self.rank == 0:
+            write_report(Path(self.args.out_dir), self.args.name, report)
+
+
+def write_report(out: Path, name: str, report: dict) -> None:
+    """<out>/<name>.json (atomically) and <out>/<name>.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(tmp, out / f"{name}.json")
+    (out / f"{name}.md").write_text(markdown_table(report))
+
+
+_CHILD_ENV = "COMPACT_BENCH_PART"
+
+
+def run_isolated(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Each variant (and the TP-invariance steps, first) in its own process or launcher job,
+    then one merged report <out-dir>/<name>.json. A part that fails or overruns is recorded
+    (rc, log tail) and the next one starts; --time-limit-s bounds the whole run."""
+    import subprocess
+    import tempfile
+
+    t0 = time.perf_counter()
+    names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    script = str(Path(__file__).resolve())
+    if args.launcher == "torchrun":
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                  str(args.nproc)]
+        port_flag = "--master_port"
+    elif args.launcher == "deepspeed":
+        prefix = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus",
+                  str(args.nproc)]
+        port_flag = "--master_port"
+    else:
+        prefix, port_flag = [sys.executable], None
+    parts = ([("tp_invariance", ["--skip-throughput"])] if args.tp_invariance_steps else [])
+    parts += [(n, ["--variants", n, "--tp-invariance-steps", "0"]) for n in names]
+    tmp = Path(tempfile.mkdtemp(prefix=f"{args.name}.", dir=args.out_dir))
+    merged: Optional[dict] = None
+    records, longest = [], 0.0
+    for i, (label, extra) in enumerate(parts):
+        left = None if args.time_limit_s is None else args.time_limit_s - (
+            time.perf_counter() - t0)
+        if left is not None and left < max(20.0, 1.1 * longest):
+            records.append({"part": label, "skipped": "time limit"})
+            continue
+        part_name = f"part{i:02d}"
+        cmd = list(prefix)
+        if port_flag:
+            cmd += [port_flag, str(_free_port())]
+        cmd += [script, *argv, *extra, "--name", part_name, "--out-dir", str(tmp)]
+        if left is not None:
+            cmd += ["--time-limit-s", str(max(10.0, left - 15.0))]
+        start = time.perf_counter()
+        log = tmp / f"{part_name}.log"
+        try:
+            with open(log, "w") as f:
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                    env={**os.environ, _CHILD_ENV: label},
+                                    timeout=None if left is None else left).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        wall = time.perf_counter() - start
+        longest = max(longest, wall)
+        record = {"part": label, "rc": rc, "wall_s": wall}
+        path = tmp / f"{part_name}.json"
+        if path.is_file():
+            part = json.loads(path.read_text())
+            if merged is None:
+                merged = {**part, "variants": {}, "ratios_vs_baseline": {}, "skipped": []}
+                merged.pop("tp_invariance", None)
+            merged["variants"].update(part.get("variants", {}))
+            merged["skipped"] += part.get("skipped", [])
+            if "tp_invariance" in part:
+                merged["tp_invariance"] = part["tp_invariance"]
+        if rc != 0:
+            record["log_tail"] = log.read_text()[-3000:]
+        records.append(record)
+        print(f"[{time.perf_counter() - t0:7.1f}s] part {label}: rc={rc} in {wall:.1f} s",
+              flush=True)
+        if merged is not None:
+            merged.update(name=args.name, parts=records, isolated=True,
+                          command=" ".join([sys.executable, script, *sys.argv[1:]]),
+                          elapsed_s=time.perf_counter() - t0,
+                          complete=all(r.get("rc") == 0 for r in records))
+            Bench.ratios(merged)
+            write_report(Path(args.out_dir), args.name, merged)
+    if merged is None:
+        raise SystemExit(f"no part produced a report; logs in {tmp}")
+    return merged
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -876,6 +966,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="only the TP-invariance steps")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--name", default=None, help="output file stem (default: derived)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="every variant in a fresh process / launcher job (see above)")
+    parser.add_argument("--launcher", choices=["none", "torchrun", "deepspeed"], default="none",
+                        help="with --isolate: how each part is started")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="with --isolate and a launcher: processes (GPUs) per part")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     args = parser.parse_args(argv)
@@ -886,12 +982,33 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _drop_options(argv: list[str], options: dict[str, int]) -> list[str]:
+    """argv without the given options (option -> number of values; '--opt=value' too)."""
+    out, skip = [], 0
+    for item in argv:
+        if skip:
+            skip -= 1
+            continue
+        key = item.split("=", 1)[0]
+        if key in options:
+            skip = 0 if "=" in item else options[key]
+            continue
+        out.append(item)
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     import warnings
 
     # megatron-core 0.16.1 warns about its own default cuda_graph_scope on every config
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     args = parse_args(argv)
+    if args.isolate and _CHILD_ENV not in os.environ:
+        raw = list(sys.argv[1:] if argv is None else argv)
+        raw = _drop_options(raw, {"--isolate": 0, "--launcher": 1, "--nproc": 1, "--name": 1,
+                                  "--out-dir": 1, "--time-limit-s": 1})
+        run_isolated(args, raw)
+        return
     bench = Bench(args)
     try:
         bench.run()

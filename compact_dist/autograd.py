@@ -1,15 +1,17 @@
 """The compressed linear autograd function shared by both modes and both parallel layouts.
 
 Forward computes Y = X W^T (+ Z A^T when the subspace factor A may be non-zero) and saves
-only Z = X P (r columns), plus references to the parameters. Backward regenerates P from its
-seed and returns:
+only Z = X P (r columns), plus references to the parameters and to P's blocks (which the
+layer generates from their seeds once per projection epoch and keeps; P is never derived
+from anything saved). Backward returns:
   - dX = dY W (+ (dY A) P^T): exact;
   - subspace mode: dL/dA = dY^T Z (= G P, CompAct's compressed gradient), no grad for W0;
   - unbiased mode: dL/dW = (dY^T Z) P^T (= G P P^T, unbiased as E[P P^T] = I).
 
 Shapes (s: sequence, b: micro-batch, n/m: in/out features of this TP rank's shard, r: columns
 of this rank's P slice): x [s, b, n] (or [s/tp, b, n] with sequence parallelism, gathered
-over the TP group inside), weight [m, n], factor [m, r], bias [m], output [s, b, m].
+over the TP group inside), weight [m, n], factor [m, r], bias [m], blocks [kb, n/kb, r/kb]
+(P's diagonal blocks, in x's dtype), output [s, b, m].
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from compact_dist.collectives import all_gather_first_dim, reduce_scatter_first_dim
-from compact_dist.projection import Projection, project, unproject
+from compact_dist.projection import project, unproject
 
 SUBSPACE = "subspace"
 UNBIASED = "unbiased"
@@ -34,15 +36,13 @@ class CompressedLinearFunction(torch.autograd.Function):
         weight: torch.Tensor,
         factor: Optional[torch.Tensor],
         bias: Optional[torch.Tensor],
-        projection: Projection,
-        epoch: int,
+        blocks: torch.Tensor,
         mode: str,
         factor_is_zero: bool,
         sequence_parallel: bool,
         allreduce_dgrad: bool,
         tp_group: Optional[dist.ProcessGroup],
     ) -> torch.Tensor:
-        blocks = projection.blocks(epoch, x.device, x.dtype)
         total_x = all_gather_first_dim(x, tp_group)[0] if sequence_parallel else x
         out = torch.matmul(total_x, weight.to(x.dtype).t())
         z = project(x, blocks)  # local shard only: this is all backward keeps of the input
@@ -53,7 +53,7 @@ class CompressedLinearFunction(torch.autograd.Function):
         if bias is not None:
             out = out + bias
         ctx.save_for_backward(z, weight, factor if use_factor else None)
-        ctx.projection, ctx.epoch, ctx.mode = projection, epoch, mode
+        ctx.blocks, ctx.mode = blocks, mode  # P: kept by the layer, not a saved activation
         ctx.use_factor = use_factor
         ctx.factor_dtype = factor.dtype if factor is not None else None
         ctx.use_bias = bias is not None
@@ -64,7 +64,7 @@ class CompressedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         z, weight, factor = ctx.saved_tensors
-        blocks = ctx.projection.blocks(ctx.epoch, grad_out.device, grad_out.dtype)
+        blocks = ctx.blocks.to(grad_out.dtype)
         gather = None
         if ctx.sequence_parallel:
             # all-gather r columns of Z instead of the n columns of X
@@ -92,7 +92,7 @@ class CompressedLinearFunction(torch.autograd.Function):
 
         if reduce is not None:
             reduce.wait()
-        return (grad_in, grad_weight, grad_factor, grad_bias) + (None,) * 7
+        return (grad_in, grad_weight, grad_factor, grad_bias) + (None,) * 6
 
 
 def compressed_linear(
@@ -100,8 +100,7 @@ def compressed_linear(
     weight: torch.Tensor,
     factor: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
-    projection: Projection,
-    epoch: int,
+    blocks: torch.Tensor,
     mode: str,
     factor_is_zero: bool = True,
     sequence_parallel: bool = False,
@@ -114,6 +113,6 @@ def compressed_linear(
     if mode == SUBSPACE and factor is None:
         raise ValueError("subspace mode needs the factor A")
     return CompressedLinearFunction.apply(
-        x, weight, factor, bias, projection, epoch, mode, factor_is_zero,
+        x, weight, factor, bias, blocks, mode, factor_is_zero,
         sequence_parallel, allreduce_dgrad, tp_group,
     )

@@ -104,6 +104,7 @@ class CompactLinearMixin:
         )
         self.projection_epoch = 0
         self.merge_count = 0
+        self._projection_cache: dict[tuple, torch.Tensor] = {}
         self.subspace_factor: Optional[torch.nn.Parameter] = None
         if compression.mode == SUBSPACE:
             w = self.weight
@@ -125,6 +126,7 @@ class CompactLinearMixin:
 
     def set_layer_id(self, layer_id: int) -> None:
         self.projection = dataclasses.replace(self.projection, layer_id=layer_id)
+        self._projection_cache.clear()
 
     @property
     def factor_is_zero(self) -> bool:
@@ -139,6 +141,7 @@ class CompactLinearMixin:
         if isinstance(state, dict):
             self.projection_epoch = int(state["projection_epoch"])
             self.merge_count = int(state["merge_count"])
+            self._projection_cache.clear()
 
     def _apply(self, fn, recurse=True):
         """Keep the frozen base W0 in its storage dtype through .to()/.bfloat16()/.cuda()."""
@@ -159,8 +162,19 @@ class CompactLinearMixin:
 
     # -------------------------------------------------------------------- projections
     def projection_blocks(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """This rank's blocks of the current P: [local_blocks, block_in, block_rank]."""
-        return self.projection.blocks(self.projection_epoch, self.weight.device, dtype)
+        """This rank's blocks of the current P: [local_blocks, block_in, block_rank].
+
+        Generated from their seeds on first use in a projection epoch and kept until the next
+        resample (forward, backward, recompute and the merge of that epoch share them): P itself
+        is the only thing cached, r/num_blocks x n/num_blocks per block, never anything derived
+        from activations. Only the latest (epoch, dtype, device) is kept.
+        """
+        key = (self.projection_epoch, dtype, self.weight.device)
+        blocks = self._projection_cache.get(key)
+        if blocks is None:
+            blocks = self.projection.blocks(self.projection_epoch, self.weight.device, dtype)
+            self._projection_cache = {key: blocks}
+        return blocks
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
@@ -168,7 +182,8 @@ class CompactLinearMixin:
         w = self.weight.float()
         if self.subspace_factor is None:
             return w
-        return w + unproject(self.subspace_factor.float(), self.projection_blocks())
+        fp32_blocks = self.projection.blocks(self.projection_epoch, w.device, torch.float32)
+        return w + unproject(self.subspace_factor.float(), fp32_blocks)
 
     @torch.no_grad()
     def merge_subspace(
@@ -226,6 +241,7 @@ class CompactLinearMixin:
         if not self.factor_is_zero:
             raise RuntimeError("merge_subspace() must run before resample_projection()")
         self.projection_epoch += 1
+        self._projection_cache.clear()
 
     def _compressed(self, x, bias, sequence_parallel, allreduce_dgrad):
         return compressed_linear(
@@ -233,8 +249,7 @@ class CompactLinearMixin:
             self.weight,
             self.subspace_factor,
             bias,
-            self.projection,
-            self.projection_epoch,
+            self.projection_blocks(x.dtype),
             self.compression.mode,
             factor_is_zero=self.factor_is_zero,
             sequence_parallel=sequence_parallel,

@@ -73,23 +73,33 @@ def _has_master_copy(p: torch.Tensor) -> bool:
 def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: float) -> None:
     """Merge every compact layer: W0 <- W0 (1 - lr wd) + A P^T, A <- 0.
 
-    Works with plain torch optimizers and DeepSpeed ZeRO 0-3: A is read from DeepSpeed's fp32
-    master (a collective over the data-parallel group, so every rank must call this), every
-    copy of A (module, master, ZeRO-3 partition) is zeroed, and under ZeRO-3 each rank updates
-    only its own partition of W0.
+    Works with plain torch optimizers and DeepSpeed (ZeRO 0-3, fp32 or bf16); every rank must
+    call it. Every copy of A ends at zero:
+    - ZeRO 0-2: the module's A (after DeepSpeed's step, the bf16 copy of its fp32 master,
+      identical on all data-parallel ranks) is merged without any communication; each rank's
+      fp32 master fragment keeps only what the bf16 copy rounded away (zero in fp32), so
+      nothing of the update is lost to rounding.
+    - ZeRO-3: A is gathered from DeepSpeed's fp32 master partitions (a collective over the
+      data-parallel group), each rank updates only its own partition of W0, and A's partitions
+      and masters are zeroed.
     """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-    from deepspeed.utils import safe_set_local_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_local_fp32_param
 
     for layer in compact_layers(model):
         factor = layer.subspace_factor
         if factor is None:
             continue
-        master = safe_get_full_fp32_param(factor) if _has_master_copy(factor) else None
-        if master is not None:
-            master = master.view(factor.ds_shape if _is_zero3(factor) else factor.shape)
-        base_flat, base_start = None, 0
+        if not _is_zero3(factor):
+            mapping = getattr(factor, "_hp_mapping", None)
+            if mapping is not None:  # this rank's fp32 master fragment of A
+                address = mapping.lp_fragment_address
+                low = factor.detach().view(-1).narrow(0, address.start, address.numel)
+                mapping.get_hp_fragment().sub_(low.float())
+            layer.merge_subspace(lr, weight_decay)
+            continue
+        master = safe_get_full_fp32_param(factor).view(factor.ds_shape)
         w0 = layer.weight
+        base_flat, base_start = None, 0
         if _is_zero3(w0):
             part = w0.ds_tensor
             base_start = part.ds_numel * torch.distributed.get_rank(group=w0.ds_process_group)
@@ -97,12 +107,8 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
             base_flat = part.narrow(0, 0, valid)
         layer.merge_subspace(lr, weight_decay, factor=master, base_flat=base_flat,
                              base_start=base_start)
-        if master is not None:
-            if _is_zero3(factor):
-                factor.ds_tensor.zero_()
-                safe_set_local_fp32_param(factor, torch.zeros_like(factor.ds_tensor))
-            else:
-                safe_set_full_fp32_param(factor, torch.zeros_like(master))
+        factor.ds_tensor.zero_()
+        safe_set_local_fp32_param(factor, torch.zeros_like(factor.ds_tensor))
 
 
 def resample_projections(model: torch.nn.Module) -> None:

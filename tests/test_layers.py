@@ -189,19 +189,11 @@ def test_stepper_merges_every_step_and_resamples_every_T(moments):
 
 def test_p_is_identical_under_megatron_checkpoint_recompute():
     """Recompute replays the RNG (dropout) but P must not depend on it: grads with Megatron's
-    tensor_parallel.checkpoint equal grads without, even with ambient RNG use in between."""
+    tensor_parallel.checkpoint equal grads without, even with ambient RNG use in between, and
+    the P the layer uses equals P drawn afresh from its seeds under any ambient RNG state."""
     layer = build("column", N, M, LayerCompression(ratio=0.25))
     dropout = torch.nn.Dropout(0.3)
     x = torch.randn(4, 2, N, requires_grad=True)
-    seen = []
-    original = layer.projection.blocks
-
-    def recording(epoch, device, dtype):
-        out = original(epoch, device, dtype)
-        seen.append(out.clone())
-        return out
-
-    object.__setattr__(layer.projection, "blocks", recording)
 
     def body(inp):
         with tensor_parallel.get_cuda_rng_tracker().fork():
@@ -218,6 +210,7 @@ def test_p_is_identical_under_megatron_checkpoint_recompute():
     plain = grads(body)
     torch.set_rng_state(rng)
     tracker.set_states(dict(tracked))  # same dropout masks in both runs
+    layer._projection_cache.clear()  # the checkpointed run draws P anew
 
     def checkpointed(inp):
         out = tensor_parallel.checkpoint(body, False, inp)
@@ -225,10 +218,32 @@ def test_p_is_identical_under_megatron_checkpoint_recompute():
         return out
 
     ckpt = grads(checkpointed)
-    assert len(seen) == 5  # forward + backward, checkpointed forward + recompute + backward
-    assert all(torch.equal(s, seen[0]) for s in seen)
     for a, b in zip(plain, ckpt):
         torch.testing.assert_close(a, b)
+    torch.manual_seed(999)
+    fresh = layer.projection.blocks(layer.projection_epoch, x.device, x.dtype)
+    assert torch.equal(layer.projection_blocks(x.dtype), fresh)
+
+
+def test_projection_is_generated_once_per_epoch_and_dropped_on_resample():
+    layer = build("row", N, M, LayerCompression(ratio=0.25, row_parallel_blocks=4))
+    calls = []
+    original = layer.projection.blocks
+
+    def counting(*args):
+        calls.append(args)
+        return original(*args)
+
+    object.__setattr__(layer.projection, "blocks", counting)
+    x = torch.randn(4, 2, N, requires_grad=True)
+    for _ in range(3):
+        layer(x)[0].sum().backward()
+    layer.merge_subspace(lr=0.1, weight_decay=0.0)
+    assert len(calls) == 1  # three forwards, three backwards and a merge share one P
+    layer.resample_projection()
+    assert layer._projection_cache == {}
+    layer(x)[0].sum().backward()
+    assert len(calls) == 2 and calls[-1][0] == 1  # the next epoch's P
 
 
 def test_bad_layer_arguments_raise():

@@ -103,6 +103,26 @@ def _bf16_engine(rank):
     engine.step()
     assert torch.isfinite(loss)
 
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from compact_dist import merge_subspace_factors
+
+    masters = [safe_get_full_fp32_param(l.subspace_factor) for l in layers]
+    w_eff = [l.effective_weight() for l in layers]  # what the model computes: W0 + (bf16 A) P^T
+    w0 = [l.weight.clone() for l in layers]
+    merge_subspace_factors(engine.module, lr=1e-3, weight_decay=0.0)
+    for layer, master, before, base in zip(layers, masters, w_eff, w0):
+        factor = layer.subspace_factor
+        assert master.abs().max() > 0 and layer.factor_is_zero
+        assert factor.abs().max() == 0  # the bf16 A that forward uses
+        # the fp32 master keeps exactly what the bf16 copy rounded away: nothing is lost
+        residual = master - master.to(torch.bfloat16).float()
+        assert torch.equal(safe_get_full_fp32_param(factor), residual)
+        # W0 absorbed A P^T up to the bf16 rounding of the delta (computed in A's dtype)
+        delta = (before - base).abs().max()
+        assert delta > 0
+        torch.testing.assert_close(layer.weight, before, rtol=0, atol=float(delta) / 2**7)
+
 
 def test_bf16_engine_keeps_fp32_base_weights(megatron_tp1):
     run_distributed(_bf16_engine, 1, tp=1)
