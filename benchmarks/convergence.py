@@ -44,6 +44,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "r1/8": {"compression.ratio": 0.125},
     "r1/4_bf16W0": {"compression.ratio": 0.25, "compression.base_dtype": "bf16"},
     "r1/4_reset": {"compression.ratio": 0.25, "compression.moments_on_resample": "reset"},
+    "r1/4_T50": {"compression.ratio": 0.25, "compression.resample_interval": 50},
+    "r1/4_T50_reset": {"compression.ratio": 0.25, "compression.resample_interval": 50,
+                       "compression.moments_on_resample": "reset"},
     "unbiased_r1/4": {"compression.mode": "unbiased", "compression.ratio": 0.25},
 }
 

@@ -868,7 +868,8 @@ def run_isolated(args: argparse.Namespace, argv: list[str]) -> dict:
     else:
         prefix, port_flag = [sys.executable], None
     parts = ([("tp_invariance", ["--skip-throughput"])] if args.tp_invariance_steps else [])
-    parts += [(n, ["--variants", n, "--tp-invariance-steps", "0"]) for n in names]
+    if not args.skip_throughput:
+        parts += [(n, ["--variants", n, "--tp-invariance-steps", "0"]) for n in names]
     tmp = Path(tempfile.mkdtemp(prefix=f"{args.name}.", dir=args.out_dir))
     merged: Optional[dict] = None
     records, longest = [], 0.0

@@ -64,11 +64,6 @@ def _is_zero3(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def _has_master_copy(p: torch.Tensor) -> bool:
-    """DeepSpeed keeps an fp32 master (ZeRO-1/2/3 or its bf16 optimizer) for this parameter."""
-    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
-
-
 @torch.no_grad()
 def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: float) -> None:
     """Merge every compact layer: W0 <- W0 (1 - lr wd) + A P^T, A <- 0.
@@ -120,8 +115,8 @@ class SubspaceStepper:
     """Runs the merge after each optimizer step and the resample every T steps.
 
     `moments_on_resample='reset'` zeroes the Adam moments of A when P changes (pass the torch
-    optimizer; under DeepSpeed the moments are found through the parameters); 'keep' leaves
-    them, as GaLore does for its projected moments.
+    optimizer, or `engine.optimizer` under DeepSpeed); 'keep' leaves them, as GaLore does for
+    its projected moments.
     """
 
     def __init__(self, model: torch.nn.Module, config: CompressionConfig):
@@ -147,14 +142,32 @@ def reset_moments(
     optimizer: Optional[torch.optim.Optimizer], params: Iterable[torch.Tensor]
 ) -> None:
     """Zero the Adam moments (exp_avg, exp_avg_sq) of `params`; the step count stays, the same
-    with a torch optimizer as under DeepSpeed, whose step count is shared by a flat group."""
+    with a torch optimizer as under DeepSpeed, whose step count is shared by a flat group.
+
+    optimizer: the torch optimizer, or under DeepSpeed the engine's (`engine.optimizer`).
+    ZeRO 0-2 zero each rank's own fragment of the moments (no communication). DeepSpeed 0.19
+    links the parameters to their optimizer-state fragments right after the first param
+    group's first step, before the other groups (ours is the last) have any state; the links
+    are renewed here so they point at the real moments.
+    """
     from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
+    params = list(params)
+    if any(getattr(p, "_hp_mapping", None) is not None for p in params):
+        relink = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if relink is None:
+            raise ValueError("resetting the moments of A under DeepSpeed ZeRO 0-2 needs the "
+                             "engine's optimizer: after_step(..., optimizer=engine.optimizer)")
+        optimizer._hp_optimizer_states_linked = False
+        relink()
     for p in params:
         for key in ("exp_avg", "exp_avg_sq"):
-            if _has_master_copy(p):
+            if _is_zero3(p):
                 current = safe_get_full_optimizer_state(p, key)
                 if current is not None:
                     safe_set_full_optimizer_state(p, torch.zeros_like(current), key)
+            elif hasattr(p, "_hp_mapping"):
+                if p._hp_mapping is not None:  # this rank owns part of p's state
+                    p._hp_mapping.get_hp_fragment(key).zero_()
             elif optimizer is not None and key in optimizer.state.get(p, {}):
                 optimizer.state[p][key].zero_()

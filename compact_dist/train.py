@@ -254,7 +254,7 @@ def run(cfg: TrainConfig) -> dict:
             loss_sum += loss.detach()
             lr = engine.get_lr()[0]  # the rate this optimizer step uses
             engine.step()
-        stepper.after_step(lr, cfg.optim.weight_decay)
+        stepper.after_step(lr, cfg.optim.weight_decay, engine.optimizer)
         step += 1
         dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
         mean_loss = (loss_sum / (grad_accum * dp)).item()
