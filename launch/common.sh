@@ -54,6 +54,17 @@ resolve_entrypoint() {
     TRAIN_CMD="$(command -v "$TRAIN_CMD")"
 }
 
+# prepare_launch ARGS...: --help prints the caller's usage and exits; else CONFIG and the
+# entrypoint are resolved (both launchers start this way).
+prepare_launch() {
+    local arg
+    for arg in "$@"; do
+        case "$arg" in -h|--help) usage; exit 0 ;; esac
+    done
+    resolve_config
+    resolve_entrypoint
+}
+
 # gpu_count: GPUs this node may use (CUDA_VISIBLE_DEVICES, else nvidia-smi, else 0).
 gpu_count() {
     if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then

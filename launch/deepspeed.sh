@@ -47,12 +47,7 @@ Examples:
 EOF
 }
 
-for arg in "$@"; do
-    case "$arg" in -h|--help) usage; exit 0 ;; esac
-done
-
-resolve_config
-resolve_entrypoint
+prepare_launch "$@"
 command -v deepspeed >/dev/null 2>&1 || die "the deepspeed launcher is not on PATH (pip install deepspeed==0.19.8)"
 
 MASTER_PORT="${MASTER_PORT:-29500}"

@@ -40,12 +40,7 @@ Examples:
 EOF
 }
 
-for arg in "$@"; do
-    case "$arg" in -h|--help) usage; exit 0 ;; esac
-done
-
-resolve_config
-resolve_entrypoint
+prepare_launch "$@"
 command -v torchrun >/dev/null 2>&1 || die "torchrun is not on PATH (it comes with torch)"
 
 NNODES="${NNODES:-1}"
