@@ -129,7 +129,7 @@ def export_corpus(args, out: Path) -> None:
 def run_variant(args) -> dict:
     import torch
 
-    from compact_dist.train import run
+    from compact_dist.train import padded_vocab_size, run
     from compact_dist.train_config import load_train_config
 
     meta, _ = prepare(args)
@@ -139,7 +139,7 @@ def run_variant(args) -> dict:
     if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))  # concurrent runs on a host
     cfg = load_train_config(None, overrides(args, args.variant, steps))
-    vocab_padded = -(-meta["vocab_size"] // 64) * 64
+    vocab_padded = padded_vocab_size(meta["vocab_size"], 1)
     start = time.perf_counter()
     try:
         history = run(cfg)

@@ -364,8 +364,9 @@ class Bench:
         return p
 
     def padded_vocab(self, shape: dict[str, int]) -> int:
-        mult = 64 * self.args.tp  # Megatron-style padding, as compact_dist.train.run does
-        return -(-shape["vocab_size"] // mult) * mult
+        from compact_dist.train import padded_vocab_size
+
+        return padded_vocab_size(shape["vocab_size"], self.args.tp)
 
     def overrides(self, variant: dict[str, Any], micro_batch: Optional[int] = None,
                   shape: Optional[dict[str, int]] = None) -> list[str]:
@@ -378,7 +379,8 @@ class Bench:
             "parallel.sequence_parallel": self.sp,
             "train.micro_batch_size": micro_batch or p["micro_batch_size"],
             "train.zero_stage": a.zero_stage, "train.seed": a.seed,
-            "train.precision": a.precision, "optim.weight_decay": a.weight_decay,
+            "train.precision": a.precision, "optim.lr": a.lr, "optim.min_lr": 0.0,
+            "optim.weight_decay": a.weight_decay,
             "optim.grad_clip": a.grad_clip, "logging.progress": False,
         }
         base.update(variant)
@@ -438,28 +440,15 @@ class Bench:
         return t.item()
 
     # -- engine ---------------------------------------------------------------------------
-    def build(self, cfg, cpu_init: bool = False, lr: Optional[float] = None,
-              saved_bytes: bool = False, vocab: Optional[int] = None) -> dict:
-        """Model + DeepSpeed engine exactly as compact_dist.train.run builds them."""
-        from compact_dist.engine import (
-            allreduce_sequence_parallel_grads,
-            deepspeed_config,
-            initialize_engine,
-        )
+    def build(self, cfg, cpu_init: bool = False, saved_bytes: bool = False,
+              vocab: Optional[int] = None) -> dict:
+        """Model + DeepSpeed engine built by compact_dist.train's build_model / build_engine,
+        as compact-train builds them (constant learning rate optim.lr)."""
         from compact_dist.memory import saved_activation_bytes
-        from compact_dist.model import build_gpt_model
-        from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
-        from compact_dist.train import transformer_config
+        from compact_dist.train import build_engine, build_model
 
-        mcfg = transformer_config(cfg, self.bf16)
-        if cpu_init:  # Megatron inits the full matrix on CPU and slices it: TP-invariant
-            mcfg.use_cpu_initialization = True
-        torch.manual_seed(cfg.train.seed)
         vocab = vocab or self.shape["vocab_size"]
-        model = build_gpt_model(mcfg, cfg.compression, self.padded_vocab({"vocab_size": vocab}),
-                                cfg.model.seq_length)
-        model.to(self.device)
-        allreduce_sequence_parallel_grads(model)  # as train.run does
+        model = build_model(cfg, self.device, self.bf16, vocab, cpu_init=cpu_init)
         info = {
             "params_local": sum(p.numel() for p in model.parameters()),
             "trainable_params_local": sum(p.numel() for p in model.parameters()
@@ -473,19 +462,11 @@ class Bench:
             info["saved_for_backward_bytes_per_sequence"] = saved_activation_bytes(
                 lambda: model(b["tokens"], b["position_ids"], None, labels=b["labels"]), model)
             del b
-        optimizer = torch.optim.AdamW(
-            optimizer_param_groups(model, self.args.weight_decay),
-            lr=self.args.lr if lr is None else lr, betas=(0.9, 0.95),
-            **({"fused": True} if self.device.type == "cuda" else {}))
-        ds_config = deepspeed_config(
-            zero_stage=cfg.train.zero_stage, micro_batch_size=cfg.train.micro_batch_size,
-            gradient_accumulation_steps=1, data_parallel_size=self.dp, bf16=self.bf16,
-            grad_clip=cfg.optim.grad_clip)
-        engine = initialize_engine(model, optimizer, ds_config)
-        del model, optimizer
+        engine, stepper = build_engine(cfg, model, self.bf16, self.dp, schedule=False)
+        del model
         info["w0_dtypes_after_init"] = base_weight_dtypes(engine.module)
         info["engine"] = engine
-        info["stepper"] = SubspaceStepper(engine.module, cfg.compression)
+        info["stepper"] = stepper
         info["weight_decay"] = cfg.optim.weight_decay
         return info
 
@@ -694,8 +675,8 @@ class Bench:
         if gb % self.dp:
             raise ValueError(f"--tp-invariance-global-batch {gb} is not divisible by DP {self.dp}")
         mbs = gb // self.dp
-        cfg = self.config(VARIANTS[name], mbs, p)
-        state = self.build(cfg, cpu_init=True, lr=a.tp_invariance_lr, vocab=p["vocab_size"])
+        cfg = self.config({**VARIANTS[name], "optim.lr": a.tp_invariance_lr}, mbs, p)
+        state = self.build(cfg, cpu_init=True, vocab=p["vocab_size"])
         losses, norms = [], []
         try:
             for step in range(a.tp_invariance_steps):

@@ -161,6 +161,55 @@ def memory_gib(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
+    """Megatron-style padding: a multiple of 64 x TP, so every TP shard is 64-aligned."""
+    multiple = 64 * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, vocab_size: int,
+                cpu_init: bool = False):
+    """The GPT of `cfg` (compact layers per cfg.compression) on `device`, vocabulary padded,
+    with the TP all-reduce hooks of sequence-parallel gradients. Needs the parallel state.
+    cpu_init: Megatron initialises each full matrix on CPU and slices it (the same weights at
+    any TP size)."""
+    from compact_dist.engine import allreduce_sequence_parallel_grads
+    from compact_dist.model import build_gpt_model
+
+    mcfg = transformer_config(cfg, bf16)
+    if cpu_init:
+        mcfg.use_cpu_initialization = True
+    position = None if cfg.model.position_embedding == "auto" else cfg.model.position_embedding
+    torch.manual_seed(cfg.train.seed)
+    vocab = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
+    model = build_gpt_model(mcfg, cfg.compression, vocab, cfg.model.seq_length, position)
+    model.to(device)
+    allreduce_sequence_parallel_grads(model)
+    return model
+
+
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_parallel_size: int,
+                 schedule: bool):
+    """DeepSpeed engine (AdamW over Megatron's groups + the subspace group, ZeRO per cfg) and
+    the SubspaceStepper that merges after each step. schedule: warm-up + cosine learning
+    rate (else constant optim.lr)."""
+    from compact_dist.engine import deepspeed_config, initialize_engine
+    from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
+
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        **({"fused": True} if next(model.parameters()).is_cuda else {}))
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+                 if schedule else None)
+    ds_config = deepspeed_config(
+        zero_stage=cfg.train.zero_stage, micro_batch_size=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps(data_parallel_size),
+        data_parallel_size=data_parallel_size, bf16=bf16, grad_clip=cfg.optim.grad_clip)
+    engine = initialize_engine(model, optimizer, ds_config, lr_scheduler=scheduler)
+    return engine, SubspaceStepper(engine.module, cfg.compression)
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train per `cfg`; returns {"losses": [...], "valid": [...]} (rank-local, DP-averaged)."""
     import torch.distributed as dist
@@ -168,15 +217,8 @@ def run(cfg: TrainConfig) -> dict:
 
     from compact_dist.checkpoint import load_checkpoint, save_checkpoint
     from compact_dist.data import build_data
-    from compact_dist.engine import (
-        allreduce_sequence_parallel_grads,
-        deepspeed_config,
-        initialize_engine,
-        use_deepspeed_checkpointing,
-    )
+    from compact_dist.engine import use_deepspeed_checkpointing
     from compact_dist.memory import linear_memory_table
-    from compact_dist.model import build_gpt_model
-    from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
 
     rank, _, world = world_from_environment()
     cfg.check_environment(world, torch.cuda.is_available())
@@ -184,35 +226,17 @@ def run(cfg: TrainConfig) -> dict:
     bf16 = cfg.train.precision == "bf16" or (
         cfg.train.precision == "auto" and device.type == "cuda")
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    tp = cfg.parallel.tensor_model_parallel_size
     grad_accum = cfg.gradient_accumulation_steps(dp)
     if cfg.recompute.deepspeed_checkpointing:
         use_deepspeed_checkpointing(cfg.train.seed)
 
     tokenizer, train_iter, valid_batches = build_data(
         cfg.data, cfg.model.seq_length, cfg.train.micro_batch_size, dp_rank, dp)
-    vocab = -(-tokenizer.vocab_size // (64 * tp)) * 64 * tp  # Megatron-style padding
-    mcfg = transformer_config(cfg, bf16)
-    position = None if cfg.model.position_embedding == "auto" else cfg.model.position_embedding
-    torch.manual_seed(cfg.train.seed)
-    model = build_gpt_model(mcfg, cfg.compression, vocab, cfg.model.seq_length, position)
-    model.to(device)
-    allreduce_sequence_parallel_grads(model)
+    model = build_model(cfg, device, bf16, tokenizer.vocab_size)
     log = Logger(cfg, rank, 0)
-    table = linear_memory_table(model, cfg.model.seq_length, cfg.train.micro_batch_size, device)
-    log.print(table)
-
-    optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        **({"fused": True} if device.type == "cuda" else {}))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    ds_config = deepspeed_config(
-        zero_stage=cfg.train.zero_stage, micro_batch_size=cfg.train.micro_batch_size,
-        gradient_accumulation_steps=grad_accum, data_parallel_size=dp, bf16=bf16,
-        grad_clip=cfg.optim.grad_clip)
-    engine = initialize_engine(model, optimizer, ds_config, lr_scheduler=scheduler)
-    stepper = SubspaceStepper(engine.module, cfg.compression)
+    log.print(linear_memory_table(model, cfg.model.seq_length, cfg.train.micro_batch_size,
+                                  device))
+    engine, stepper = build_engine(cfg, model, bf16, dp, schedule=True)
 
     step = 0
     if cfg.checkpoint.dir and cfg.checkpoint.resume:
