@@ -1,12 +1,17 @@
 """The compressed linear autograd function shared by both modes and both parallel layouts.
 
-Forward computes Y = X W^T (+ Z A^T when the subspace factor A may be non-zero) and saves
-only Z = X P (r columns), plus references to the parameters and to P's blocks (which the
-layer generates from their seeds once per projection epoch and keeps; P is never derived
-from anything saved). Backward returns:
-  - dX = dY W (+ (dY A) P^T): exact;
-  - subspace mode: dL/dA = dY^T Z (= G P, CompAct's compressed gradient), no grad for W0;
-  - unbiased mode: dL/dW = (dY^T Z) P^T (= G P P^T, unbiased as E[P P^T] = I).
+Forward computes Y = X W^T (+ s Z A^T when the subspace factor A may be non-zero; s is the
+layer's merge scale) and saves only Z = X P (r columns), plus references to the parameters
+and to P's blocks (which the layer keeps for the projection epoch: generated from seeds or
+estimated from data; P is never derived from anything this call saves). Backward returns:
+  - dX = dY W (+ s (dY A) P^T): exact;
+  - subspace mode: A's gradient dY^T Z (= G P, CompAct's compressed gradient; dL/dA / s),
+    no grad for W0;
+  - unbiased mode: dL/dW = (dY^T Z) P^T (= G P P^T, unbiased as E[P P^T] = I for a Gaussian
+    P; the projection of G onto span(P) for an orthonormal P).
+With an open sketch (compact_dist.basis) the call also feeds the estimate of the next P:
+'pca' adds X^T (X Q0) in forward; 'gradient' (a probe micro-batch) keeps the uncompressed
+input and adds G^T (G Q0) in backward.
 
 Shapes (s: sequence, b: micro-batch, n/m: in/out features of this TP rank's shard, r: columns
 of this rank's P slice): x [s, b, n] (or [s/tp, b, n] with sequence parallelism, gathered
@@ -21,6 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from compact_dist.basis import SubspaceSketch
 from compact_dist.collectives import all_gather_first_dim, reduce_scatter_first_dim
 from compact_dist.projection import project, unproject
 
@@ -42,6 +48,8 @@ class CompressedLinearFunction(torch.autograd.Function):
         sequence_parallel: bool,
         allreduce_dgrad: bool,
         tp_group: Optional[dist.ProcessGroup],
+        factor_scale: float,
+        sketch: Optional[SubspaceSketch],
     ) -> torch.Tensor:
         total_x = all_gather_first_dim(x, tp_group)[0] if sequence_parallel else x
         out = torch.matmul(total_x, weight.to(x.dtype).t())
@@ -49,10 +57,16 @@ class CompressedLinearFunction(torch.autograd.Function):
         use_factor = mode == SUBSPACE and not factor_is_zero
         if use_factor:
             z_total = project(total_x, blocks) if sequence_parallel else z
-            out = out + torch.matmul(z_total, factor.to(x.dtype).t())
+            out = out + factor_scale * torch.matmul(z_total, factor.to(x.dtype).t())
         if bias is not None:
             out = out + bias
-        ctx.save_for_backward(z, weight, factor if use_factor else None)
+        probe = sketch is not None and sketch.kind == "gradient"
+        if sketch is not None and not probe:
+            sketch.add_input(x)
+        ctx.save_for_backward(z, weight, factor if use_factor else None,
+                              total_x if probe else None)
+        ctx.sketch = sketch if probe else None
+        ctx.factor_scale = factor_scale
         ctx.blocks, ctx.mode = blocks, mode  # P: kept by the layer, not a saved activation
         ctx.use_factor = use_factor
         ctx.factor_dtype = factor.dtype if factor is not None else None
@@ -63,7 +77,7 @@ class CompressedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        z, weight, factor = ctx.saved_tensors
+        z, weight, factor, probe_input = ctx.saved_tensors
         blocks = ctx.blocks.to(grad_out.dtype)
         gather = None
         if ctx.sequence_parallel:
@@ -72,7 +86,8 @@ class CompressedLinearFunction(torch.autograd.Function):
 
         grad_in = torch.matmul(grad_out, weight.to(grad_out.dtype))
         if ctx.use_factor:
-            grad_in = grad_in + unproject(torch.matmul(grad_out, factor.to(grad_out.dtype)), blocks)
+            grad_in = grad_in + ctx.factor_scale * unproject(
+                torch.matmul(grad_out, factor.to(grad_out.dtype)), blocks)
 
         reduce = None
         if ctx.sequence_parallel:
@@ -89,10 +104,13 @@ class CompressedLinearFunction(torch.autograd.Function):
         else:
             grad_weight = unproject(g_hat, blocks).to(weight.dtype)
         grad_bias = g2.sum(dim=0) if ctx.use_bias else None
+        if ctx.sketch is not None:  # probe micro-batch: the uncompressed G of this TP shard
+            x2 = probe_input.reshape(-1, probe_input.shape[-1])
+            ctx.sketch.add_gradient(torch.matmul(g2.t().float(), x2.float()))
 
         if reduce is not None:
             reduce.wait()
-        return (grad_in, grad_weight, grad_factor, grad_bias) + (None,) * 6
+        return (grad_in, grad_weight, grad_factor, grad_bias) + (None,) * 8
 
 
 def compressed_linear(
@@ -106,6 +124,8 @@ def compressed_linear(
     sequence_parallel: bool = False,
     allreduce_dgrad: bool = False,
     tp_group: Optional[dist.ProcessGroup] = None,
+    factor_scale: float = 1.0,
+    sketch: Optional[SubspaceSketch] = None,
 ) -> torch.Tensor:
     """Functional entry point; see the module docstring for shapes and semantics."""
     if mode not in (SUBSPACE, UNBIASED):
@@ -114,5 +134,5 @@ def compressed_linear(
         raise ValueError("subspace mode needs the factor A")
     return CompressedLinearFunction.apply(
         x, weight, factor, bias, blocks, mode, factor_is_zero,
-        sequence_parallel, allreduce_dgrad, tp_group,
+        sequence_parallel, allreduce_dgrad, tp_group, factor_scale, sketch,
     )

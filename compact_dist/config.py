@@ -13,6 +13,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 LinearRole = Literal["qkv", "proj", "fc1", "fc2"]
+Projection = Literal["gaussian", "pca", "gradient"]
 ALL_ROLES: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
 # Megatron passes tp_comm_buffer_name=<role> to each of the four GPT linears.
 COLUMN_ROLES = ("qkv", "fc1")
@@ -34,6 +35,8 @@ class LayerCompression(BaseModel):
     seed: int = Field(default=1234, ge=0)
     base_dtype: Literal["fp32", "bf16"] = "fp32"
     row_parallel_blocks: int = Field(default=8, ge=1)
+    projection: Projection = "gaussian"
+    update_scale: float = Field(default=1.0, gt=0.0)
 
     @model_validator(mode="after")
     def _one_size(self) -> "LayerCompression":
@@ -76,7 +79,18 @@ class CompressionConfig(BaseModel):
     row_parallel_blocks: number of diagonal blocks of P for row-parallel layers; it must be
         divisible by the tensor-parallel size, which keeps TP=1,2,4,... on identical math.
     layers: which of the four GPT linears are compressed; the rest stay Megatron's.
-    moments_on_resample: what happens to Adam moments of A when P changes.
+    projection: 'gaussian' (seeded, the paper's), 'pca' (top-r principal directions of the
+        layer's input, estimated in the forward passes of the resample step) or 'gradient'
+        (top-r right singular vectors of the weight gradient, from one extra probe micro-batch
+        with uncompressed inputs at each resample); see compact_dist.basis. Data-aware P is
+        first estimated in step 1 and re-estimated every `resample_interval` steps.
+    update_scale: alpha in W <- W - lr * alpha * rho(G P) P^T, normalised so that 1.0 gives
+        the step size of full-rank Adam for a Gaussian and an orthonormal P alike (the paper
+        uses 0.25 with its own learning rates).
+    moments_on_resample: what happens to Adam moments of A when P changes: 'keep' (the
+        paper's), 'reset' (zero moments and step count, so bias correction restarts) or
+        'transport' (first moment mapped into the new basis, M <- M R with
+        R = P_old^+ P_new; second moment V <- V (R o R), see compact_dist.moments).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -91,7 +105,9 @@ class CompressionConfig(BaseModel):
     base_dtype: Literal["fp32", "bf16"] = "fp32"
     row_parallel_blocks: int = Field(default=8, ge=1)
     layers: list[LinearRole] = Field(default_factory=lambda: list(ALL_ROLES))
-    moments_on_resample: Literal["keep", "reset"] = "keep"
+    moments_on_resample: Literal["keep", "reset", "transport"] = "keep"
+    projection: Projection = "gaussian"
+    update_scale: float = Field(default=1.0, gt=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> "CompressionConfig":
@@ -126,6 +142,8 @@ class CompressionConfig(BaseModel):
             seed=self.seed,
             base_dtype=self.base_dtype,
             row_parallel_blocks=self.row_parallel_blocks,
+            projection=self.projection,
+            update_scale=self.update_scale,
         )
 
     def check_parallel(self, tensor_model_parallel_size: int) -> None:

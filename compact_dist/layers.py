@@ -38,6 +38,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 
 from compact_dist.autograd import SUBSPACE, compressed_linear
+from compact_dist.basis import SubspaceSketch, orthonormal_scale
 from compact_dist.collectives import reduce_scatter_to_sequence_parallel_region
 from compact_dist.config import LayerCompression
 from compact_dist.projection import Projection, block_seed, unproject
@@ -105,6 +106,10 @@ class CompactLinearMixin:
         self.projection_epoch = 0
         self.merge_count = 0
         self._projection_cache: dict[tuple, torch.Tensor] = {}
+        # data-aware P (fp32 [local_blocks, block_in, block_rank], orthonormal blocks) once
+        # estimated; None: the seeded Gaussian P of the current epoch
+        self.basis: Optional[torch.Tensor] = None
+        self.sketch: Optional[SubspaceSketch] = None  # open while estimating the next P
         self.subspace_factor: Optional[torch.nn.Parameter] = None
         if compression.mode == SUBSPACE:
             w = self.weight
@@ -135,12 +140,15 @@ class CompactLinearMixin:
         return f is None or f._version == self._merged_version
 
     def get_extra_state(self) -> Any:
-        return {"projection_epoch": self.projection_epoch, "merge_count": self.merge_count}
+        return {"projection_epoch": self.projection_epoch, "merge_count": self.merge_count,
+                "basis": None if self.basis is None else self.basis.detach().cpu()}
 
     def set_extra_state(self, state: Any) -> None:
         if isinstance(state, dict):
             self.projection_epoch = int(state["projection_epoch"])
             self.merge_count = int(state["merge_count"])
+            basis = state.get("basis")
+            self.basis = None if basis is None else basis.to(self.weight.device, torch.float32)
             self._projection_cache.clear()
 
     def _apply(self, fn, recurse=True):
@@ -164,26 +172,42 @@ class CompactLinearMixin:
     def projection_blocks(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """This rank's blocks of the current P: [local_blocks, block_in, block_rank].
 
-        Generated from their seeds on first use in a projection epoch and kept until the next
-        resample (forward, backward, recompute and the merge of that epoch share them): P itself
-        is the only thing cached, r/num_blocks x n/num_blocks per block, never anything derived
-        from activations. Only the latest (epoch, dtype, device) is kept.
+        Gaussian P: generated from their seeds on first use in a projection epoch; data-aware
+        P: the estimated `basis`. Either is kept until the next resample (forward, backward,
+        recompute and the merge of that epoch share them): P itself is the only thing cached,
+        never anything derived from this step's activations. Only the latest (epoch, dtype,
+        device) is kept.
         """
         key = (self.projection_epoch, dtype, self.weight.device)
         blocks = self._projection_cache.get(key)
         if blocks is None:
-            blocks = self.projection.blocks(self.projection_epoch, self.weight.device, dtype)
+            if self.basis is not None:
+                blocks = self.basis.to(self.weight.device, dtype)
+            else:
+                blocks = self.projection.blocks(self.projection_epoch, self.weight.device, dtype)
             self._projection_cache = {key: blocks}
         return blocks
 
+    @property
+    def merge_scale(self) -> float:
+        """s in W_eff = W0 + s A P^T: `update_scale` for a Gaussian P; for an orthonormal
+        (data-aware) P also sqrt(n_b / r_b), so one update_scale gives both kinds the step
+        size of full-rank Adam (an Adam step of A has entries ~lr; s A P^T then has entries
+        ~lr * update_scale for either P). A's gradient stays CompAct's G P (= dL/dA / s):
+        gradient clipping sees about the norm of G, as for the uncompressed layer."""
+        scale = self.compression.update_scale
+        if self.basis is not None:
+            scale *= orthonormal_scale(self.basis)
+        return scale
+
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
-        """W_eff = W0 + A P^T (fp32) of this rank's shard; W itself in unbiased mode."""
+        """W_eff = W0 + s A P^T (fp32) of this rank's shard; W itself in unbiased mode."""
         w = self.weight.float()
         if self.subspace_factor is None:
             return w
-        fp32_blocks = self.projection.blocks(self.projection_epoch, w.device, torch.float32)
-        return w + unproject(self.subspace_factor.float(), fp32_blocks)
+        delta = unproject(self.subspace_factor.float(), self.projection_blocks(torch.float32))
+        return w + self.merge_scale * delta
 
     @torch.no_grad()
     def merge_subspace(
@@ -194,7 +218,8 @@ class CompactLinearMixin:
         base_flat: Optional[torch.Tensor] = None,
         base_start: int = 0,
     ) -> None:
-        """W0 <- W0 (1 - lr * weight_decay) + A P^T; A <- 0 (decoupled decay on W_eff).
+        """W0 <- W0 (1 - lr * weight_decay) + s A P^T; A <- 0 (decoupled decay on W_eff;
+        s = merge_scale).
 
         factor: the value of A to merge, shape [out, r] of this TP shard (default: the module's
             A; ZeRO passes its fp32 master copy). The module's A is zeroed either way; other
@@ -223,7 +248,7 @@ class CompactLinearMixin:
             decay = 1.0 - lr * weight_decay
             if decay != 1.0:
                 merged.mul_(decay)
-            merged.add_(delta)
+            merged.add_(delta, alpha=self.merge_scale)
             if base.dtype != torch.float32:
                 gen = torch.Generator(device=base.device)
                 # negative "epochs" keep these streams apart from the projections'
@@ -236,14 +261,31 @@ class CompactLinearMixin:
         self._merged_version = module_factor._version
         self.merge_count += 1
 
-    def resample_projection(self) -> None:
-        """Switch to the next projection epoch (a new P). A must be merged first."""
+    def resample_projection(self, basis: Optional[torch.Tensor] = None) -> None:
+        """Switch to the next projection epoch: P becomes `basis` (data-aware, fp32
+        [local_blocks, block_in, block_rank]) or, without one, stays data-aware if it was,
+        else the next seeded Gaussian P. A must be merged first."""
         if not self.factor_is_zero:
             raise RuntimeError("merge_subspace() must run before resample_projection()")
+        if basis is not None:
+            expected = (self.projection.local_blocks, self.projection.block_in,
+                        self.projection.block_rank)
+            if tuple(basis.shape) != expected:
+                raise ValueError(f"basis of shape {tuple(basis.shape)}, expected {expected}")
+            self.basis = basis.to(self.weight.device, torch.float32)
         self.projection_epoch += 1
         self._projection_cache.clear()
 
+    def start_sketch(self, kind: str) -> SubspaceSketch:
+        """Begin estimating the next data-aware P from the current one (warm start)."""
+        p = self.projection
+        self.sketch = SubspaceSketch(
+            self.projection_blocks(torch.float32), kind, self.compression.seed, self.layer_id,
+            self.projection_epoch, p.first_block)
+        return self.sketch
+
     def _compressed(self, x, bias, sequence_parallel, allreduce_dgrad):
+        sketch = self.sketch if self.sketch is not None and self.sketch.open else None
         return compressed_linear(
             x,
             self.weight,
@@ -255,6 +297,8 @@ class CompactLinearMixin:
             sequence_parallel=sequence_parallel,
             allreduce_dgrad=allreduce_dgrad,
             tp_group=self.tp_group,
+            factor_scale=self.merge_scale,
+            sketch=sketch if self.training else None,
         )
 
     def _sharded(self, prefix, sharded_offsets, metadata, axes):
@@ -290,6 +334,14 @@ class CompactColumnParallelLinear(CompactLinearMixin, ColumnParallelLinear):
         self._init_compression(
             compression, layer_id, kwargs.get("tp_comm_buffer_name"), 1, 0, 1, partition_dim=0
         )
+
+    replicated_over_tp = True  # the same dense P on every TP rank
+
+    @property
+    def sketch_sum_over_tp(self) -> bool:
+        """The sketch sees a TP shard: X's sequence shard (sequence parallel), or G's rows."""
+        return self.sequence_parallel or (
+            self.sketch is not None and self.sketch.kind == "gradient")
 
     def forward(
         self,
@@ -348,6 +400,10 @@ class CompactRowParallelLinear(CompactLinearMixin, RowParallelLinear):
             compression, layer_id, kwargs.get("tp_comm_buffer_name"),
             blocks, tp_rank * local, local, partition_dim=1,
         )
+
+    # each TP rank owns its own blocks, estimated from its own input columns (full sequence)
+    replicated_over_tp = False
+    sketch_sum_over_tp = False
 
     def forward(self, input_: torch.Tensor):
         if self.input_is_parallel:

@@ -3,17 +3,20 @@
 The training contract in subspace mode: after every optimizer step call
 `SubspaceStepper.after_step()` (or `merge_subspace_factors`), which folds each A into its
 frozen W0 (applying the decoupled weight decay to W_eff) and zeroes A, and every
-`resample_interval` steps draws a new projection.
+`resample_interval` steps moves to a new projection (seeded Gaussian or estimated from data,
+compact_dist.basis), handling A's Adam moments (compact_dist.moments).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 
+from compact_dist.basis import transport_map
 from compact_dist.config import ALL_ROLES, CompressionConfig
 from compact_dist.layers import CompactLinearMixin
+from compact_dist.moments import SUBSPACE_GROUP_KEY, reset_moments, transport_moments
 
 
 def compact_layers(model: torch.nn.Module) -> list[CompactLinearMixin]:
@@ -55,7 +58,7 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
-        {"params": subspace, "weight_decay": 0.0, "compact_subspace": True},
+        {"params": subspace, "weight_decay": 0.0, SUBSPACE_GROUP_KEY: True},
     ]
     return [g for g in groups if g["params"]]
 
@@ -106,68 +109,170 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
         safe_set_local_fp32_param(factor, torch.zeros_like(factor.ds_tensor))
 
 
-def resample_projections(model: torch.nn.Module) -> None:
-    for layer in compact_layers(model):
-        layer.resample_projection()
+def _groups():
+    """(data-parallel group, its source rank, TP group, its source rank), or Nones without
+    torch.distributed / Megatron's parallel state."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return None, 0, None, 0
+    return (ps.get_data_parallel_group(), ps.get_data_parallel_src_rank(),
+            ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_src_rank())
+
+
+def _flat_collective(tensors: list[torch.Tensor], group, src: Optional[int] = None) -> None:
+    """One collective over `group` for all `tensors` (packed flat): their sum, or with `src`
+    (a global rank) that rank's bits."""
+    import torch.distributed as dist
+
+    if not tensors or group is None or dist.get_world_size(group) == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if src is None:
+        dist.all_reduce(flat, group=group)
+    else:
+        dist.broadcast(flat, src=src, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+@torch.no_grad()
+def estimate_bases(layers: list[CompactLinearMixin]) -> list[Optional[torch.Tensor]]:
+    """Finish every layer's sketch: sum it over the data-parallel group (and the TP group where
+    the layer's sketched input or gradient is sharded over TP), take the top-r_b directions
+    per block, and make them bit-identical on all ranks (broadcast from the source rank of the
+    data-parallel group, and of the TP group for column-parallel layers, whose P is the same
+    on every TP rank). Collective over the whole world; a constant number of collectives.
+    Returns one basis per layer (None where the sketch saw nothing); sketches are cleared."""
+    dp, dp_src, tp, tp_src = _groups()
+    sketches = [layer.sketch for layer in layers]
+    _flat_collective([s.sums for s in sketches], dp)
+    _flat_collective([s.sums for layer, s in zip(layers, sketches) if layer.sketch_sum_over_tp],
+                     tp)
+    bases = [s.top() for s in sketches]
+    _flat_collective([b for b in bases if b is not None], dp, src=dp_src)
+    _flat_collective([b for layer, b in zip(layers, bases)
+                      if b is not None and layer.replicated_over_tp], tp, src=tp_src)
+    for layer in layers:
+        layer.sketch = None
+    return bases
+
+
+def resample_projections(model: torch.nn.Module, config: Optional[CompressionConfig] = None,
+                         optimizer=None) -> None:
+    """Move every compact layer to its next P (estimated where a sketch was taken, else the
+    next seeded Gaussian) and apply `config.moments_on_resample` to A's Adam state. Every
+    rank calls (collective when sketches are pending or moments move under ZeRO)."""
+    layers = compact_layers(model)
+    sketched = [layer for layer in layers if layer.sketch is not None]
+    bases = dict(zip(map(id, sketched), estimate_bases(sketched))) if sketched else {}
+    policy = config.moments_on_resample if config is not None else "keep"
+    olds = ([layer.projection_blocks(torch.float32) for layer in layers]
+            if policy == "transport" else None)
+    for layer in layers:
+        layer.resample_projection(bases.get(id(layer)))
+    factors = [layer.subspace_factor for layer in layers if layer.subspace_factor is not None]
+    if not factors or policy == "keep":
+        return
+    if policy == "reset":
+        reset_moments(optimizer)
+        return
+    maps = [transport_map(old, layer.projection_blocks(torch.float32))
+            for layer, old in zip(layers, olds) if layer.subspace_factor is not None]
+    transport_moments(optimizer, factors, maps)
 
 
 class SubspaceStepper:
-    """Runs the merge after each optimizer step and the resample every T steps.
+    """Runs the merge after each optimizer step and the resample of P every T steps.
 
-    `moments_on_resample='reset'` zeroes the Adam moments of A when P changes (pass the torch
-    optimizer, or `engine.optimizer` under DeepSpeed); 'keep' leaves them, as GaLore does for
-    its projected moments.
+    Gaussian P: a new seeded P every `resample_interval` steps. Data-aware P
+    (projection 'pca' / 'gradient'): estimated in step 1's forward (from the initial Gaussian
+    P), then re-estimated in the last step of every `resample_interval` steps, warm-started
+    from the current P. 'pca' sketches inside the training forwards of that step (nothing to
+    call); 'gradient' needs `before_step(probe_loss)` at the start of every step, which runs
+    one probe forward/backward when an estimate is due. `moments_on_resample` applies to A's
+    Adam state at each change of P (pass the torch optimizer, or `engine.optimizer`).
     """
 
     def __init__(self, model: torch.nn.Module, config: CompressionConfig):
         self.model = model
         self.config = config
-        self.steps = 0
+        self._steps = 0
+        self._arm()
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken; settable (resume), which re-arms the sketches."""
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = int(value)
+        self._arm()
+
+    @property
+    def data_aware(self) -> bool:
+        return self.config.enabled and self.config.projection != "gaussian"
+
+    def _estimating(self, step: int) -> bool:
+        """Does (0-based) optimizer step `step` sketch the next P?"""
+        return self.data_aware and (step == 0 or (step + 1) % self.config.resample_interval == 0)
+
+    def _arm(self) -> None:
+        """Open sketches for the next step when it estimates P ('pca': in its forwards)."""
+        layers = compact_layers(self.model)
+        for layer in layers:
+            layer.sketch = None
+        if not self._estimating(self._steps):
+            return
+        for layer in layers:
+            layer.start_sketch(self.config.projection).open = self.config.projection == "pca"
+
+    def before_step(self, probe_loss: Optional[Callable[[], torch.Tensor]] = None) -> bool:
+        """Call at the start of each optimizer step. With projection 'gradient', when an
+        estimate is due, runs `probe_loss()` (a forward on a probe micro-batch returning the
+        scalar loss) and a backward that feeds the sketches with the uncompressed gradients
+        G = dY^T X of every compact layer and leaves every .grad untouched. Returns True when
+        it probed."""
+        if self.config.projection != "gradient" or not self._estimating(self._steps):
+            return False
+        if probe_loss is None:
+            raise ValueError("projection='gradient' needs before_step(probe_loss) at the "
+                             "start of every step")
+        layers = compact_layers(self.model)
+        trainable = [p for layer in layers for p in layer.parameters(recurse=False)
+                     if p.requires_grad]
+        for layer in layers:
+            layer.sketch.open = True
+        try:
+            loss = probe_loss()
+            torch.autograd.grad(loss, trainable, allow_unused=True)
+        finally:
+            for layer in layers:
+                layer.sketch.open = False
+        return True
 
     def after_step(
         self, lr: float, weight_decay: float, optimizer: Optional[torch.optim.Optimizer] = None
     ) -> bool:
         """Merge; returns True when this step also resampled the projections."""
         merge_subspace_factors(self.model, lr=lr, weight_decay=weight_decay)
-        self.steps += 1
-        if self.steps % self.config.resample_interval:
+        estimated = self._estimating(self._steps)
+        self._steps += 1
+        if estimated:
+            layers = compact_layers(self.model)
+            if self.config.projection == "gradient" and all(
+                    not layer.sketch.sums.any() for layer in layers):
+                raise RuntimeError("projection='gradient': no probe ran in this step; call "
+                                   "stepper.before_step(probe_loss) before the micro-batches")
+            for layer in layers:
+                layer.sketch.open = False
+        elif self.data_aware or self._steps % self.config.resample_interval:
+            self._arm()
             return False
-        resample_projections(self.model)
-        if self.config.moments_on_resample == "reset":
-            reset_moments(optimizer, subspace_factors(self.model))
+        resample_projections(self.model, self.config, optimizer)
+        self._arm()
         return True
-
-
-def reset_moments(
-    optimizer: Optional[torch.optim.Optimizer], params: Iterable[torch.Tensor]
-) -> None:
-    """Zero the Adam moments (exp_avg, exp_avg_sq) of `params`; the step count stays, the same
-    with a torch optimizer as under DeepSpeed, whose step count is shared by a flat group.
-
-    optimizer: the torch optimizer, or under DeepSpeed the engine's (`engine.optimizer`).
-    ZeRO 0-2 zero each rank's own fragment of the moments (no communication). DeepSpeed 0.19
-    links the parameters to their optimizer-state fragments right after the first param
-    group's first step, before the other groups (ours is the last) have any state; the links
-    are renewed here so they point at the real moments.
-    """
-    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
-
-    params = list(params)
-    if any(getattr(p, "_hp_mapping", None) is not None for p in params):
-        relink = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
-        if relink is None:
-            raise ValueError("resetting the moments of A under DeepSpeed ZeRO 0-2 needs the "
-                             "engine's optimizer: after_step(..., optimizer=engine.optimizer)")
-        optimizer._hp_optimizer_states_linked = False
-        relink()
-    for p in params:
-        for key in ("exp_avg", "exp_avg_sq"):
-            if _is_zero3(p):
-                current = safe_get_full_optimizer_state(p, key)
-                if current is not None:
-                    safe_set_full_optimizer_state(p, torch.zeros_like(current), key)
-            elif hasattr(p, "_hp_mapping"):
-                if p._hp_mapping is not None:  # this rank owns part of p's state
-                    p._hp_mapping.get_hp_fragment(key).zero_()
-            elif optimizer is not None and key in optimizer.state.get(p, {}):
-                optimizer.state[p][key].zero_()

@@ -129,6 +129,17 @@ class TrainConfig(_Section):
                 raise ValueError("ZeRO-3 with sequence_parallel is not supported")
         if self.recompute.deepspeed_checkpointing and self.recompute.granularity == "none":
             raise ValueError("recompute.deepspeed_checkpointing needs granularity full/selective")
+        c = self.compression
+        if c.enabled and c.projection == "gradient":
+            # the probe backward must not accumulate .grad: recompute's backward (Megatron's
+            # and DeepSpeed's checkpoint) calls torch.autograd.backward inside, and ZeRO-3
+            # gathers partitioned parameters only through the engine's hooks
+            if self.recompute.granularity != "none":
+                raise ValueError("compression.projection=gradient does not support activation "
+                                 "recompute (use projection=pca)")
+            if self.train.zero_stage == 3:
+                raise ValueError("compression.projection=gradient does not support ZeRO-3 "
+                                 "(use projection=pca)")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError("optim.min_lr must not exceed optim.lr")
         self.compression.check_parallel(tp)

@@ -9,19 +9,20 @@ from distributed import run_distributed
 STEPS, LR, WD = 5, 3e-3, 0.01
 
 
-def _compression(moments="keep"):
+def _compression(moments="keep", projection="gaussian"):
     from compact_dist import CompressionConfig
 
-    return CompressionConfig(ratio=0.25, resample_interval=2, moments_on_resample=moments)
+    return CompressionConfig(ratio=0.25, resample_interval=2, moments_on_resample=moments,
+                             projection=projection)
 
 
-def _reference_losses(moments):
+def _reference_losses(moments, projection):
     from compact_dist import SubspaceStepper, optimizer_param_groups
     from gpt_utils import loss_of, text_batch, tiny_gpt
 
-    model = tiny_gpt(_compression(moments))
+    model = tiny_gpt(_compression(moments, projection))
     opt = torch.optim.AdamW(optimizer_param_groups(model, WD), lr=LR)
-    stepper = SubspaceStepper(model, _compression(moments))
+    stepper = SubspaceStepper(model, _compression(moments, projection))
     losses = []
     for step in range(STEPS):
         loss = loss_of(model, text_batch(batch=4, seed=step))
@@ -33,7 +34,7 @@ def _reference_losses(moments):
     return losses
 
 
-def _zero_run(rank, stage, moments, expected):
+def _zero_run(rank, stage, moments, projection, expected):
     import logging
 
     import deepspeed
@@ -41,10 +42,11 @@ def _zero_run(rank, stage, moments, expected):
 
     from compact_dist import SubspaceStepper, compact_layers, optimizer_param_groups
     from compact_dist.engine import MegatronMPU, deepspeed_config
+    from compact_dist.moments import subspace_step_count
     from gpt_utils import text_batch, tiny_gpt
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    model = tiny_gpt(_compression(moments))
+    model = tiny_gpt(_compression(moments, projection))
     dp = ps.get_data_parallel_world_size()
     opt = torch.optim.AdamW(optimizer_param_groups(model, WD), lr=LR)
     config = deepspeed_config(zero_stage=stage, micro_batch_size=2, gradient_accumulation_steps=1,
@@ -56,7 +58,7 @@ def _zero_run(rank, stage, moments, expected):
         assert all(hasattr(l.weight, "ds_id") and hasattr(l.subspace_factor, "ds_id")
                    for l in layers)
         assert all(l.weight.ds_tensor.numel() < l.weight.ds_numel for l in layers)
-    stepper = SubspaceStepper(engine.module, _compression(moments))
+    stepper = SubspaceStepper(engine.module, _compression(moments, projection))
     losses = []
     for step in range(STEPS):
         tokens, positions, labels = text_batch(batch=4, seed=step)
@@ -68,16 +70,23 @@ def _zero_run(rank, stage, moments, expected):
         total = loss.detach().clone()
         torch.distributed.all_reduce(total)
         losses.append(total.item() / dp)
-    assert all(l.projection_epoch == STEPS // 2 for l in layers)
+    # P changes after steps 2 and 4 (Gaussian) or 1, 2 and 4 (data-aware: first estimate in
+    # step 1); a reset restarts A's Adam step count, so one step has passed since step 4
+    assert all(l.projection_epoch == STEPS // 2 + (projection != "gaussian") for l in layers)
+    assert subspace_step_count(engine.optimizer) == (1 if moments == "reset" else STEPS)
     assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6), (stage, losses, expected)
 
 
-@pytest.mark.parametrize("stage, moments",
-                         [(1, "keep"), (2, "keep"), (2, "reset"), (3, "keep"), (3, "reset")])
-def test_zero_stage_matches_full_batch_reference(megatron_tp1, stage, moments):
-    expected = _reference_losses(moments)
+@pytest.mark.parametrize("stage, moments, projection", [
+    (0, "keep", "gaussian"), (1, "keep", "gaussian"), (2, "keep", "gaussian"),
+    (2, "reset", "gaussian"), (3, "keep", "gaussian"), (3, "reset", "gaussian"),
+    (0, "reset", "pca"), (1, "transport", "pca"), (2, "transport", "pca"),
+    (3, "transport", "pca"),
+])
+def test_zero_stage_matches_full_batch_reference(megatron_tp1, stage, moments, projection):
+    expected = _reference_losses(moments, projection)
     assert expected[-1] < expected[0]
-    run_distributed(_zero_run, 2, stage, moments, expected, tp=1)
+    run_distributed(_zero_run, 2, stage, moments, projection, expected, tp=1)
 
 
 def _bf16_engine(rank):

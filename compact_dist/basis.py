@@ -1,0 +1,129 @@
+"""Data-aware projections: P from a sketch of what the layer sees, not from a seed alone.
+
+The weight gradient of a linear layer, G = dY^T X (m x n), lives mostly in the dominant
+subspace of its input X: a Gaussian P keeps each direction of X at random (r/n of G's energy
+in expectation), while the top-r principal directions of X keep nearly all of it. Two
+estimators, both a randomized subspace iteration on a PSD matrix C (n x n) that is only ever
+touched through the product C Q with a thin test basis Q (n x k, k = r + oversampling):
+
+- `pca`:      C = X^T X, summed over the tokens of the resample step's forward passes;
+- `gradient`: C = G^T G (GaLore's choice: P = top-r right singular vectors of G), from one
+              extra probe micro-batch whose backward sees the uncompressed input.
+
+Per diagonal block (row-parallel layers keep their block-diagonal P: block j is estimated
+from input columns j only, so TP = 1, 2, 4 estimate the same P for a fixed block count):
+
+    Q0 = orth([P_prev, Omega])                 warm start: the previous P + k - r seeded
+                                               Gaussian columns (identical on every rank)
+    S  = C Q0                                  accumulated in fp32 over micro-batches, then
+                                               summed over the data-parallel group (and the
+                                               TP group where X or G is sharded over it)
+    P  = top-r left singular vectors of the    single-pass Nystrom approximation
+         Nystrom factor S (Q0^T S)^{-1/2}      C ~ S (Q0^T S)^{-1} S^T (Tropp et al. 2017)
+
+Repeated every resample, the warm start makes this a subspace iteration over training: each
+resample is one more power step on a slowly moving C. No tensor bigger than [blocks, n/blocks,
+k] is kept per layer; the sums C Q0 never form C.
+
+Shapes: x [..., kb * b] (this rank's input columns), g [m, kb * b] (this rank's gradient
+shard), blocks [kb, b, r_b] (P's diagonal blocks of this TP rank), sums [kb, b, k].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+
+from compact_dist.projection import block_seed
+
+PROJECTIONS = ("gaussian", "pca", "gradient")
+Kind = Literal["pca", "gradient"]
+# seeds of the sketch's random columns: an epoch range the projections never use
+_SKETCH_EPOCH_OFFSET = 1 << 40
+
+
+def oversampling(block_in: int, block_rank: int) -> int:
+    """Extra test columns per block beyond r_b (within the block's n_b columns)."""
+    return min(block_in - block_rank, max(8, block_rank // 4))
+
+
+def orthonormal_scale(blocks: torch.Tensor) -> float:
+    """sqrt(n_b / r_b): the factor that gives an orthonormal block the column norm of a
+    Gaussian N(0, 1/r_b) block, so one update_scale means the same step size for both."""
+    _, b, rb = blocks.shape
+    return math.sqrt(b / rb)
+
+
+class SubspaceSketch:
+    """Accumulates S = C Q0 for one layer's blocks; `top(r)` returns the new orthonormal P.
+
+    previous: the current P blocks [kb, b, r_b] (any scale; only their span is used).
+    seed, layer_id, epoch, first_block: identify the seeded extra columns (global block
+        index, so every rank that owns a block draws the same columns for it).
+    kind: 'pca' (add_input in forward) or 'gradient' (add_gradient in a probe's backward).
+    """
+
+    def __init__(self, previous: torch.Tensor, kind: Kind, seed: int, layer_id: int,
+                 epoch: int, first_block: int):
+        kb, b, rb = previous.shape
+        extra = oversampling(b, rb)
+        omega = torch.empty(kb, b, extra, dtype=torch.float32, device=previous.device)
+        gen = torch.Generator(device=previous.device)
+        for i in range(kb):
+            gen.manual_seed(block_seed(seed, layer_id, _SKETCH_EPOCH_OFFSET + epoch,
+                                       first_block + i))
+            torch.randn(b, extra, generator=gen, device=previous.device, out=omega[i])
+        test = torch.cat([previous.float(), omega], dim=-1)
+        self.test_basis, _ = torch.linalg.qr(test.double())  # Q0 [kb, b, k], orthonormal
+        self.test_basis = self.test_basis.float()
+        self.sums = torch.zeros_like(self.test_basis)  # C Q0
+        self.kind: Kind = kind
+        self.rank = rb
+        self.open = False  # accumulating (pca: training forwards; gradient: the probe)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.test_basis.shape[0]
+
+    @torch.no_grad()
+    def add_input(self, x: torch.Tensor) -> None:
+        """S += X^T (X Q0) per block, X = the tokens of x [..., kb * b] (in x's dtype)."""
+        kb, b, _ = self.test_basis.shape
+        xb = x.detach().reshape(-1, kb, b).transpose(0, 1)  # [kb, T, b]
+        xq = torch.bmm(xb, self.test_basis.to(x.dtype))  # [kb, T, k]
+        self.sums += torch.bmm(xb.transpose(1, 2), xq).float()
+
+    @torch.no_grad()
+    def add_gradient(self, g: torch.Tensor) -> None:
+        """S += G^T (G Q0) per block, G [m, kb * b] (fp32)."""
+        kb, b, _ = self.test_basis.shape
+        gb = g.detach().float().reshape(g.shape[0], kb, b).transpose(0, 1)  # [kb, m, b]
+        self.sums += torch.bmm(gb.transpose(1, 2), torch.bmm(gb, self.test_basis))
+
+    @torch.no_grad()
+    def top(self) -> Optional[torch.Tensor]:
+        """Orthonormal top-r_b eigenvector estimates of C per block, [kb, b, r_b] fp32, in
+        decreasing order; None when nothing was accumulated (the caller keeps its P)."""
+        s = self.sums.double()
+        if not torch.isfinite(s).all() or s.abs().amax() == 0:
+            return None
+        q0 = self.test_basis.double()
+        shift = 1e-10 * torch.linalg.matrix_norm(s, keepdim=True).clamp_min(1e-300)
+        y = s + shift * q0
+        core = q0.transpose(1, 2) @ y
+        core = 0.5 * (core + core.transpose(1, 2))
+        evals, evecs = torch.linalg.eigh(core)
+        evals = evals.clamp_min(evals.amax(dim=-1, keepdim=True) * 1e-12)
+        inv_sqrt = (evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.transpose(1, 2)
+        u, _, _ = torch.linalg.svd(y @ inv_sqrt, full_matrices=False)
+        return u[..., : self.rank].float().contiguous()
+
+
+def transport_map(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """R [kb, r_b, r_b] with G P_new ~ (G P_old) R for G in the span of P_old, per block:
+    R = (P_old^T P_old)^{-1} P_old^T P_new (= P_old^T P_new for an orthonormal P_old)."""
+    old, new = old.double(), new.double()
+    gram = old.transpose(1, 2) @ old
+    return torch.linalg.solve(gram, old.transpose(1, 2) @ new).float()

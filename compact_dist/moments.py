@@ -1,0 +1,138 @@
+"""Adam moments of the subspace factors A when the projection P changes: reset or transport.
+
+A's Adam state lives in P's basis: row i of exp_avg averages row i of G P. When P becomes
+P', per diagonal block (A's columns j r_b ... (j+1) r_b belong to block j):
+- keep: nothing changes (the paper's choice; the state then describes other directions);
+- reset: exp_avg = exp_avg_sq = 0 and the step count of A's optimizer state returns to 0, so
+  Adam's bias correction restarts (keeping the count made the first updates after a reset up
+  to 5x the normal step);
+- transport: exp_avg <- exp_avg R and exp_avg_sq <- exp_avg_sq (R o R), with
+  R = (P^T P)^{-1} P^T P' (compact_dist.basis.transport_map), the step count kept. For G in
+  span(P), G P' = (G P) R exactly, so the first moment is the old average seen in the new
+  basis. The second moment is a per-coordinate variance: if the old coordinates are
+  uncorrelated with variances v, coordinate k of (G P) R has variance sum_j v_j R_jk^2, a
+  non-negative map that equals v wherever R is a signed permutation. Data-aware bases of
+  consecutive resamples overlap (R close to orthogonal on the kept directions), so most of
+  the state survives; for independent Gaussian P the map keeps little, as it should.
+
+Works with a torch optimizer and with DeepSpeed's ZeRO 0-3 optimizers (pass
+`engine.optimizer`). A's states are found through the optimizer param group flagged
+`compact_subspace` (compact_dist.subspace.optimizer_param_groups): DeepSpeed flattens each
+param group into its own fp32 partitions, so that group's states are exactly A's.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+SUBSPACE_GROUP_KEY = "compact_subspace"
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _subspace_states(optimizer) -> Iterator[dict]:
+    """The optimizer-state dicts that hold (this rank's part of) the A's moments."""
+    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: one flat per sub-group
+        inner = optimizer.optimizer
+        for sub, group in optimizer.sub_group_to_group_id.items():
+            if inner.param_groups[group].get(SUBSPACE_GROUP_KEY):
+                state = inner.state.get(optimizer.fp32_partitioned_groups_flat[sub])
+                if state:
+                    yield state
+        return
+    inner = getattr(optimizer, "optimizer", None)
+    if not isinstance(inner, torch.optim.Optimizer):  # a plain torch optimizer
+        inner = optimizer
+    for group in inner.param_groups:  # ZeRO 0-2: the group's flat fp32 partition
+        if group.get(SUBSPACE_GROUP_KEY):
+            for p in group["params"]:
+                state = inner.state.get(p)
+                if state:
+                    yield state
+
+
+def _check_has_subspace_group(optimizer) -> None:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not any(g.get(SUBSPACE_GROUP_KEY) for g in inner.param_groups):
+        raise ValueError(
+            "the optimizer has no param group flagged 'compact_subspace': build it from "
+            "compact_dist.optimizer_param_groups(model, weight_decay)")
+
+
+@torch.no_grad()
+def reset_moments(optimizer) -> None:
+    """Zero A's Adam moments and step count (this rank's part; no communication).
+
+    optimizer: the torch optimizer, or under DeepSpeed the engine's (`engine.optimizer`).
+    """
+    if optimizer is None:
+        raise ValueError("moments_on_resample='reset' needs the optimizer: "
+                         "after_step(..., optimizer=opt or engine.optimizer)")
+    _check_has_subspace_group(optimizer)
+    for state in _subspace_states(optimizer):
+        for key in MOMENT_KEYS:
+            if key in state:
+                state[key].zero_()
+        step = state.get("step")
+        if torch.is_tensor(step):
+            step.zero_()
+        elif step is not None:
+            state["step"] = 0
+
+
+def _relink_zero_fragments(optimizer, params: Sequence[torch.Tensor]) -> None:
+    """DeepSpeed 0.19 (ZeRO 0-2) links parameters to their optimizer-state fragments right
+    after the first param group's first step, before later groups (ours is the last) have any
+    state; renew the links so safe_get/set_full_optimizer_state see the real moments."""
+    if any(getattr(p, "_hp_mapping", None) is not None for p in params):
+        relink = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if relink is not None:
+            optimizer._hp_optimizer_states_linked = False
+            relink()
+
+
+@torch.no_grad()
+def transport_moments(optimizer, factors: Sequence[torch.Tensor],
+                      maps: Sequence[torch.Tensor]) -> None:
+    """exp_avg <- exp_avg R, exp_avg_sq <- exp_avg_sq (R o R) for each A and its map R.
+
+    factors: the A parameters [rows, kb * r_b] (this TP rank's shard); maps: R per A,
+    [kb, r_b, r_b] (this rank's blocks). Under DeepSpeed every data-parallel rank must call
+    (ZeRO assembles each A's state across the group, then each rank keeps its fragment).
+    """
+    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+    if optimizer is None:
+        raise ValueError("moments_on_resample='transport' needs the optimizer: "
+                         "after_step(..., optimizer=opt or engine.optimizer)")
+    _relink_zero_fragments(optimizer, factors)
+    for p, r in zip(factors, maps):
+        zero = hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+        for key, rmap in (("exp_avg", r), ("exp_avg_sq", r * r)):
+            if zero:
+                value = safe_get_full_optimizer_state(p, key)
+            else:
+                value = optimizer.state.get(p, {}).get(key)
+            if value is None:
+                continue  # no step yet: nothing to move
+            rows = value.shape[0]
+            kb, rb, _ = rmap.shape
+            moved = torch.einsum("ikr,krs->iks", value.reshape(rows, kb, rb).float(),
+                                 rmap.to(value.device))
+            moved = moved.reshape(value.shape).to(value.dtype)
+            if key == "exp_avg_sq":
+                moved.clamp_(min=0)
+            if zero:
+                safe_set_full_optimizer_state(p, moved, key)
+            else:
+                value.copy_(moved)
+
+
+def subspace_step_count(optimizer) -> Optional[float]:
+    """The step count of (this rank's first) A optimizer state, None before any step."""
+    for state in _subspace_states(optimizer):
+        step = state.get("step")
+        if step is not None:
+            return float(step)
+    return None

@@ -1,0 +1,285 @@
+"""Data-aware projections (pca / gradient), the merge scale, and Adam moments on resample."""
+
+import math
+
+import pytest
+import torch
+
+from compact_dist.basis import SubspaceSketch, transport_map
+from compact_dist.config import CompressionConfig, LayerCompression
+from compact_dist.moments import reset_moments, subspace_step_count, transport_moments
+from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
+from layer_utils import build
+
+N, M, RATIO = 64, 48, 0.25
+pytestmark = pytest.mark.usefixtures("megatron_tp1")
+
+
+def low_rank_input(tokens: int, n: int, rank: int, seed: int = 0, noise: float = 0.05):
+    """X [tokens, 1, n] whose energy lies mostly in a random rank-`rank` subspace U (n x rank),
+    plus isotropic noise; returns (X, U)."""
+    gen = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, rank, generator=gen))
+    scales = torch.linspace(3.0, 1.0, rank)
+    x = (torch.randn(tokens, rank, generator=gen) * scales) @ u.t()
+    x = x + noise * torch.randn(tokens, n, generator=gen)
+    return x.unsqueeze(1), u
+
+
+def energy(x: torch.Tensor, blocks: torch.Tensor) -> float:
+    """Fraction of ||X||^2 that the span of a (block-diagonal) P keeps, per block summed."""
+    kb, b, _ = blocks.shape
+    xb = x.reshape(-1, kb, b)
+    kept = 0.0
+    for j in range(kb):
+        q, _ = torch.linalg.qr(blocks[j].double())
+        kept += (xb[:, j].double() @ q).pow(2).sum().item()
+    return kept / x.double().pow(2).sum().item()
+
+
+def _train_steps(layer, cfg, inputs, probe=None):
+    model = torch.nn.ModuleList([layer])
+    opt = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=1e-3)
+    stepper = SubspaceStepper(model, cfg)
+    for x in inputs:
+        stepper.before_step(probe)
+        y, _ = layer(x)
+        opt.zero_grad()
+        y.pow(2).mean().backward()
+        opt.step()
+        stepper.after_step(1e-3, 0.0, opt)
+    return opt, stepper
+
+
+@pytest.mark.parametrize("kind, blocks", [("column", 1), ("row", 4)])
+def test_pca_captures_the_dominant_subspace_and_gaussian_does_not(kind, blocks):
+    rank = int(RATIO * N)
+    x, _ = low_rank_input(512, N, rank // blocks if kind == "row" else rank)
+    if kind == "row":  # each block gets its own low-rank slice
+        parts = [low_rank_input(512, N // blocks, rank // blocks, seed=j)[0]
+                 for j in range(blocks)]
+        x = torch.cat(parts, dim=-1)
+    comp = dict(ratio=RATIO, row_parallel_blocks=blocks)
+    gauss = build(kind, N, M, LayerCompression(**comp))
+    pca = build(kind, N, M, LayerCompression(projection="pca", **comp))
+    cfg = CompressionConfig(projection="pca", resample_interval=50, moments_on_resample="keep",
+                            **comp)
+    _train_steps(pca, cfg, [x])  # step 0 sketches X, P switches after it
+    assert pca.projection_epoch == 1 and pca.basis is not None
+    p = pca.projection_blocks()
+    eye = torch.eye(p.shape[-1]).expand_as(p.transpose(1, 2) @ p)
+    torch.testing.assert_close(p.transpose(1, 2) @ p, eye, atol=1e-5, rtol=0)
+    pca_energy, gauss_energy = energy(x, p), energy(x, gauss.projection_blocks())
+    assert pca_energy >= 0.95, pca_energy
+    assert gauss_energy < 0.7, gauss_energy
+    # the merge scale gives the orthonormal P the Gaussian's column norm
+    assert pca.merge_scale == pytest.approx(math.sqrt(1 / RATIO))
+
+
+def test_gradient_probe_finds_gradient_row_space_and_leaves_grads_alone():
+    """G = dY^T X lives in the span of the directions that dY selects; the probe's P captures
+    >= 95% of ||G||^2 while X itself is isotropic (so PCA of X could not find it)."""
+    rank = int(RATIO * N)
+    layer = build("column", N, M, LayerCompression(ratio=RATIO, projection="gradient"))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 1, N, generator=gen)
+    u, _ = torch.linalg.qr(torch.randn(N, rank, generator=gen))
+    target = torch.randn(M, N, generator=gen) @ (u @ u.t())  # loss pulls W only along U
+
+    def probe():
+        y, _ = layer(x)
+        return (y * (x @ target.t())).mean()
+
+    model = torch.nn.ModuleList([layer])
+    cfg = CompressionConfig(ratio=RATIO, projection="gradient")
+    stepper = SubspaceStepper(model, cfg)
+    assert stepper.before_step(probe)
+    assert layer.subspace_factor.grad is None and layer.bias.grad is None
+    with torch.no_grad():
+        dy = x @ target.t() / x.shape[0]
+        grad = torch.einsum("tbm,tbn->mn", dy, x)
+    stepper.after_step(0.0, 0.0)
+    p = layer.projection_blocks()[0]
+    kept = (grad.double() @ p.double()).pow(2).sum() / grad.double().pow(2).sum()
+    assert kept >= 0.95, kept
+    assert not stepper.before_step(probe)  # next estimate only at the next resample
+
+
+def test_gradient_projection_without_probe_is_an_error():
+    layer = build("column", N, M, LayerCompression(ratio=RATIO, projection="gradient"))
+    cfg = CompressionConfig(ratio=RATIO, projection="gradient")
+    x = torch.randn(8, 1, N)
+    with pytest.raises(ValueError, match="probe_loss"):
+        _train_steps(layer, cfg, [x])
+    stepper = SubspaceStepper(torch.nn.ModuleList([layer]), cfg)
+    with pytest.raises(RuntimeError, match="no probe"):
+        stepper.after_step(0.0, 0.0)
+
+
+def test_forward_with_unmerged_factor_applies_the_merge_scale():
+    """W_eff = W0 + s A P^T: outputs with a non-zero A equal outputs after the merge."""
+    layer = build("row", N, M, LayerCompression(ratio=RATIO, projection="pca",
+                                                row_parallel_blocks=4, update_scale=0.3))
+    x, _ = low_rank_input(64, N, 8)
+    cfg = CompressionConfig(ratio=RATIO, projection="pca", row_parallel_blocks=4,
+                            update_scale=0.3)
+    _train_steps(layer, cfg, [x])
+    assert layer.merge_scale == pytest.approx(0.3 * 2.0)
+    with torch.no_grad():
+        layer.subspace_factor.normal_()
+    before, _ = layer(x)
+    layer.merge_subspace()
+    after, _ = layer(x)
+    torch.testing.assert_close(before, after, atol=1e-4, rtol=1e-4)
+
+
+def test_transport_keeps_the_first_moment_when_the_new_basis_spans_the_old():
+    """P_new = P_old Q (a rotation within the same span): M_new P_new^T == M_old P_old^T."""
+    layer = build("row", N, M, LayerCompression(ratio=RATIO, projection="pca",
+                                                row_parallel_blocks=2))
+    model = torch.nn.ModuleList([layer])
+    opt = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=1e-3)
+    x = torch.randn(32, 1, N)
+    layer(x)[0].pow(2).mean().backward()
+    opt.step()
+    layer.merge_subspace()
+    old = torch.linalg.qr(torch.randn(2, N // 2, 8))[0]
+    rot = torch.linalg.qr(torch.randn(2, 8, 8))[0]
+    new = old @ rot
+    r = transport_map(old, new)
+    torch.testing.assert_close(r, rot, atol=1e-5, rtol=0)
+    state = opt.state[layer.subspace_factor]
+    m_old, v_old = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+    transport_moments(opt, [layer.subspace_factor], [r])
+
+    def full(m, basis):  # M P^T for a block-diagonal P
+        return torch.cat([m[:, j * 8:(j + 1) * 8] @ basis[j].t() for j in range(2)], dim=1)
+
+    assert m_old.abs().max() > 1e-4
+    torch.testing.assert_close(full(state["exp_avg"], new), full(m_old, old), atol=1e-8,
+                               rtol=1e-4)
+    assert (state["exp_avg_sq"] >= 0).all()
+    # second moment: v (R o R); a signed permutation keeps it exactly
+    perm = torch.eye(8)[torch.randperm(8)] * torch.tensor([1.0, -1.0] * 4)
+    state["exp_avg_sq"].copy_(v_old)
+    state["exp_avg"].copy_(m_old)
+    transport_moments(opt, [layer.subspace_factor], [perm.expand(2, 8, 8)])
+    torch.testing.assert_close(state["exp_avg_sq"],
+                               torch.cat([v_old[:, :8] @ perm.abs(), v_old[:, 8:] @ perm.abs()],
+                                         dim=1), atol=0, rtol=1e-6)
+
+
+def _update_after(opt, param, grad):
+    before = param.detach().clone()
+    param.grad = grad.clone()
+    opt.step()
+    return (param.detach() - before).abs().mean().item()
+
+
+def test_reset_restarts_bias_correction_so_the_next_update_is_a_first_update():
+    """After a reset, Adam's next update has the size of a fresh optimizer's first update
+    (lr per coordinate for a constant gradient), not several times the normal step."""
+    lr = 1e-2
+    layer = build("column", N, M, LayerCompression(ratio=RATIO))
+    model = torch.nn.ModuleList([layer])
+    opt = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(0)
+    factor = layer.subspace_factor
+    for _ in range(20):
+        layer.bias.grad = torch.ones_like(layer.bias)
+        _update_after(opt, factor, torch.randn(factor.shape, generator=gen))
+    reset_moments(opt)
+    assert subspace_step_count(opt) == 0
+    assert opt.state[factor]["exp_avg"].abs().sum() == 0
+    layer.bias.grad = None
+    first = _update_after(opt, factor, torch.randn(factor.shape, generator=gen))
+    assert first == pytest.approx(lr, rel=1e-3)  # |m_hat / sqrt(v_hat)| = 1 at step 1
+    # the other groups keep their state
+    assert opt.state[layer.bias]["step"] == 20
+
+
+def test_sketch_extra_columns_are_seeded_per_global_block():
+    prev = torch.randn(2, 16, 4)
+    a = SubspaceSketch(prev, "pca", seed=1, layer_id=3, epoch=5, first_block=2)
+    b = SubspaceSketch(prev, "pca", seed=1, layer_id=3, epoch=5, first_block=2)
+    c = SubspaceSketch(prev, "pca", seed=1, layer_id=3, epoch=6, first_block=2)
+    assert torch.equal(a.test_basis, b.test_basis)
+    assert not torch.allclose(a.test_basis, c.test_basis)
+    assert a.top() is None  # nothing accumulated: the caller keeps its P
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"projection": "svd"}, "projection"),
+    ({"update_scale": 0.0}, "update_scale"),
+    ({"moments_on_resample": "project"}, "moments_on_resample"),
+])
+def test_bad_projection_settings_fail_at_load(bad, match):
+    with pytest.raises(ValueError, match=match):
+        CompressionConfig(**bad)
+
+
+@pytest.mark.parametrize("override, match", [
+    (["recompute.granularity=full"], "recompute"),
+    (["train.zero_stage=3", "compression.base_dtype=bf16"], "ZeRO-3"),
+])
+def test_gradient_projection_with_unsupported_layouts_fails_at_load(override, match):
+    from compact_dist.train_config import load_train_config
+
+    with pytest.raises(ValueError, match=match):
+        load_train_config(None, ["compression.projection=gradient", *override])
+    load_train_config(None, ["compression.projection=pca", *override])  # pca supports both
+
+
+def _projector(blocks: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal orthogonal projector P P^T of an orthonormal block P."""
+    return torch.block_diag(*[b @ b.t() for b in blocks.double()])
+
+
+def _estimates_agree(rank, tp):
+    """DP=2 (tp=1: each rank sketches its half of the batch) or TP=2 (column-parallel with
+    and without sequence parallelism, row-parallel with 8 blocks): every rank ends with
+    bit-identical P where P is replicated, and P spans what a single process finds on the
+    whole input."""
+    import torch.distributed as dist
+
+    from layer_utils import layer_config
+
+    world = dist.get_world_size()
+    singles = [dist.new_group([r]) for r in range(world)]
+    n, s, b = 64, 16, 4
+    x_full = torch.cat([low_rank_input(s, n // 8, 2, seed=j, noise=0.01)[0] for j in range(8)],
+                       dim=-1).expand(s, b, n) * torch.linspace(1, 2, b).view(1, b, 1)
+    x_full = x_full + 0.01 * torch.randn(s, b, n, generator=torch.Generator().manual_seed(5))
+    cases = [("column", False), ("row", False)] + ([("column", True)] if tp > 1 else [])
+    for kind, sp in cases:
+        comp = LayerCompression(ratio=RATIO, projection="pca", row_parallel_blocks=8)
+        ref = build(kind, n, M, comp, tp_group=singles[rank])
+        ref.start_sketch("pca").add_input(x_full)
+        p_ref = ref.sketch.top()
+        ours = build(kind, n, M, comp, config=layer_config(
+            sequence_parallel=sp, tensor_model_parallel_size=tp))
+        if tp == 1:
+            x_in = x_full.chunk(world, 1)[rank]
+        elif kind == "column":
+            x_in = x_full.chunk(tp, 0)[rank] if sp else x_full
+        else:
+            x_in = x_full.chunk(tp, -1)[rank]
+            p_ref = p_ref.chunk(tp, 0)[rank]
+        stepper = SubspaceStepper(torch.nn.ModuleList([ours]), CompressionConfig(
+            ratio=RATIO, projection="pca", row_parallel_blocks=8))
+        ours(x_in)
+        stepper.after_step(0.0, 0.0)
+        p = ours.projection_blocks()
+        gathered = [torch.empty_like(p) for _ in range(world)]
+        dist.all_gather(gathered, p)
+        if tp == 1 or kind == "column":
+            assert all(torch.equal(g, p) for g in gathered), (kind, sp)
+        torch.testing.assert_close(_projector(p), _projector(p_ref), atol=2e-4, rtol=0,
+                                   msg=f"{kind} sp={sp} tp={tp}")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_pca_estimate_is_identical_across_ranks_and_matches_one_process(tp):
+    from distributed import run_distributed
+
+    run_distributed(_estimates_agree, 2, tp, tp=tp)
