@@ -5,8 +5,7 @@ Layout under `dir`:
                             client state: step, data position, subspace stepper)
     step_00000100/compact_rank{R}.pt
                             per-rank state DeepSpeed does not keep: RNG states (CPU, CUDA,
-                            Megatron tracker), projection epochs, data-aware projection
-                            bases (this rank's blocks), and under ZeRO-3 this rank's
+                            Megatron tracker), projection epochs, and under ZeRO-3 this rank's
                             partitions of the frozen W0 bases (which merges change, but which
                             DeepSpeed treats as constants it need not restore)
     latest                  name of the newest *complete* checkpoint, replaced atomically
@@ -43,8 +42,6 @@ def _rank_state(model: torch.nn.Module) -> dict[str, Any]:
     layers = []
     for layer in compact_layers(model):
         entry = {"epoch": layer.projection_epoch, "merges": layer.merge_count}
-        if layer.basis is not None:  # a data-aware P is not a function of the seed
-            entry["basis"] = layer.basis.detach().cpu().clone()
         if hasattr(layer.weight, "ds_id") and layer.subspace_factor is not None:
             entry["w0_partition"] = layer.weight.ds_tensor.detach().cpu().clone()
         layers.append(entry)
@@ -66,9 +63,6 @@ def _restore_rank_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
         raise ValueError("checkpoint was written by a model with other compact layers")
     for layer, entry in zip(layers, state["layers"]):
         layer.projection_epoch, layer.merge_count = entry["epoch"], entry["merges"]
-        basis = entry.get("basis")
-        layer.basis = None if basis is None else basis.to(layer.weight.device)
-        layer._projection_cache.clear()
         if "w0_partition" in entry:
             with torch.no_grad():
                 layer.weight.ds_tensor.copy_(entry["w0_partition"])

@@ -283,3 +283,37 @@ def test_pca_estimate_is_identical_across_ranks_and_matches_one_process(tp):
     from distributed import run_distributed
 
     run_distributed(_estimates_agree, 2, tp, tp=tp)
+
+
+def _saved_bases(tag_dir):
+    """The data-aware P of every compact layer in a DeepSpeed module checkpoint (they travel
+    in the layers' extra state)."""
+    name = "mp_rank_00_model_states.pt"  # ZeRO-3: one per data-parallel rank, rank 0's here
+    path = tag_dir / name if (tag_dir / name).exists() else tag_dir / f"zero_pp_rank_0_{name}"
+    module = torch.load(path, weights_only=False)["module"]
+    return [(k, v["basis"]) for k, v in module.items()
+            if k.endswith("_extra_state") and isinstance(v, dict) and "basis" in v]
+
+
+@pytest.mark.parametrize("stage", [3])
+def test_checkpoint_restores_data_aware_p_bit_exactly_and_resume_reproduces_losses(
+        tmp_path, stage):
+    """compact-train with pca + transport (T=2: estimates in steps 1, 2, 4, 6), checkpoint at
+    step 3, resumed: the next losses and the final P equal the uninterrupted run's."""
+    from test_train import small, train
+
+    ckpt = tmp_path / "ckpt"
+    common = small(tmp_path, "train.train_steps=6", "compression.projection=pca",
+                   f"train.zero_stage={stage}", "compression.moments_on_resample=transport",
+                   f"checkpoint.dir={ckpt}", "checkpoint.save_interval=3",
+                   "checkpoint.keep_last=5")
+    full = train(2, common, tmp_path, "full")["losses"]
+    final = _saved_bases(ckpt / "step_00000006")
+    (ckpt / "latest").write_text("step_00000003")  # as if the job died after step 3
+    saved = _saved_bases(ckpt / "step_00000003")
+    assert len(saved) == 8 and all(basis is not None for _, basis in saved)
+    resumed = train(2, common, tmp_path, "resumed")["losses"]
+    assert resumed == pytest.approx(full[3:], rel=1e-6, abs=1e-6)
+    again = _saved_bases(ckpt / "step_00000006")
+    assert [k for k, _ in again] == [k for k, _ in final]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(final, again))
