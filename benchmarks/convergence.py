@@ -1,11 +1,31 @@
 """Pretraining convergence, Megatron baseline vs CompAct, on real text with `compact-train`.
 
-A small LLaMA-style GPT (default: 8 layers, hidden 512, 8 heads, SwiGLU ffn 1344, seq 512,
-BPE vocabulary 8192: ~33M parameters) is pretrained with compact_dist.train.run on the
-embedded corpus (the interpreter's standard-library source, compact_dist.data) for a fixed
-token budget (default: 3 epochs of the training split), then the validation perplexity
-curves are compared. One variant per process, so variants can run concurrently on different
-GPUs; `--merge` combines them.
+A LLaMA-style GPT is pretrained with compact_dist.train.run for a fixed token budget, then the
+validation perplexity curves are compared. Presets (`--preset`):
+- `33m` (default): 8 layers, hidden 512, 8 heads, SwiGLU ffn 1344, seq 512, micro-batch 16,
+  BPE vocabulary 8192 (~33M parameters), 3 epochs of the embedded corpus (the interpreter's
+  standard-library source, compact_dist.data), validation on the whole split every 50 steps.
+- `110m`: 12 layers, hidden 768, 12 heads, ffn 2048, seq 1024, micro-batch 32 (one GPU),
+  BPE vocabulary 16384 (110.1M parameters), 45M tokens (1373 steps), lr 1e-3 cosine to 1e-4
+  after 100 warm-up steps, validation every 50 steps on 3 fixed batches (98k tokens; on an
+  H100 an evaluation batch took ~0.045 s and a training step 0.105 s, so an evaluation costs
+  ~2.6% of the 50 steps before it), a checkpoint every 250 steps. Meant for `--corpus` =
+  the host corpus of benchmarks/host_corpus.py (a few hundred MB; BPE trained on a 64 MB
+  sample of it, `--tokenizer-train-bytes`); benchmarks/convergence_gpu.sh runs it.
+- `tiny`: CPU smoke size (`--tiny`).
+One variant per process, so variants can run concurrently on different GPUs; `--merge`
+combines them (per-variant JSONs, final or partial) into `<prefix>.json` / `.md` and the plot
+`<prefix>_ppl.png`.
+
+Segments and resume. Every variant trains with `checkpoint.dir=<ckpt-root>/ckpt_<slug>`
+(default ckpt-root: the output directory) and resumes from its `latest` checkpoint when run
+again. SIGTERM / SIGUSR1 (`timeout -s TERM`, or `--time-limit-s N`, which sends SIGTERM to
+the process itself after N seconds) end a segment after the current optimizer step with a
+checkpoint (compact_dist.train.GracefulStop). After each segment the curve so far (the
+previous segments' training losses and evaluations stitched by step with this one's) goes to
+`<out>/<prefix>_<slug>.part.json`; when the step count is reached, `<prefix>_<slug>.json`
+replaces it. A variant already complete is not trained again (`--fresh` starts it over); a
+checkpoint or part written under other settings is refused.
 
     python benchmarks/convergence.py --prepare                 # build the tokenized data once
     CUDA_VISIBLE_DEVICES=0 python benchmarks/convergence.py --variant baseline &
@@ -27,36 +47,79 @@ import json
 import math
 import os
 import platform
+import shutil
+import signal
 import socket
+import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+PROCESS_START = time.perf_counter()
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run from a checkout without installing the package
     sys.path.append(str(HERE.parent))
 
+# The paper's CompAct (the defaults before data-aware projections): a seeded Gaussian P, Adam
+# moments kept across resamples. The 33M results in results/convergence were run with it.
+_GAUSSIAN = {"compression.projection": "gaussian", "compression.moments_on_resample": "keep"}
+_PCA = {"compression.projection": "pca", "compression.moments_on_resample": "transport"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {"compression.enabled": False},
-    "r1/2": {"compression.ratio": 0.5},
-    "r1/4": {"compression.ratio": 0.25},
-    "r1/8": {"compression.ratio": 0.125},
-    "r1/4_bf16W0": {"compression.ratio": 0.25, "compression.base_dtype": "bf16"},
-    "r1/4_reset": {"compression.ratio": 0.25, "compression.moments_on_resample": "reset"},
-    "r1/4_T50": {"compression.ratio": 0.25, "compression.resample_interval": 50},
+    # second baseline: other initialisation (train.seed + 1), the same data order (data.seed)
+    "baseline_seed2": {"compression.enabled": False, "_train_seed_offset": 1},
+    "r1/2": {"compression.ratio": 0.5, **_GAUSSIAN},
+    "r1/4": {"compression.ratio": 0.25, **_GAUSSIAN},
+    "r1/8": {"compression.ratio": 0.125, **_GAUSSIAN},
+    "r1/4_bf16W0": {"compression.ratio": 0.25, "compression.base_dtype": "bf16", **_GAUSSIAN},
+    "r1/4_reset": {"compression.ratio": 0.25, **_GAUSSIAN,
+                   "compression.moments_on_resample": "reset"},
+    "r1/4_T50": {"compression.ratio": 0.25, "compression.resample_interval": 50, **_GAUSSIAN},
     "r1/4_T50_reset": {"compression.ratio": 0.25, "compression.resample_interval": 50,
-                       "compression.moments_on_resample": "reset"},
-    "unbiased_r1/4": {"compression.mode": "unbiased", "compression.ratio": 0.25},
+                       **_GAUSSIAN, "compression.moments_on_resample": "reset"},
+    "unbiased_r1/4": {"compression.mode": "unbiased", "compression.ratio": 0.25, **_GAUSSIAN},
+    "gaussian_r1/4": {"compression.ratio": 0.25, **_GAUSSIAN},
+    # the defaults (pca, transport, T = 200, update_scale 1)
+    "pca_r1/4": {"compression.ratio": 0.25, **_PCA},
+    "pca_r1/8": {"compression.ratio": 0.125, **_PCA},
+    "gradient_r1/4": {"compression.ratio": 0.25, **_PCA, "compression.projection": "gradient"},
+    "pca_unbiased_r1/4": {"compression.mode": "unbiased", "compression.ratio": 0.25,
+                          "compression.projection": "pca"},
+    # update_scale 2 (r = n/4) / 2.83 (r = n/8): the first data-aware runs, whose update had
+    # the total size of a full-rank Adam step, i.e. sqrt(n / r) x its step per kept direction
+    "pca_r1/4_step2": {"compression.ratio": 0.25, **_PCA, "compression.update_scale": 2.0},
+    "pca_r1/4_step2_T50": {"compression.ratio": 0.25, **_PCA, "compression.update_scale": 2.0,
+                           "compression.resample_interval": 50},
+    "pca_r1/4_step2_T50_keep": {"compression.ratio": 0.25, **_PCA,
+                                "compression.update_scale": 2.0,
+                                "compression.resample_interval": 50,
+                                "compression.moments_on_resample": "keep"},
+    "gradient_r1/4_step2_T50": {"compression.ratio": 0.25, **_PCA,
+                                "compression.projection": "gradient",
+                                "compression.update_scale": 2.0,
+                                "compression.resample_interval": 50},
+    "pca_r1/8_step2.83_T50": {"compression.ratio": 0.125, **_PCA,
+                              "compression.update_scale": 2.828427,
+                              "compression.resample_interval": 50},
 }
+BASELINE_SEEDS = ("baseline", "baseline_seed2")  # their mean is the reference of the merge
 
-DEFAULTS = dict(layers=8, hidden=512, heads=8, seq=512, micro_batch=16, vocab=8192,
+PRESETS: dict[str, dict[str, Any]] = {
+    "33m": dict(layers=8, hidden=512, heads=8, seq=512, micro_batch=16, vocab=8192,
                 max_bytes=10**9, lr=1e-3, min_lr=1e-4, warmup=100, eval_interval=50,
-                epochs=3.0, eval_batches=1000)
-# CPU smoke size: a couple of steps on a 300 kB slice of the corpus
-TINY = dict(layers=2, hidden=64, heads=4, seq=32, micro_batch=2, vocab=512, max_bytes=300_000,
-            lr=1e-3, min_lr=1e-4, warmup=1, eval_interval=2, epochs=None, steps=3,
-            eval_batches=2)
+                epochs=3.0, eval_batches=1000, prefix="convergence"),
+    "110m": dict(layers=12, hidden=768, heads=12, ffn=2048, seq=1024, micro_batch=32,
+                 vocab=16384, max_bytes=4 * 10**9, tokenizer_train_bytes=64 * 10**6, lr=1e-3,
+                 min_lr=1e-4, warmup=100, eval_interval=50, eval_batches=3, tokens=45 * 10**6,
+                 save_interval=250, keep_last=1, prefix="convergence110m"),
+    # CPU smoke size: a couple of steps on a 300 kB slice of the corpus
+    "tiny": dict(layers=2, hidden=64, heads=4, seq=32, micro_batch=2, vocab=512,
+                 max_bytes=300_000, lr=1e-3, min_lr=1e-4, warmup=1, eval_interval=2, steps=3,
+                 eval_batches=2, prefix="convergence"),
+}
+DEFAULTS, TINY = PRESETS["33m"], PRESETS["tiny"]
 
 
 def slug(variant: str) -> str:
@@ -72,6 +135,8 @@ def _free_port() -> int:
 def data_overrides(args) -> list[str]:
     out = [f"data.vocab_size={args.vocab}", f"data.max_bytes={args.max_bytes}",
            f"data.cache_dir={args.cache_dir}", "data.tokenizer=bpe"]
+    if args.tokenizer_train_bytes:  # only when set: the 33m datasets keep their cache key
+        out.append(f"data.tokenizer_train_bytes={args.tokenizer_train_bytes}")
     if args.corpus:
         out += ["data.source=files", f"data.paths={json.dumps([str(args.corpus)])}"]
     return out
@@ -87,9 +152,41 @@ def overrides(args, variant: str, steps: int) -> list[str]:
         "train.zero_stage": args.zero_stage, "optim.lr": args.lr, "optim.min_lr": args.min_lr,
         "optim.warmup_steps": args.warmup, "logging.progress": False,
     }
-    o.update(VARIANTS[variant])
+    if args.ffn:
+        o["model.ffn_hidden_size"] = args.ffn
+    settings = dict(VARIANTS[variant])
+    o["train.seed"] += settings.pop("_train_seed_offset", 0)
+    o.update(settings)
     return [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in o.items()] + \
-        data_overrides(args)
+        data_overrides(args) + list(args.override or [])
+
+
+def checkpoint_dir(args, variant: str) -> Path:
+    return Path(args.ckpt_root or args.out_dir) / f"ckpt_{slug(variant)}"
+
+
+def checkpoint_overrides(args, variant: str) -> list[str]:
+    return [f"checkpoint.dir={checkpoint_dir(args, variant)}", "checkpoint.resume=true",
+            f"checkpoint.save_interval={args.save_interval}",
+            f"checkpoint.keep_last={args.keep_last}"]
+
+
+def fingerprint(args, variant: str, steps: int, meta: dict) -> dict:
+    """What must not change between the segments of a variant: the settings (not where the
+    data cache or the checkpoints live) and the dataset (its cache key hashes the text)."""
+    keep = [o for o in overrides(args, variant, steps)
+            if not o.startswith(("data.cache_dir=", "data.paths="))]
+    return {"overrides": keep, "dataset_key": Path(meta["path"]).name}
+
+
+def train_steps(args, meta: dict) -> int:
+    """--steps, else --epochs if given, else --tokens, else the preset's epochs."""
+    train_samples = (meta["train_tokens"] - 1) // args.seq
+    if args.steps:
+        return args.steps
+    if args.epochs is None and args.tokens:
+        return max(1, args.tokens // (args.micro_batch * args.seq))
+    return max(1, int((args.epochs or 3.0) * train_samples / args.micro_batch))
 
 
 def model_params(layers: int, hidden: int, ffn: int, vocab_padded: int) -> int:
@@ -126,102 +223,330 @@ def export_corpus(args, out: Path) -> None:
     print(f"exported {len(docs)} documents, {out.stat().st_size / 1e6:.1f} MB -> {out}")
 
 
-def run_variant(args) -> dict:
+def part_path(out_dir: Path, prefix: str, variant: str) -> Path:
+    return out_dir / f"{prefix}_{slug(variant)}.part.json"
+
+
+def final_path(out_dir: Path, prefix: str, variant: str) -> Path:
+    return out_dir / f"{prefix}_{slug(variant)}.json"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def start_time_limit(seconds: Optional[float]) -> Optional[threading.Timer]:
+    """SIGTERM to this process after `seconds` (a daemon timer thread): inside the training
+    loop GracefulStop turns it into stop + checkpoint; before it, the process just ends."""
+    if not seconds:
+        return None
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+class StepTimes:
+    """Wall-clock time of every optimizer step of compact_dist.train.run, taken from its
+    Logger.step call (after the step, before evaluation and checkpoint): the loop time, the
+    median step, and the evaluation cost (the step after an evaluation minus the median).
+    signal_at_step: SIGTERM to this process at that step (tests: a stop at a known step)."""
+
+    def __init__(self, signal_at_step: Optional[int] = None) -> None:
+        self.times: list[tuple[int, float]] = []
+        self.signal_at_step = signal_at_step
+
+    def __enter__(self) -> "StepTimes":
+        import compact_dist.train as train
+
+        self._logger, self._original = train.Logger, train.Logger.step
+        original, times, stop_at = self._original, self.times, self.signal_at_step
+
+        def step(logger, step: int, scalars: dict, line: bool) -> None:
+            times.append((step, time.perf_counter()))
+            if stop_at is not None and step == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(logger, step, scalars, line)
+
+        train.Logger.step = step
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.step = self._original
+
+    def summary(self, eval_interval: int, save_interval: int) -> dict:
+        n = len(self.times)
+        if n < 2:
+            return {"loop_s": None, "step_s_median": None, "eval_s_mean": None}
+        steps = [s for s, _ in self.times]
+        dts = [b - a for (_, a), (_, b) in zip(self.times, self.times[1:])]
+        median = statistics.median(dts)
+        # the interval after step k holds its evaluation (every eval_interval steps)
+        evals = [dt - median for k, dt in zip(steps, dts)
+                 if k % eval_interval == 0 and not (save_interval and k % save_interval == 0)]
+        return {"loop_s": (self.times[-1][1] - self.times[0][1]) * n / (n - 1),
+                "step_s_median": median,
+                "eval_s_mean": statistics.mean(evals) if evals else None}
+
+
+def stitch(prev: Optional[dict], losses: list[float], valid: list[dict], end_step: int
+           ) -> tuple[list[Optional[float]], list[dict], int]:
+    """The previous segments' training losses (index i: step i + 1) and evaluations before
+    this segment's first step, then this segment's. A step no segment reported (a part JSON
+    lost after its checkpoint was written) is None; returns (losses, valid, missing steps)."""
+    first = end_step - len(losses) + 1
+    old = list(prev["losses"][: first - 1]) if prev else []
+    old += [None] * (first - 1 - len(old))
+    old_valid = [p for p in prev["valid"] if p["step"] < first] if prev else []
+    stitched = old + list(losses)
+    return stitched, old_valid + list(valid), sum(x is None for x in stitched)
+
+
+def run_variant(args, timer: Optional[threading.Timer] = None) -> dict:
+    """Train one variant (a segment: until done or stopped), write its part / final JSON and
+    return the report. timer: the --time-limit-s timer, cancelled once training returned."""
     import torch
 
     from compact_dist.train import padded_vocab_size, run
     from compact_dist.train_config import load_train_config
 
+    wall_start = PROCESS_START  # a segment's wall time counts the imports too
+    out_dir = Path(args.out_dir)
+    part, final = (f(out_dir, args.prefix, args.variant) for f in (part_path, final_path))
+    ckpt = checkpoint_dir(args, args.variant)
+    if args.fresh:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        for path in (part, final):
+            path.unlink(missing_ok=True)
     meta, _ = prepare(args)
     train_samples = (meta["train_tokens"] - 1) // args.seq
     tokens_per_step = args.micro_batch * args.seq
-    steps = args.steps or max(1, int(args.epochs * train_samples / args.micro_batch))
+    steps = train_steps(args, meta)
+    fp = fingerprint(args, args.variant, steps, meta)
+    done = _read_json(final)
+    prev = _read_json(part)
+    if prev is not None and not (ckpt / "latest").is_file():  # e.g. a fresh machine
+        print(f"{args.variant}: {part.name} exists but no checkpoint in {ckpt}: starting over")
+        prev = None
+    for name, old in (("final", done), ("part", prev)):
+        if old is not None and old.get("fingerprint") not in (None, fp):
+            raise SystemExit(
+                f"{args.variant}: the {name} JSON in {out_dir} was written with other settings "
+                f"or data; --fresh starts this variant over (and removes {ckpt})")
+    if done is not None:
+        print(f"{args.variant}: already done ({final}); --fresh to train it again")
+        if timer:
+            timer.cancel()
+        return done
     if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))  # concurrent runs on a host
-    cfg = load_train_config(None, overrides(args, args.variant, steps))
+    cfg = load_train_config(None, overrides(args, args.variant, steps)
+                            + checkpoint_overrides(args, args.variant))
     vocab_padded = padded_vocab_size(meta["vocab_size"], 1)
-    start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:
-        history = run(cfg)
+        with StepTimes(args.signal_at_step) as step_times:
+            history = run(cfg)
     finally:
+        if timer:
+            timer.cancel()
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # a late signal must not cut the writes
+            signal.signal(sig, signal.SIG_IGN)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    wall = time.perf_counter() - start
-    valid = [(int(s), float(l)) for s, l in history["valid"]]
-    report = {
-        "benchmark": "convergence", "variant": args.variant,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    wall = time.perf_counter() - wall_start
+    end_step = int(history.get("step", steps))
+    new_valid = [{"step": int(s), "tokens": int(s) * tokens_per_step, "loss": float(l),
+                  "ppl": math.exp(min(float(l), 50.0))} for s, l in history["valid"]]
+    losses, valid, missing = stitch(prev, history["losses"], new_valid, end_step)
+    timing = step_times.summary(args.eval_interval, args.save_interval)
+    segment = {
+        "start_step": end_step - len(history["losses"]), "end_step": end_step,
+        "steps": len(history["losses"]), "stopped_early": bool(history.get("stopped_early")),
+        "wall_s": wall, **timing,
+        "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    segments = (prev or {}).get("segments", []) + [segment]
+    timed = [g for g in segments if g.get("loop_s") and g["steps"] > 1]
+    timed_steps = sum(g["steps"] for g in timed)
+    peaks = [g["peak_mem_GiB"] for g in segments if g.get("peak_mem_GiB") is not None]
+    complete = end_step >= steps and not missing
+    report = {
+        "benchmark": "convergence" if end_step >= steps else "convergence_part",
+        "variant": args.variant, "complete": complete,
+        "device": segment["device"],
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "date": segment["date"],
         "command": " ".join(sys.argv),
+        "fingerprint": fp,
         "config": {
             "overrides": overrides(args, args.variant, steps),
+            "preset": args.preset,
             "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
             "ffn": cfg.model.ffn, "seq": args.seq, "micro_batch": args.micro_batch,
             "vocab": meta["vocab_size"], "vocab_padded": vocab_padded,
-            "precision": "bf16" if torch.cuda.is_available() else "fp32",
+            "precision": "bf16" if cuda else "fp32",
             "lr": args.lr, "min_lr": args.min_lr, "warmup": args.warmup,
-            "zero_stage": args.zero_stage,
+            "eval_interval": args.eval_interval, "eval_batches": args.eval_batches,
+            "eval_tokens": args.eval_batches * args.micro_batch * args.seq,
+            "zero_stage": args.zero_stage, "train_seed": cfg.train.seed,
+            "data_seed": cfg.data.seed, "checkpoint": cfg.checkpoint.model_dump(),
             "compression": cfg.compression.model_dump(),
         },
         "model_params": model_params(args.layers, args.hidden, cfg.model.ffn, vocab_padded),
         "dataset": meta,
-        "steps": steps, "tokens_per_step": tokens_per_step, "tokens": steps * tokens_per_step,
+        "steps": steps, "step_reached": end_step, "missing_steps": missing,
+        "tokens_per_step": tokens_per_step, "tokens": steps * tokens_per_step,
         "epochs": steps * args.micro_batch / train_samples,
-        "wall_s": wall, "s_per_step": wall / steps,
-        "losses": history["losses"],
-        "valid": [{"step": s, "tokens": s * tokens_per_step, "loss": l,
-                   "ppl": math.exp(min(l, 50.0))} for s, l in valid],
+        "segments": segments,
+        "wall_s": sum(g["wall_s"] for g in segments),
+        "train_loop_s": sum(g["loop_s"] or 0.0 for g in segments),
+        # the training loop's time per step, evaluations and checkpoints included
+        "s_per_step": (sum(g["loop_s"] for g in timed) / timed_steps if timed_steps
+                       else sum(g["wall_s"] for g in segments) / max(1, end_step)),
+        "s_per_step_median": (sum(g["step_s_median"] * g["steps"] for g in timed) / timed_steps
+                              if timed_steps else None),
+        "peak_mem_GiB": max(peaks) if peaks else None,
+        "losses": losses,
+        "valid": valid,
     }
+    evals = [g for g in timed if g.get("eval_s_mean") is not None]
+    if evals and report["s_per_step_median"]:
+        eval_s = statistics.mean(g["eval_s_mean"] for g in evals)
+        report["eval_s_mean"] = eval_s
+        report["eval_fraction"] = eval_s / (args.eval_interval * report["s_per_step_median"])
     if valid:
-        report["final_valid_loss"] = valid[-1][1]
-        report["final_valid_ppl"] = math.exp(min(valid[-1][1], 50.0))
-    tail = history["losses"][-max(1, len(history["losses"]) // 20):]
-    report["final_train_loss_avg"] = sum(tail) / len(tail)
+        report["last_valid_step"] = valid[-1]["step"]
+        if end_step >= steps and valid[-1]["step"] == steps:
+            report["final_valid_loss"] = valid[-1]["loss"]
+            report["final_valid_ppl"] = valid[-1]["ppl"]
+    known = [x for x in losses if x is not None]
+    tail = known[-max(1, len(known) // 20):]
+    if tail:
+        report["final_train_loss_avg"] = sum(tail) / len(tail)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if end_step >= steps:
+        _write_json(final, report)
+        part.unlink(missing_ok=True)
+    else:
+        _write_json(part, report)
     return report
 
 
-def merge(out_dir: Path, prefix: str) -> dict:
-    runs = {}
+def load_runs(out_dir: Path, prefix: str) -> dict[str, dict]:
+    """Per variant its final JSON, or its part JSON while it is unfinished."""
+    runs: dict[str, dict] = {}
     for path in sorted(out_dir.glob(f"{prefix}_*.json")):
-        r = json.loads(path.read_text())
-        if r.get("benchmark") == "convergence":
+        r = _read_json(path)
+        if not isinstance(r, dict) or r.get("benchmark") not in ("convergence",
+                                                                 "convergence_part"):
+            continue
+        if r["benchmark"] == "convergence" or r["variant"] not in runs:
             runs[r["variant"]] = r
+    return runs
+
+
+def _order(name: str) -> tuple:
+    if name in BASELINE_SEEDS:
+        return (0, BASELINE_SEEDS.index(name), name)
+    return (1, list(VARIANTS).index(name) if name in VARIANTS else len(VARIANTS), name)
+
+
+def reference_curve(runs: dict[str, dict]) -> dict[int, dict]:
+    """step -> mean validation ppl / loss of the baseline seeds that evaluated that step
+    (all of them), the seeds' ppl and, with two or more, the seed noise
+    (max - min) / mean in % (two seeds: |ppl1 - ppl2| / mean)."""
+    seeds = [b for b in BASELINE_SEEDS if b in runs]
+    if not seeds:
+        return {}
+    curves = [{p["step"]: p for p in runs[b]["valid"]} for b in seeds]
+    ref = {}
+    for step in sorted(set.intersection(*(set(c) for c in curves))):
+        ppl = [c[step]["ppl"] for c in curves]
+        mean = sum(ppl) / len(ppl)
+        ref[step] = {"step": step, "tokens": curves[0][step]["tokens"], "ppl_mean": mean,
+                     "loss_mean": sum(c[step]["loss"] for c in curves) / len(curves),
+                     "ppl": dict(zip(seeds, ppl)),
+                     "noise_pct": 100 * (max(ppl) - min(ppl)) / mean if len(ppl) > 1 else None}
+    return ref
+
+
+def merge(out_dir: Path, prefix: str) -> dict:
+    runs = load_runs(out_dir, prefix)
     if not runs:
-        raise SystemExit(f"no {prefix}_<variant>.json in {out_dir}")
-    base = runs.get("baseline")
+        raise SystemExit(f"no {prefix}_<variant>.json or .part.json in {out_dir}")
+    seeds = [b for b in BASELINE_SEEDS if b in runs]
+    ref = reference_curve(runs)
     merged: dict[str, Any] = {"benchmark": "convergence_merged", "variants": {},
-                              "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    if base:
-        merged["config"] = {k: v for k, v in base["config"].items() if k != "overrides"}
-        merged["model_params"] = base["model_params"]
-        merged["dataset"] = base["dataset"]
-        merged["device"] = base["device"]
-    order = sorted(runs, key=lambda v: (v != "baseline", list(VARIANTS).index(v)
-                                        if v in VARIANTS else 99, v))
-    base_ppl = {p["step"]: p["ppl"] for p in base["valid"]} if base else {}
-    for name in order:
+                              "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                              "reference": {"seeds": seeds, "curve": list(ref.values())}}
+    first = runs[seeds[0]] if seeds else runs[sorted(runs, key=_order)[0]]
+    merged["config"] = {k: v for k, v in first["config"].items() if k != "overrides"}
+    for key in ("model_params", "dataset", "device", "steps", "tokens"):
+        merged[key] = first.get(key)
+    if ref:
+        last = ref[max(ref)]
+        merged["reference"].update(
+            step=last["step"], ppl_mean=last["ppl_mean"], noise_pct=last["noise_pct"],
+            complete=all(runs[b].get("complete", True) and last["step"] == runs[b]["steps"]
+                         for b in seeds))
+    for name in sorted(runs, key=_order):
         r = runs[name]
+        complete = r["benchmark"] == "convergence" and r.get("complete", True)
         entry = {
-            "steps": r["steps"], "tokens": r["tokens"], "epochs": r["epochs"],
-            "wall_s": r["wall_s"], "s_per_step": r["s_per_step"],
+            "complete": complete, "steps": r["steps"],
+            "step_reached": r.get("step_reached", r["steps"]),
+            "tokens": r["tokens"], "epochs": r["epochs"], "wall_s": r["wall_s"],
+            "s_per_step": r["s_per_step"], "s_per_step_median": r.get("s_per_step_median"),
+            "peak_mem_GiB": r.get("peak_mem_GiB"), "eval_fraction": r.get("eval_fraction"),
+            "segments": len(r.get("segments", [None])),
             "curve": [{"step": p["step"], "tokens": p["tokens"], "loss": p["loss"],
                        "ppl": p["ppl"],
-                       "ppl_ratio_vs_baseline": (p["ppl"] / base_ppl[p["step"]]
-                                                 if p["step"] in base_ppl else None)}
+                       "ppl_ratio_vs_baseline": (p["ppl"] / ref[p["step"]]["ppl_mean"]
+                                                 if p["step"] in ref else None)}
                       for p in r["valid"]],
             "final_valid_loss": r.get("final_valid_loss"),
             "final_valid_ppl": r.get("final_valid_ppl"),
             "final_train_loss_avg": r.get("final_train_loss_avg"),
         }
-        if base and r.get("final_valid_ppl") and base.get("final_valid_ppl"):
-            entry["final_ppl_ratio_vs_baseline"] = r["final_valid_ppl"] / base["final_valid_ppl"]
-            entry["final_ppl_gap_pct"] = 100 * (entry["final_ppl_ratio_vs_baseline"] - 1)
-            entry["final_loss_gap"] = r["final_valid_loss"] - base["final_valid_loss"]
-        if base and r["steps"] != base["steps"]:
+        common = [p for p in r["valid"] if p["step"] in ref]
+        if common:  # the last evaluation this variant shares with every baseline seed
+            p = common[-1]
+            base = ref[p["step"]]
+            gap = 100 * (p["ppl"] / base["ppl_mean"] - 1)
+            entry.update(compare_step=p["step"], compare_tokens=p["tokens"],
+                         compare_ppl=p["ppl"], compare_loss=p["loss"],
+                         baseline_mean_ppl=base["ppl_mean"], gap_pct=gap,
+                         loss_gap=p["loss"] - base["loss_mean"])
+            if base["noise_pct"] is not None:
+                entry["seed_noise_pct"] = base["noise_pct"]
+                entry["within_seed_noise"] = abs(gap) <= base["noise_pct"]
+            if complete and p["step"] == r["steps"] and entry["final_valid_ppl"] is not None:
+                entry["final_ppl_ratio_vs_baseline"] = p["ppl"] / base["ppl_mean"]
+                entry["final_ppl_gap_pct"] = gap
+                entry["final_loss_gap"] = entry["loss_gap"]
+        if seeds and r["steps"] != runs[seeds[0]]["steps"]:
             entry["warning"] = "different step count than the baseline"
         merged["variants"][name] = entry
     return merged
+
+
+def _fmt(x: Optional[float], spec: str, missing: str = "-") -> str:
+    return missing if x is None else format(x, spec)
 
 
 def merged_markdown(m: dict) -> str:
@@ -232,20 +557,49 @@ def merged_markdown(m: dict) -> str:
         lines += [
             f"{cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads, ffn "
             f"{cfg['ffn']}, seq {cfg['seq']}, micro-batch {cfg['micro_batch']}, vocab "
-            f"{cfg['vocab']} (BPE), {m.get('model_params', 0) / 1e6:.1f}M parameters, "
+            f"{cfg['vocab']} (BPE), {(m.get('model_params') or 0) / 1e6:.1f}M parameters, "
             f"{cfg['precision']}, lr {cfg['lr']} (warmup {cfg['warmup']}, cosine to "
             f"{cfg['min_lr']}); training split {ds.get('train_tokens', 0):,} tokens, "
-            f"validation {ds.get('valid_tokens', 0):,} tokens", ""]
-    lines += ["| variant | steps | tokens | epochs | final valid loss | final valid ppl | "
-              "ppl vs baseline | final train loss | wall s/step |",
-              "|---|---|---|---|---|---|---|---|---|"]
+            f"validation {ds.get('valid_tokens', 0):,} tokens"
+            + (f" (each evaluation: {cfg['eval_batches']} batches, {cfg['eval_tokens']:,} "
+               f"tokens, every {cfg['eval_interval']} steps)" if "eval_tokens" in cfg else ""),
+            ""]
+    ref = m.get("reference") or {}
+    if ref.get("step") is not None:
+        noise = ref.get("noise_pct")
+        lines += [
+            f"Reference: the mean validation perplexity of the baseline seeds "
+            f"({', '.join(ref['seeds'])}; other initialisation, same data order), "
+            f"{ref['ppl_mean']:.3f} at step {ref['step']}"
+            + ("" if ref.get("complete") else " (not finished)")
+            + (f"; seed noise |ppl seed1 - ppl seed2| / mean = {noise:.2f}%" if noise is not None
+               else "; one seed only: no noise estimate")
+            + ". Gap: a variant's perplexity over the reference at the last evaluation both "
+              "have (the final one when both finished); within noise: |gap| <= seed noise at "
+              "that step.", ""]
+    lines += ["| variant | steps | tokens | compared at step | valid loss | valid ppl | "
+              "gap vs baseline mean | seed noise | within noise | final train loss | "
+              "s/step | peak GiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in m["variants"].items():
-        ratio = e.get("final_ppl_ratio_vs_baseline")
+        done = e.get("step_reached", e["steps"])
+        steps = f"{done}" if e.get("complete", True) else f"{done}/{e['steps']} (running)"
+        step = e.get("compare_step")
+        curve = {p["step"]: p for p in e["curve"]}
+        point = curve.get(step) or (e["curve"][-1] if e["curve"] else {})
+        gap = e.get("gap_pct", e.get("final_ppl_gap_pct"))
+        within = e.get("within_seed_noise")
         lines.append(
-            f"| {name} | {e['steps']} | {e['tokens']:,} | {e['epochs']:.2f} | "
-            f"{e['final_valid_loss']:.4f} | {e['final_valid_ppl']:.3f} | "
-            f"{'-' if ratio is None else f'{ratio:.4f}'} | {e['final_train_loss_avg']:.4f} | "
-            f"{e['s_per_step']:.3f} |")
+            f"| {name} | {steps} | {e['tokens']:,} | {_fmt(step or point.get('step'), 'd')} | "
+            f"{_fmt(point.get('loss'), '.4f')} | {_fmt(point.get('ppl'), '.3f')} | "
+            f"{_fmt(gap, '+.2f')}{'%' if gap is not None else ''} | "
+            f"{_fmt(e.get('seed_noise_pct'), '.2f')}{'%' if e.get('seed_noise_pct') else ''} | "
+            f"{'-' if within is None else ('yes' if within else 'no')} | "
+            f"{_fmt(e.get('final_train_loss_avg'), '.4f')} | {_fmt(e['s_per_step'], '.3f')} | "
+            f"{_fmt(e.get('peak_mem_GiB'), '.2f')} |")
+    lines += ["", "s/step: the training loop's wall time per optimizer step (evaluations and "
+              "checkpoints included; the first segment's start-up excluded); peak GiB: "
+              "torch.cuda.max_memory_allocated over the variant's segments."]
     return "\n".join(lines) + "\n"
 
 
@@ -255,10 +609,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--variant", choices=list(VARIANTS))
     mode.add_argument("--prepare", action="store_true", help="only build the tokenized data")
-    mode.add_argument("--merge", action="store_true", help="combine the per-variant JSONs")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke size (a few steps)")
+    mode.add_argument("--merge", action="store_true",
+                      help="combine the per-variant JSONs (final or part) and plot them")
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="model / data / schedule sizes (default 33m)")
+    parser.add_argument("--tiny", action="store_true", help="= --preset tiny (CPU smoke size)")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
-    parser.add_argument("--prefix", default="convergence", help="output file prefix")
+    parser.add_argument("--prefix", default=None,
+                        help="output file prefix (default: the preset's, convergence / "
+                             "convergence110m)")
     parser.add_argument("--cache-dir", default=str(HERE.parent / ".cache" / "compact_dist_bench"),
                         help="dataset cache (default: <repo>/.cache/compact_dist_bench, "
                              "git-ignored)")
@@ -267,26 +626,56 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--export-corpus", default=None,
                         help="with --prepare: write the stdlib corpus to this JSONL first")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps (default: --epochs of the training split)")
-    parser.add_argument("--epochs", type=float, default=None)
-    for key in ("layers", "hidden", "heads", "seq", "micro_batch", "vocab", "max_bytes",
-                "warmup", "eval_interval", "eval_batches"):
+                        help="optimizer steps (default: --epochs if given, else --tokens)")
+    parser.add_argument("--epochs", type=float, default=None,
+                        help="epochs of the training split (33m default: 3)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="token budget: steps = tokens / (micro_batch * seq) (110m: 45M)")
+    for key in ("layers", "hidden", "heads", "ffn", "seq", "micro_batch", "vocab", "max_bytes",
+                "tokenizer_train_bytes", "warmup", "eval_interval", "eval_batches",
+                "save_interval", "keep_last"):
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)
     for key in ("lr", "min_lr"):
         parser.add_argument("--" + key.replace("_", "-"), type=float, default=None)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=1234, help="train.seed (baseline_seed2: +1)")
     parser.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3])
+    parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="extra compact-train override, after the variant's (repeatable)")
+    parser.add_argument("--ckpt-root", default=None,
+                        help="checkpoints go to <ckpt-root>/ckpt_<variant> (default: --out-dir)")
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="SIGTERM to itself after this many seconds: the run stops after "
+                             "the current step with a checkpoint and writes its part JSON")
+    parser.add_argument("--fresh", action="store_true",
+                        help="remove this variant's checkpoint and JSONs first")
+    parser.add_argument("--signal-at-step", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    preset = TINY if args.tiny else DEFAULTS
+    if args.tiny:
+        if args.preset not in (None, "tiny"):
+            parser.error("--tiny is --preset tiny")
+        args.preset = "tiny"
+    args.preset = args.preset or "33m"
+    preset = {**dict(ffn=None, tokenizer_train_bytes=None, epochs=None, tokens=None,
+                     steps=None, save_interval=0, keep_last=2), **PRESETS[args.preset]}
+    if args.epochs is not None and args.tokens is None:
+        preset["tokens"] = None  # an explicit --epochs wins over the preset's token budget
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
 
 
+def plot_merged(merged: dict, out_dir: Path, prefix: str) -> Optional[Path]:
+    try:
+        from plot_results import plot_convergence
+    except ImportError as err:  # matplotlib missing: the JSON / markdown are still written
+        print(f"no plot ({err})")
+        return None
+    return plot_convergence(merged, out_dir, prefix)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     import warnings
-
     # megatron-core 0.16.1 warns about its own default cuda_graph_scope on every config
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     args = parse_args(argv)
@@ -295,7 +684,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         merged = merge(out_dir, args.prefix)
         (out_dir / f"{args.prefix}.json").write_text(json.dumps(merged, indent=1))
         (out_dir / f"{args.prefix}.md").write_text(merged_markdown(merged))
+        png = plot_merged(merged, out_dir, args.prefix)
         print(merged_markdown(merged))
+        if png:
+            print(png)
         return
     if args.prepare:
         if args.export_corpus:
@@ -304,18 +696,19 @@ def main(argv: Optional[list[str]] = None) -> None:
         meta, path = prepare(args)
         print(json.dumps(meta, indent=1))
         samples = (meta["train_tokens"] - 1) // args.seq
-        steps = args.steps or int(args.epochs * samples / args.micro_batch)
+        steps = train_steps(args, meta)
         print(f"{samples} training samples of {args.seq} tokens; steps per variant: {steps} "
               f"({steps * args.micro_batch / samples:.2f} epochs at micro-batch "
-              f"{args.micro_batch})")
+              f"{args.micro_batch}, {steps * args.micro_batch * args.seq:,} tokens)")
         return
-    report = run_variant(args)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{args.prefix}_{slug(args.variant)}.json"
-    path.write_text(json.dumps(report, indent=1))
-    print(f"{args.variant}: {report['steps']} steps, {report['tokens']:,} tokens "
-          f"({report['epochs']:.2f} epochs) in {report['wall_s']:.0f} s; final valid ppl "
-          f"{report.get('final_valid_ppl', float('nan')):.3f} -> {path}")
+    report = run_variant(args, start_time_limit(args.time_limit_s))
+    reached = report.get("step_reached", report["steps"])
+    state = ("done" if reached >= report["steps"] else
+             f"stopped at step {reached} of {report['steps']}")
+    print(f"{args.variant}: {state}, {report['tokens']:,} tokens "
+          f"({report['epochs']:.2f} epochs), {report['wall_s']:.0f} s in "
+          f"{len(report.get('segments', []))} segment(s); last valid ppl "
+          f"{report['valid'][-1]['ppl'] if report['valid'] else float('nan'):.3f}")
 
 
 if __name__ == "__main__":

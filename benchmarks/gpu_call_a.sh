@@ -21,7 +21,7 @@ CV="$PY $B/convergence.py $CVX --cache-dir $R/cache --out-dir $R"
  for v in r1/4 r1/8 unbiased_r1/4; do timeout 270 $CV --variant $v > "$R/cv_${v//\//-}.log" 2>&1; done) &
 wait
 $PY $B/convergence.py --merge --out-dir "$R" > "$R/convergence_merge.log" 2>&1
-rm -rf "$R/cache"
+rm -rf "$R/cache" "$R"/ckpt_*  # datasets and convergence checkpoints stay out of the tarball
 echo "elapsed $(( $(date +%s) - START )) s" | tee "$R/elapsed.txt"
 mkdir -p "$OUT_DIR"
 tar czf "$OUT_DIR/bench_call_a.tgz" -C "$R" .

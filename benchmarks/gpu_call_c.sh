@@ -26,7 +26,7 @@ CV="$PY $B/convergence.py $CVX --cache-dir $R/cache --out-dir $R"
 (export CUDA_VISIBLE_DEVICES=1; timeout 110 $CV --variant r1/2 > "$R/cv_r1-2.log" 2>&1
  timeout 110 $CV --variant r1/4_bf16W0 > "$R/cv_r1-4_bf16W0.log" 2>&1) &
 wait
-rm -rf "$R/cache"
+rm -rf "$R/cache" "$R"/ckpt_*  # datasets and convergence checkpoints stay out of the tarball
 echo "phase 1 done at $(( $(date +%s) - START )) s"
 MT="$PY $B/memory_throughput.py --isolate --out-dir $R"
 timeout 130 $MT --launcher deepspeed --nproc 2 --name mt_dp2_z1 --time-limit-s 110 --preset $P \

@@ -15,7 +15,7 @@ for v in baseline r1/4_reset r1/4_T50 r1/4_T50_reset; do
   timeout 240 $CV --variant $v > "$R/cv_${v//\//-}.log" 2>&1 &
 done
 wait
-rm -rf "$R/cache"
+rm -rf "$R/cache" "$R"/ckpt_*  # datasets and convergence checkpoints stay out of the tarball
 mkdir -p "$OUT_DIR"
 tar czf "$OUT_DIR/bench_call_d.tgz" -C "$R" .
 tail -n 2 "$R"/*.log

@@ -11,7 +11,8 @@ variant: TP, DP, ZeRO, memory, throughput) and, for those with TP-invariance los
 `tp_invariance.md` / `.json` / `.png` (losses per TP x DP layout, max difference to the first
 layout with the same settings).
 Per merged convergence JSON (`convergence.py --merge`): `<stem>_ppl.png` (validation
-perplexity against training tokens, and its ratio to the baseline) and `<stem>.md`.
+perplexity against training tokens, and its ratio to the mean of the baseline seeds with
+the seeds' spread shaded; unfinished variants dashed) and `<stem>.md`.
 """
 
 from __future__ import annotations
@@ -84,28 +85,50 @@ def plot_memory_throughput(report: dict, out: Path) -> Path:
 
 
 def plot_convergence(merged: dict, out: Path, stem: str) -> Path:
+    """Validation perplexity against training tokens (every variant; unfinished ones dashed),
+    and below it each variant's perplexity over the reference: the mean of the baseline seeds
+    (one baseline: that run), with the seeds' spread (|ppl1 - ppl2| / mean) shaded."""
     plt = _plt()
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 8), sharex=True,
                                   gridspec_kw={"height_ratios": [2, 1]})
     for name, e in merged["variants"].items():
         curve = e["curve"]
         tokens = [p["tokens"] / 1e6 for p in curve]
-        ax.plot(tokens, [p["ppl"] for p in curve], label=name, marker=".", markersize=3)
+        style = "-" if e.get("complete", True) else "--"
+        line, = ax.plot(tokens, [p["ppl"] for p in curve], style, label=name, marker=".",
+                        markersize=3)
         ratio = [(t, p["ppl_ratio_vs_baseline"]) for t, p in zip(tokens, curve)
                  if p.get("ppl_ratio_vs_baseline") is not None]
         if ratio:
-            ax2.plot([t for t, _ in ratio], [r for _, r in ratio], label=name)
+            ax2.plot([t for t, _ in ratio], [r for _, r in ratio], style, label=name,
+                     color=line.get_color())
+    ref = [p for p in (merged.get("reference") or {}).get("curve", [])
+           if p.get("noise_pct") is not None]
+    if ref:
+        t = [p["tokens"] / 1e6 for p in ref]
+        half = [p["noise_pct"] / 200 for p in ref]
+        ax2.fill_between(t, [1 - h for h in half], [1 + h for h in half], color="grey",
+                         alpha=0.25, label="baseline seed spread")
     ax.set_yscale("log")
     ax.set_ylabel("validation perplexity")
-    ax.legend()
+    ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3, which="both")
+    ax2.axhline(1.0, color="black", linewidth=0.8)
     ax2.set_xlabel("training tokens (M)")
-    ax2.set_ylabel("ppl / baseline ppl")
+    seeds = (merged.get("reference") or {}).get("seeds") or ["baseline"]
+    ax2.set_ylabel("ppl / baseline ppl" if len(seeds) < 2 else "ppl / mean baseline ppl")
     ax2.grid(alpha=0.3)
+    # the early steps' ratios are far from 1; zoom on the part where the curves matter
+    late = [p["ppl_ratio_vs_baseline"] for e in merged["variants"].values()
+            for p in e["curve"][len(e["curve"]) // 4:] if p.get("ppl_ratio_vs_baseline")]
+    if late:
+        lo, hi = min(late + [1.0]), max(late + [1.0])
+        pad = 0.1 * (hi - lo) + 0.005
+        ax2.set_ylim(lo - pad, hi + pad)
     cfg = merged.get("config", {})
     if cfg:
         ax.set_title(f"{cfg.get('layers')}L h{cfg.get('hidden')} seq {cfg.get('seq')}, "
-                     f"{merged.get('model_params', 0) / 1e6:.0f}M params, "
+                     f"{(merged.get('model_params') or 0) / 1e6:.0f}M params, "
                      f"{merged.get('device', '')}", fontsize=10)
     fig.tight_layout()
     path = out / f"{stem}_ppl.png"

@@ -31,7 +31,6 @@ shard), blocks [kb, b, r_b] (P's diagonal blocks of this TP rank), sums [kb, b, 
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Optional
 
 import torch
@@ -47,13 +46,6 @@ _SKETCH_EPOCH_OFFSET = 1 << 40
 def oversampling(block_in: int, block_rank: int) -> int:
     """Extra test columns per block beyond r_b (within the block's n_b columns)."""
     return min(block_in - block_rank, max(8, block_rank // 4))
-
-
-def orthonormal_scale(blocks: torch.Tensor) -> float:
-    """sqrt(n_b / r_b): the factor that gives an orthonormal block the column norm of a
-    Gaussian N(0, 1/r_b) block, so one update_scale means the same step size for both."""
-    _, b, rb = blocks.shape
-    return math.sqrt(b / rb)
 
 
 class SubspaceSketch:
@@ -75,9 +67,7 @@ class SubspaceSketch:
             gen.manual_seed(block_seed(seed, layer_id, _SKETCH_EPOCH_OFFSET + epoch,
                                        first_block + i))
             torch.randn(b, extra, generator=gen, device=previous.device, out=omega[i])
-        test = torch.cat([previous.float(), omega], dim=-1)
-        self.test_basis, _ = torch.linalg.qr(test.double())  # Q0 [kb, b, k], orthonormal
-        self.test_basis = self.test_basis.float()
+        self.test_basis = _orthonormal_extension(previous.double(), omega.double()).float()
         self.sums = torch.zeros_like(self.test_basis)  # C Q0
         self.kind: Kind = kind
         self.rank = rb
@@ -102,23 +92,59 @@ class SubspaceSketch:
         gb = g.detach().float().reshape(g.shape[0], kb, b).transpose(0, 1)  # [kb, m, b]
         self.sums += torch.bmm(gb.transpose(1, 2), torch.bmm(gb, self.test_basis))
 
-    @torch.no_grad()
     def top(self) -> Optional[torch.Tensor]:
         """Orthonormal top-r_b eigenvector estimates of C per block, [kb, b, r_b] fp32, in
         decreasing order; None when nothing was accumulated (the caller keeps its P)."""
-        s = self.sums.double()
-        if not torch.isfinite(s).all() or s.abs().amax() == 0:
-            return None
-        q0 = self.test_basis.double()
-        shift = 1e-10 * torch.linalg.matrix_norm(s, keepdim=True).clamp_min(1e-300)
+        return top_eigenvectors([self])[0]
+
+
+@torch.no_grad()
+def top_eigenvectors(sketches: list[SubspaceSketch]) -> list[Optional[torch.Tensor]]:
+    """`top()` of many sketches; those of one shape are computed as one batch (a few batched
+    k x k eigendecompositions instead of a dozen small calls per layer).
+
+    Nystrom in fp64 with a tiny shift nu: Y = S + nu Q0, B = Q0^T Y, F = Y B^{-1/2}
+    (C ~ F F^T); the top eigenvectors of F F^T are F W Lambda^{-1/2} with (W, Lambda) the top
+    eigenpairs of the k x k matrix F^T F: no SVD of the tall F, and orthonormal to fp64
+    rounding times the kept spectrum's condition number before the cast to fp32."""
+    out: list[Optional[torch.Tensor]] = [None] * len(sketches)
+    groups: dict[tuple, list[int]] = {}
+    for i, sk in enumerate(sketches):
+        if torch.isfinite(sk.sums).all() and sk.sums.abs().amax() > 0:
+            key = (tuple(sk.sums.shape[1:]), sk.rank, sk.sums.device)
+            groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        rank = sketches[members[0]].rank
+        s = torch.cat([sketches[i].sums for i in members]).double()
+        q0 = torch.cat([sketches[i].test_basis for i in members]).double()
+        shift = 1e-10 * torch.linalg.matrix_norm(s, keepdim=True)
         y = s + shift * q0
-        core = q0.transpose(1, 2) @ y
-        core = 0.5 * (core + core.transpose(1, 2))
-        evals, evecs = torch.linalg.eigh(core)
+        evals, evecs = torch.linalg.eigh(_symmetric(q0.transpose(1, 2) @ y))
         evals = evals.clamp_min(evals.amax(dim=-1, keepdim=True) * 1e-12)
-        inv_sqrt = (evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.transpose(1, 2)
-        u, _, _ = torch.linalg.svd(y @ inv_sqrt, full_matrices=False)
-        return u[..., : self.rank].float().contiguous()
+        f = y @ ((evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.transpose(1, 2))
+        lam, w = torch.linalg.eigh(_symmetric(f.transpose(1, 2) @ f))  # ascending
+        lam = lam[..., -rank:].flip(-1).clamp_min(lam.amax(dim=-1, keepdim=True) * 1e-24)
+        u = ((f @ w[..., -rank:].flip(-1)) * lam.rsqrt().unsqueeze(-2)).float()
+        for i, part in zip(members, u.split([sketches[i].num_blocks for i in members])):
+            out[i] = part.contiguous()
+    return out
+
+
+def _symmetric(a: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (a + a.transpose(-1, -2))
+
+
+def _orthonormal_extension(previous: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """Q0 [kb, b, r_b + p]: orthonormal, spanning [previous, extra]. An orthonormal previous
+    P (data-aware) is kept as the first columns and only the extra columns are
+    orthogonalised (a thin QR of b x p); a Gaussian one goes through one QR of b x k."""
+    gram = previous.transpose(1, 2) @ previous
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    if torch.allclose(gram, eye.expand_as(gram), atol=1e-6):
+        for _ in range(2):  # classical Gram-Schmidt, twice is enough
+            extra = extra - previous @ (previous.transpose(1, 2) @ extra)
+        return torch.cat([previous, torch.linalg.qr(extra)[0]], dim=-1)
+    return torch.linalg.qr(torch.cat([previous, extra], dim=-1))[0]
 
 
 def transport_map(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,10 @@ Layout under `dir`:
                             client state: step, data position, subspace stepper)
     step_00000100/compact_rank{R}.pt
                             per-rank state DeepSpeed does not keep: RNG states (CPU, CUDA,
-                            Megatron tracker), projection epochs, and under ZeRO-3 this rank's
-                            partitions of the frozen W0 bases (which merges change, but which
-                            DeepSpeed treats as constants it need not restore)
+                            Megatron tracker), projection epochs, whether each A was merged
+                            (zero). The frozen W0 bases, which merges change, are DeepSpeed's:
+                            the module state at ZeRO 0-1, and at ZeRO 2-3 the frozen-parameter
+                            fragments every rank saves and restores (ZeRO-3: its partitions)
     latest                  name of the newest *complete* checkpoint, replaced atomically
                             (os.replace) after every rank finished writing; a save killed
                             midway leaves `latest` on the previous checkpoint.
@@ -41,10 +42,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 def _rank_state(model: torch.nn.Module) -> dict[str, Any]:
     layers = []
     for layer in compact_layers(model):
-        entry = {"epoch": layer.projection_epoch, "merges": layer.merge_count}
-        if hasattr(layer.weight, "ds_id") and layer.subspace_factor is not None:
-            entry["w0_partition"] = layer.weight.ds_tensor.detach().cpu().clone()
-        layers.append(entry)
+        layers.append({"epoch": layer.projection_epoch, "merges": layer.merge_count,
+                       "factor_zero": layer.subspace_factor is not None and layer.factor_is_zero})
     return {
         "cpu_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -63,9 +62,25 @@ def _restore_rank_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
         raise ValueError("checkpoint was written by a model with other compact layers")
     for layer, entry in zip(layers, state["layers"]):
         layer.projection_epoch, layer.merge_count = entry["epoch"], entry["merges"]
-        if "w0_partition" in entry:
-            with torch.no_grad():
-                layer.weight.ds_tensor.copy_(entry["w0_partition"])
+        if layer.subspace_factor is None:
+            continue
+        if entry.get("factor_zero"):
+            _zero_module_factor(layer)
+        else:
+            layer.mark_factor_written()
+
+
+@torch.no_grad()
+def _zero_module_factor(layer) -> None:
+    """Back to the state the merge before the save left: every module copy of A zero (a
+    bf16 run's fp32 masters keep only the rounding residual, restored by DeepSpeed). DeepSpeed
+    writes A on load through `.data`, which the layer cannot see; A was zero at the save, so
+    this makes sure it is, and lets forward skip the A P^T term again."""
+    factor = layer.subspace_factor
+    if hasattr(factor, "ds_id"):
+        factor.ds_tensor.zero_()
+    factor.zero_()  # the module's tensor (empty while ZeRO-3 has it partitioned)
+    layer._mark_factor_zero()
 
 
 def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep_last: int) -> str:

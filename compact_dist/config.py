@@ -84,9 +84,10 @@ class CompressionConfig(BaseModel):
         (top-r right singular vectors of the weight gradient, from one extra probe micro-batch
         with uncompressed inputs at each resample); see compact_dist.basis. Data-aware P is
         first estimated in step 1 and re-estimated every `resample_interval` steps.
-    update_scale: alpha in W <- W - lr * alpha * rho(G P) P^T, normalised so that 1.0 gives
-        the step size of full-rank Adam for a Gaussian and an orthonormal P alike (the paper
-        uses 0.25 with its own learning rates).
+    update_scale: alpha in W <- W - lr * alpha * rho(G P) P^T (W_eff = W0 + alpha A P^T).
+        With an orthonormal (data-aware) P, 1.0 moves W along each kept direction by the
+        step full-rank Adam takes per coordinate; with the Gaussian N(0, 1/r) P it is the
+        paper's rule with alpha = 1 (the paper uses 0.25 with its own learning rates).
     moments_on_resample: what happens to Adam moments of A when P changes: 'keep' (the
         paper's), 'reset' (zero moments and step count, so bias correction restarts) or
         'transport' (first moment mapped into the new basis, M <- M R with
@@ -105,8 +106,8 @@ class CompressionConfig(BaseModel):
     base_dtype: Literal["fp32", "bf16"] = "fp32"
     row_parallel_blocks: int = Field(default=8, ge=1)
     layers: list[LinearRole] = Field(default_factory=lambda: list(ALL_ROLES))
-    moments_on_resample: Literal["keep", "reset", "transport"] = "keep"
-    projection: Projection = "gaussian"
+    moments_on_resample: Literal["keep", "reset", "transport"] = "transport"
+    projection: Projection = "pca"
     update_scale: float = Field(default=1.0, gt=0.0)
 
     @model_validator(mode="after")

@@ -20,7 +20,10 @@ Pipeline:
    globs (sorted); `.jsonl` files give one document per line (`obj[jsonl_key]`), any other file
    is one UTF-8 text document. Reading stops at `max_bytes` of UTF-8 text.
 2. Tokenizer. `byte`: bytes 0..255 and end-of-document 256 (vocab 257). `bpe`: HF `tokenizers`
-   byte-level BPE with `vocab_size` entries (id 0 is `<|endoftext|>`) trained on the corpus.
+   byte-level BPE with `vocab_size` entries (id 0 is `<|endoftext|>`) trained on the corpus,
+   or with `tokenizer_train_bytes` on a sample of it (`tokenizer_sample`: every k-th document,
+   k = ceil(corpus bytes / budget), cut at the budget) that bounds the training time on large
+   corpora; every document is still tokenized with it.
 3. Documents are split into train/valid by a seeded document permutation (`valid_fraction`),
    tokenized, each followed by the end-of-document token, and written with megatron-core's
    `IndexedDatasetBuilder` to `<cache_dir>/<key>/{train,valid}.{bin,idx}` (+ `tokenizer.json`,
@@ -68,6 +71,7 @@ class DataConfig(BaseModel):
     tokenizer: Literal["byte", "bpe"] = "bpe"
     vocab_size: int = Field(2048, ge=260)
     max_bytes: int = Field(8_000_000, ge=1)
+    tokenizer_train_bytes: Optional[int] = Field(None, ge=1)  # BPE sample budget; None: all
     valid_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     cache_dir: str = ".cache/compact_dist"
     seed: int = Field(1234, ge=0)
@@ -150,6 +154,29 @@ def read_corpus(cfg: DataConfig) -> list[str]:
 
 # ----------------------------------------------------------------------------- tokenizers
 
+def tokenizer_sample(docs: list[str], max_bytes: Optional[int]) -> list[str]:
+    """The documents BPE is trained on: all of them when `max_bytes` is None or not less than
+    the corpus, else every k-th document (k = ceil(total / max_bytes), so the sample spreads
+    over the whole corpus) until `max_bytes` UTF-8 bytes, the last one truncated to fit."""
+    if max_bytes is None:
+        return docs
+    sizes = [len(d.encode("utf-8")) for d in docs]
+    total = sum(sizes)
+    if total <= max_bytes:
+        return docs
+    stride = -(-total // max_bytes)
+    out, used = [], 0
+    for i in range(0, len(docs), stride):
+        if used + sizes[i] > max_bytes:
+            doc = docs[i].encode("utf-8")[: max_bytes - used].decode("utf-8", errors="ignore")
+            if doc:
+                out.append(doc)
+            break
+        out.append(docs[i])
+        used += sizes[i]
+    return out
+
+
 class Tokenizer:
     """`encode(str) -> list[int]` (no end-of-document token added), `decode(list[int]) -> str`
     (special tokens dropped); `vocab_size` ids in [0, vocab_size), `eod` ends a document."""
@@ -228,6 +255,9 @@ def _key(cfg: DataConfig, docs: list[str]) -> str:
         "version": _FORMAT_VERSION, "tokenizer": cfg.tokenizer,
         "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None,
         "valid_fraction": cfg.valid_fraction, "seed": cfg.seed,
+        # only when set, so the keys of datasets built without it stay valid
+        **({"tokenizer_train_bytes": cfg.tokenizer_train_bytes}
+           if cfg.tokenizer == "bpe" and cfg.tokenizer_train_bytes is not None else {}),
     }, sort_keys=True).encode())
     for doc in docs:
         raw = doc.encode("utf-8")
@@ -257,14 +287,18 @@ def _build(cfg: DataConfig, docs: list[str], out: Path) -> None:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        meta: dict[str, Any] = {}
         if cfg.tokenizer == "bpe":
-            tok = Tokenizer.train_bpe(docs, cfg.vocab_size)
+            sample = tokenizer_sample(docs, cfg.tokenizer_train_bytes)
+            tok = Tokenizer.train_bpe(sample, cfg.vocab_size)
             tok.save(tmp / "tokenizer.json")
+            meta["tokenizer_train_documents"] = len(sample)
+            meta["tokenizer_train_bytes"] = sum(len(d.encode("utf-8")) for d in sample)
         else:
             tok = Tokenizer.byte()
         dtype = DType.optimal_dtype(tok.vocab_size)
         meta = {"tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size, "eod": tok.eod,
-                "documents": len(docs)}
+                "documents": len(docs), **meta}
         for name, idx in zip(("train", "valid"),
                              split_documents(len(docs), cfg.valid_fraction, cfg.seed)):
             builder = IndexedDatasetBuilder(str(tmp / f"{name}.bin"), dtype=dtype)

@@ -76,11 +76,22 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
     no gradient, master copy or optimizer state, so under ZeRO 0-2 its fp32 storage is simply
     put back after the cast. Under ZeRO-3 W0 is partitioned in the training dtype; the
     training config rejects that combination up front (use base_dtype bf16 there).
+
+    Any stage3_param_persistence_threshold works (the merge updates the full copy DeepSpeed
+    keeps of a persistent W0). Rejected: ZeRO-3 options that keep other copies of the frozen
+    W0 the merge would not update (hpZ secondary partitions, quantized frozen weights).
     """
     import deepspeed
 
     from compact_dist.subspace import compact_layers
 
+    zero = config.get("zero_optimization", {}) if isinstance(config, dict) else {}
+    if any(layer.subspace_factor is not None for layer in compact_layers(model)):
+        for key, bad in (("zero_hpz_partition_size", lambda v: v > 1),
+                         ("zero_quantized_nontrainable_weights", bool)):
+            if key in zero and bad(zero[key]):
+                raise ValueError(f"zero_optimization.{key}={zero[key]} keeps copies of the "
+                                 "frozen W0 that the subspace merge does not update")
     bases = [(layer.weight, layer.weight.data) for layer in compact_layers(model)
              if layer.subspace_factor is not None]
     engine, _, _, _ = deepspeed.initialize(

@@ -36,14 +36,35 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from compact_dist.autograd import SUBSPACE, compressed_linear
-from compact_dist.basis import SubspaceSketch, orthonormal_scale
+from compact_dist.basis import SubspaceSketch
 from compact_dist.collectives import reduce_scatter_to_sequence_parallel_region
 from compact_dist.config import LayerCompression
 from compact_dist.projection import Projection, block_seed, unproject
 
 _BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class _OptimizerSteps:
+    """Steps begun by any torch optimizer in this process (a global step pre-hook).
+
+    DeepSpeed writes parameters through `.data` (ZeRO 1-3 copy the updated fp32 masters into
+    the module's tensors that way), which does not bump a tensor's version counter; every ZeRO
+    stage does run a torch optimizer's step() inside engine.step(), though, so this count moves
+    whenever A may have been written by an optimizer. Counting every optimizer in the process
+    errs only on the safe side (an unrelated step makes forward take the exact A P^T path).
+    """
+
+    count = 0
+
+    @classmethod
+    def hook(cls, optimizer, args, kwargs) -> None:
+        cls.count += 1
+
+
+register_optimizer_step_pre_hook(_OptimizerSteps.hook)
 # Default layer ids in construction order (the same on every rank that builds the same model);
 # compact_dist.subspace.assign_layer_ids() replaces them with ids from the model structure.
 _construction_counter = itertools.count()
@@ -122,7 +143,7 @@ class CompactLinearMixin:
             )
             set_tensor_model_parallel_attributes(self.subspace_factor, True, partition_dim, 1)
             self.subspace_factor.allreduce = True
-            self._merged_version = self.subspace_factor._version
+            self._mark_factor_zero()
 
     # ----------------------------------------------------------------------------- state
     @property
@@ -133,11 +154,28 @@ class CompactLinearMixin:
         self.projection = dataclasses.replace(self.projection, layer_id=layer_id)
         self._projection_cache.clear()
 
+    def _factor_token(self) -> tuple[int, int]:
+        return (self.subspace_factor._version, _OptimizerSteps.count)
+
+    def _mark_factor_zero(self) -> None:
+        self._zero_token: Optional[tuple[int, int]] = self._factor_token()
+
+    def mark_factor_written(self) -> None:
+        """Declare that A may have been written behind autograd's back (through `.data`, or by
+        a checkpoint load), so forward uses W0 + s A P^T until the next merge."""
+        if self.subspace_factor is not None:
+            self._zero_token = None
+
     @property
     def factor_is_zero(self) -> bool:
-        """True when A is known to be zero (nothing wrote A since the last merge)."""
+        """True when A is known to be zero: this layer's merge (or construction) zeroed it and
+        since then no optimizer step began anywhere in this process (DeepSpeed writes A
+        through `.data`, invisible to the version counter), nothing wrote A in place (its
+        version counter), and mark_factor_written() was not called. Forward then skips the
+        A P^T term; otherwise it includes it, so outputs are exact either way. In the usual
+        loop (merge right after every optimizer step) every forward skips it."""
         f = self.subspace_factor
-        return f is None or f._version == self._merged_version
+        return f is None or self._zero_token == self._factor_token()
 
     def get_extra_state(self) -> Any:
         return {"projection_epoch": self.projection_epoch, "merge_count": self.merge_count,
@@ -190,15 +228,10 @@ class CompactLinearMixin:
 
     @property
     def merge_scale(self) -> float:
-        """s in W_eff = W0 + s A P^T: `update_scale` for a Gaussian P; for an orthonormal
-        (data-aware) P also sqrt(n_b / r_b), so one update_scale gives both kinds the step
-        size of full-rank Adam (an Adam step of A has entries ~lr; s A P^T then has entries
-        ~lr * update_scale for either P). A's gradient stays CompAct's G P (= dL/dA / s):
-        gradient clipping sees about the norm of G, as for the uncompressed layer."""
-        scale = self.compression.update_scale
-        if self.basis is not None:
-            scale *= orthonormal_scale(self.basis)
-        return scale
+        """s in W_eff = W0 + s A P^T: `update_scale`. A's gradient is CompAct's G P
+        (= dL/dA / s), so gradient clipping sees about the norm of G (a Gaussian P keeps
+        ||G P|| ~ ||G|| in expectation, an orthonormal one ||G P|| <= ||G||)."""
+        return self.compression.update_scale
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
@@ -258,7 +291,7 @@ class CompactLinearMixin:
                 ))
                 base.copy_(stochastic_round_to_bf16(merged, gen))
         module_factor.zero_()
-        self._merged_version = module_factor._version
+        self._mark_factor_zero()
         self.merge_count += 1
 
     def resample_projection(self, basis: Optional[torch.Tensor] = None) -> None:

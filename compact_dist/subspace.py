@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from compact_dist.basis import transport_map
+from compact_dist.basis import top_eigenvectors, transport_map
 from compact_dist.config import ALL_ROLES, CompressionConfig
 from compact_dist.layers import CompactLinearMixin
 from compact_dist.moments import SUBSPACE_GROUP_KEY, reset_moments, transport_moments
@@ -79,7 +79,10 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
       nothing of the update is lost to rounding.
     - ZeRO-3: A is gathered from DeepSpeed's fp32 master partitions (a collective over the
       data-parallel group), each rank updates only its own partition of W0, and A's partitions
-      and masters are zeroed.
+      and masters are zeroed. Where DeepSpeed holds W0 whole (a persistent parameter, fewer
+      elements than stage3_param_persistence_threshold, or one a no-grad forward left
+      gathered), forward uses that copy instead of gathering: every rank merges it (the same
+      inputs on every rank: the same bits) and copies its partition out of it.
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_set_local_fp32_param
 
@@ -97,16 +100,34 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
             continue
         master = safe_get_full_fp32_param(factor).view(factor.ds_shape)
         w0 = layer.weight
-        base_flat, base_start = None, 0
-        if _is_zero3(w0):
-            part = w0.ds_tensor
-            base_start = part.ds_numel * torch.distributed.get_rank(group=w0.ds_process_group)
-            valid = max(0, min(part.ds_numel, w0.ds_numel - base_start))
-            base_flat = part.narrow(0, 0, valid)
-        layer.merge_subspace(lr, weight_decay, factor=master, base_flat=base_flat,
-                             base_start=base_start)
+        if not _is_zero3(w0) or _holds_full_copy(w0):
+            layer.merge_subspace(lr, weight_decay, factor=master)
+            if _is_zero3(w0):  # W0 held whole: its partition is a slice of the full copy
+                part, start, valid = _own_partition(w0)
+                part.copy_(w0.detach().view(-1).narrow(0, start, valid))
+        else:
+            part, start, valid = _own_partition(w0)
+            layer.merge_subspace(lr, weight_decay, factor=master, base_flat=part,
+                                 base_start=start)
         factor.ds_tensor.zero_()
         safe_set_local_fp32_param(factor, torch.zeros_like(factor.ds_tensor))
+
+
+def _own_partition(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(this rank's ZeRO-3 partition of `param` without padding, as a flat view; the flat
+    index where it starts; its length)."""
+    part = param.ds_tensor
+    start = part.ds_numel * torch.distributed.get_rank(group=param.ds_process_group)
+    valid = max(0, min(part.ds_numel, param.ds_numel - start))
+    return part.narrow(0, 0, valid), start, valid
+
+
+def _holds_full_copy(param: torch.Tensor) -> bool:
+    """Does DeepSpeed (ZeRO-3) hold `param`'s full tensor right now (a persistent parameter,
+    or one still gathered), which forward would use instead of gathering the partitions?"""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return param.ds_status == ZeroParamStatus.AVAILABLE and param.numel() == param.ds_numel
 
 
 def _groups():
@@ -152,7 +173,7 @@ def estimate_bases(layers: list[CompactLinearMixin]) -> list[Optional[torch.Tens
     _flat_collective([s.sums for s in sketches], dp)
     _flat_collective([s.sums for layer, s in zip(layers, sketches) if layer.sketch_sum_over_tp],
                      tp)
-    bases = [s.top() for s in sketches]
+    bases = top_eigenvectors(sketches)
     _flat_collective([b for b in bases if b is not None], dp, src=dp_src)
     _flat_collective([b for layer, b in zip(layers, bases)
                       if b is not None and layer.replicated_over_tp], tp, src=tp_src)
@@ -163,26 +184,30 @@ def estimate_bases(layers: list[CompactLinearMixin]) -> list[Optional[torch.Tens
 
 def resample_projections(model: torch.nn.Module, config: Optional[CompressionConfig] = None,
                          optimizer=None) -> None:
-    """Move every compact layer to its next P (estimated where a sketch was taken, else the
-    next seeded Gaussian) and apply `config.moments_on_resample` to A's Adam state. Every
-    rank calls (collective when sketches are pending or moments move under ZeRO)."""
+    """Move every compact layer to its next P and apply `config.moments_on_resample` to A's
+    Adam state. A layer with a pending sketch takes the estimated P, or keeps its P when the
+    sketch saw no data (no training forward since it was armed); one without takes the next
+    seeded Gaussian P. Every rank calls (collective when sketches are pending or moments
+    move under ZeRO)."""
     layers = compact_layers(model)
     sketched = [layer for layer in layers if layer.sketch is not None]
     bases = dict(zip(map(id, sketched), estimate_bases(sketched))) if sketched else {}
+    moving = [layer for layer in layers
+              if id(layer) not in bases or bases[id(layer)] is not None]
     policy = config.moments_on_resample if config is not None else "keep"
-    olds = ([layer.projection_blocks(torch.float32) for layer in layers]
-            if policy == "transport" else None)
-    for layer in layers:
+    olds = [layer.projection_blocks(torch.float32) for layer in moving]
+    for layer in moving:
         layer.resample_projection(bases.get(id(layer)))
-    factors = [layer.subspace_factor for layer in layers if layer.subspace_factor is not None]
-    if not factors or policy == "keep":
+    moved = [(layer, old) for layer, old in zip(moving, olds)
+             if layer.subspace_factor is not None]
+    if not moved or policy == "keep":
         return
     if policy == "reset":
         reset_moments(optimizer)
         return
-    maps = [transport_map(old, layer.projection_blocks(torch.float32))
-            for layer, old in zip(layers, olds) if layer.subspace_factor is not None]
-    transport_moments(optimizer, factors, maps)
+    transport_moments(optimizer, [layer.subspace_factor for layer, _ in moved],
+                      [transport_map(old, layer.projection_blocks(torch.float32))
+                       for layer, old in moved])
 
 
 class SubspaceStepper:

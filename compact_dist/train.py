@@ -12,10 +12,13 @@ environment (torchrun, the deepspeed launcher or srun), so the same command runs
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -105,6 +108,44 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
+class GracefulStop:
+    """SIGTERM / SIGUSR1 end training after the current optimizer step, with a checkpoint when
+    checkpoint.dir is set. The handler only sets a flag; `requested_anywhere` all-reduces it
+    over the world group once per step, so every rank stops after the same step. `install`
+    (before the training loop) and `restore` (when run() returns or raises) swap the previous
+    handlers in and out; before the loop the signals keep their previous meaning."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal: Optional[int] = None
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.requested, self.signal = True, signum
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python sets signal handlers in the main thread only
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    def requested_anywhere(self, device: torch.device) -> bool:
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+
 class Logger:
     """Rank-0 console progress line (tqdm) and tensorboard scalars."""
 
@@ -188,6 +229,15 @@ def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, vocab_size: 
     return model
 
 
+def probe_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Loss of the first half (at least one) of a micro-batch's sequences: the probe that
+    projection='gradient' runs at each resample. Half a micro-batch with uncompressed linear
+    inputs saves fewer bytes than a full compressed one, so the probe does not raise the peak."""
+    half = max(1, batch["tokens"].shape[0] // 2)
+    return model(batch["tokens"][:half], batch["position_ids"][:half], None,
+                 labels=batch["labels"][:half]).float().mean()
+
+
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_parallel_size: int,
                  schedule: bool):
     """DeepSpeed engine (AdamW over Megatron's groups + the subspace group, ZeRO per cfg) and
@@ -211,7 +261,18 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_para
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train per `cfg`; returns {"losses": [...], "valid": [...]} (rank-local, DP-averaged)."""
+    """Train per `cfg`; returns {"losses": [...], "valid": [(step, loss)], "step": int,
+    "stopped_early": bool} (rank-local, DP-averaged): the losses of the steps this call ran,
+    the step reached, and whether SIGTERM / SIGUSR1 stopped it before train.train_steps
+    (GracefulStop; it saved a checkpoint at that step when checkpoint.dir is set)."""
+    stop = GracefulStop()
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -265,14 +326,17 @@ def run(cfg: TrainConfig) -> dict:
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return (total / (count * dp)).item()
 
-    history = {"losses": [], "valid": []}
+    history = {"losses": [], "valid": [], "stopped_early": False}
+    stop.install()
     tokens_per_step = cfg.train.micro_batch_size * grad_accum * dp * cfg.model.seq_length
     engine.train()
     start_time, start_step = time.perf_counter(), step
     while step < cfg.train.train_steps:
         loss_sum = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            b = to_device(next(train_iter))
+        batches = (to_device(next(train_iter)) for _ in range(grad_accum))
+        first = next(batches)
+        stepper.before_step(lambda: probe_loss(engine.module, first))
+        for b in itertools.chain([first], batches):
             loss = engine(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean()
             engine.backward(loss)
             loss_sum += loss.detach()
@@ -299,11 +363,19 @@ def run(cfg: TrainConfig) -> dict:
                 log.writer.add_scalar("valid/loss", vloss, step)
                 log.writer.add_scalar("valid/perplexity", math.exp(min(vloss, 50)), step)
         interval = cfg.checkpoint.save_interval
-        if cfg.checkpoint.dir and ((interval and step % interval == 0)
+        stopping = stop.requested_anywhere(device)  # every rank agrees (all-reduced flag)
+        if cfg.checkpoint.dir and ((interval and step % interval == 0) or stopping
                                    or step == cfg.train.train_steps):
             save_checkpoint(engine, cfg.checkpoint.dir, step, {
                 "step": step, "stepper_steps": stepper.steps, "data": train_iter.state_dict()},
                 cfg.checkpoint.keep_last)
+        if stopping:
+            history["stopped_early"] = step < cfg.train.train_steps
+            by = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"
+            log.print(f"stopped by {by} after step {step}"
+                      + (f", checkpoint in {cfg.checkpoint.dir}" if cfg.checkpoint.dir else ""))
+            break
+    history["step"] = step
     if history["losses"]:
         first, last = history["losses"][0], history["losses"][-1]
         summary = f"done: {step} steps, train loss {first:.3f} -> {last:.3f}"

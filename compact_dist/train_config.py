@@ -125,8 +125,6 @@ class TrainConfig(_Section):
                 raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1")
             if m.seq_length % tp:
                 raise ValueError(f"seq_length={m.seq_length} is not divisible by TP size {tp}")
-            if self.train.zero_stage == 3:
-                raise ValueError("ZeRO-3 with sequence_parallel is not supported")
         if self.recompute.deepspeed_checkpointing and self.recompute.granularity == "none":
             raise ValueError("recompute.deepspeed_checkpointing needs granularity full/selective")
         c = self.compression

@@ -315,3 +315,234 @@ def test_plot_results_writes_pngs_and_tables(results, tmp_path):
              for v in run.values()]
     assert len(diffs) == 4 and max(diffs) < 1e-4
     assert "| r1/4 |" in (tmp_path / "convergence.md").read_text()
+
+
+# ----------------------------------------------------------------------------- convergence segments
+
+def test_convergence_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    """A variant stopped by SIGTERM at step 3 of 8 (checkpoint + part JSON) and run again
+    resumes from the checkpoint; its stitched curve has the uninterrupted run's steps, losses
+    and evaluations. Resampling every 3 steps puts a resample right after the stop. (The two
+    first runs may both build the shared dataset cache: the first complete one is kept.)"""
+    common = [sys.executable, "benchmarks/convergence.py", "--tiny", "--variant", "r1/4",
+              "--cache-dir", str(tmp_path / "cache"), "--steps", "8",
+              "--override", "compression.resample_interval=3"]
+    full_proc = subprocess.Popen(common + ["--out-dir", str(tmp_path / "full")], env=ENV,
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+    seg = tmp_path / "seg"
+    log = run(common + ["--out-dir", str(seg), "--signal-at-step", "3"]).stdout
+    assert "stopped at step 3 of 8" in log
+    part = json.loads((seg / "convergence_r1-4.part.json").read_text())
+    assert part["benchmark"] == "convergence_part" and not part["complete"]
+    assert part["step_reached"] == 3 and len(part["losses"]) == 3
+    assert [p["step"] for p in part["valid"]] == [2]
+    assert (seg / "ckpt_r1-4" / "latest").read_text() == "step_00000003"
+    assert not (seg / "convergence_r1-4.json").exists()
+    run(common + ["--out-dir", str(seg)])
+    assert full_proc.wait(timeout=240) == 0, full_proc.stdout.read()[-3000:]
+    full = json.loads((tmp_path / "full" / "convergence_r1-4.json").read_text())
+    done = json.loads((seg / "convergence_r1-4.json").read_text())
+    assert not (seg / "convergence_r1-4.part.json").exists()
+    assert done["complete"] and done["missing_steps"] == 0 and done["step_reached"] == 8
+    assert [(g["start_step"], g["end_step"], g["stopped_early"]) for g in done["segments"]] == [
+        (0, 3, True), (3, 8, False)]
+    assert len(done["losses"]) == len(full["losses"]) == 8
+    assert done["losses"] == pytest.approx(full["losses"], abs=1e-5)
+    assert [p["step"] for p in done["valid"]] == [p["step"] for p in full["valid"]] == [2, 4, 6, 8]
+    assert [p["loss"] for p in done["valid"]] == pytest.approx(
+        [p["loss"] for p in full["valid"]], abs=1e-5)
+    assert done["final_valid_ppl"] == pytest.approx(full["final_valid_ppl"], rel=1e-5)
+
+
+def test_stitch_by_step():
+    import convergence as cv
+
+    prev = {"losses": [1.0, 2.0, 3.0, 4.0], "valid": [{"step": 2}, {"step": 4}]}
+    # resumed from a checkpoint at step 3 (the part had reached 4): steps 4.. replaced
+    losses, valid, missing = cv.stitch(prev, [4.5, 5.0], [{"step": 4}], end_step=5)
+    assert losses == [1.0, 2.0, 3.0, 4.5, 5.0] and missing == 0
+    assert [p["step"] for p in valid] == [2, 4]
+    # checkpoint at step 6, part lost after step 4: steps 5, 6 unknown
+    losses, valid, missing = cv.stitch(prev, [7.0], [], end_step=7)
+    assert losses == [1.0, 2.0, 3.0, 4.0, None, None, 7.0] and missing == 2
+    assert cv.stitch(None, [1.0, 2.0], [], end_step=2) == ([1.0, 2.0], [], 0)
+
+
+def test_time_limit_sends_sigterm_to_itself():
+    import signal
+    import time
+
+    import convergence as cv
+
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: got.append(a[0]))
+    try:
+        timer = cv.start_time_limit(0.2)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert got == [signal.SIGTERM] and not timer.is_alive()
+        assert cv.start_time_limit(None) is None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _fake_run(variant, valid, steps=4, complete=True, peak=10.0, s_per_step=0.1):
+    return {"benchmark": "convergence" if complete else "convergence_part", "variant": variant,
+            "complete": complete, "steps": steps, "step_reached": valid[-1][0],
+            "tokens": steps * 100, "epochs": 0.5, "wall_s": 9.0, "s_per_step": s_per_step,
+            "peak_mem_GiB": peak, "segments": [{}],
+            "config": {"layers": 1, "hidden": 8, "heads": 1, "ffn": 16, "seq": 10,
+                       "micro_batch": 10, "vocab": 300, "precision": "bf16", "lr": 1e-3,
+                       "min_lr": 1e-4, "warmup": 1, "overrides": []},
+            "model_params": 1000, "dataset": {"train_tokens": 1, "valid_tokens": 1},
+            "device": "fake", "losses": [3.0] * valid[-1][0], "final_train_loss_avg": 3.0,
+            "valid": [{"step": s, "tokens": s * 100, "loss": math.log(p), "ppl": p}
+                      for s, p in valid],
+            **({"final_valid_ppl": valid[-1][1], "final_valid_loss": math.log(valid[-1][1])}
+               if complete else {})}
+
+
+def test_merge_two_baseline_seeds_noise_gap_and_partial_variants(tmp_path):
+    """Reference = mean of the seeds, noise = |ppl1 - ppl2| / mean; gaps vs the mean, within
+    noise or not; an unfinished variant compared at its last common evaluation; a final JSON
+    wins over a stale part JSON of the same variant."""
+    import convergence as cv
+
+    runs = {
+        "baseline": _fake_run("baseline", [(2, 30.0), (4, 20.0)]),
+        "baseline_seed2": _fake_run("baseline_seed2", [(2, 32.0), (4, 21.0)]),
+        "r1/4": _fake_run("r1/4", [(2, 31.0), (4, 20.6)], peak=8.0, s_per_step=0.12),
+        "pca_r1/4": _fake_run("pca_r1/4", [(2, 33.0)], complete=False),
+        "r1/8": _fake_run("r1/8", [(2, 40.0), (4, 22.0)]),
+    }
+    for name, r in runs.items():
+        suffix = ".part.json" if not r["complete"] else ".json"
+        (tmp_path / f"cv_{cv.slug(name)}{suffix}").write_text(json.dumps(r))
+    stale = _fake_run("r1/4", [(2, 99.0)], complete=False)
+    (tmp_path / "cv_r1-4.part.json").write_text(json.dumps(stale))
+    m = cv.merge(tmp_path, "cv")
+    assert list(m["variants"]) == ["baseline", "baseline_seed2", "r1/4", "r1/8", "pca_r1/4"]
+    ref = m["reference"]
+    assert ref["seeds"] == ["baseline", "baseline_seed2"] and ref["step"] == 4
+    assert ref["ppl_mean"] == pytest.approx(20.5)
+    assert ref["noise_pct"] == pytest.approx(100 * 1.0 / 20.5) and ref["complete"]
+    r4, r8, pca = (m["variants"][v] for v in ("r1/4", "r1/8", "pca_r1/4"))
+    assert r4["gap_pct"] == pytest.approx(100 * (20.6 / 20.5 - 1)) and r4["within_seed_noise"]
+    assert r4["final_ppl_ratio_vs_baseline"] == pytest.approx(20.6 / 20.5)
+    assert r4["peak_mem_GiB"] == 8.0 and r4["s_per_step"] == 0.12
+    assert r8["gap_pct"] == pytest.approx(100 * (22.0 / 20.5 - 1))
+    assert r8["within_seed_noise"] is False
+    assert not pca["complete"] and pca["compare_step"] == 2 and "final_ppl_gap_pct" not in pca
+    assert pca["gap_pct"] == pytest.approx(100 * (33.0 / 31.0 - 1))
+    assert pca["seed_noise_pct"] == pytest.approx(100 * 2.0 / 31.0)
+    assert [p["ppl_ratio_vs_baseline"] for p in r4["curve"]] == pytest.approx(
+        [31.0 / 31.0, 20.6 / 20.5])
+    md = cv.merged_markdown(m)
+    assert "seed noise |ppl seed1 - ppl seed2| / mean = 4.88%" in md
+    assert "| r1/4 | 4 |" in md and "| +0.49% | 4.88% | yes |" in md
+    assert "| r1/8 |" in md and "| no |" in md and "| pca_r1/4 | 2/4 (running) |" in md
+    png = cv.plot_merged(m, tmp_path, "cv")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_presets_and_variants():
+    import convergence as cv
+
+    a = cv.parse_args(["--variant", "baseline", "--preset", "110m"])
+    assert (a.layers, a.hidden, a.heads, a.ffn, a.seq, a.micro_batch, a.vocab) == (
+        12, 768, 12, 2048, 1024, 32, 16384)
+    assert cv.model_params(a.layers, a.hidden, a.ffn, a.vocab) >= 110_000_000
+    assert cv.train_steps(a, {"train_tokens": 10**8}) == 45_000_000 // (32 * 1024)
+    assert a.prefix == "convergence110m" and a.eval_interval == 50 and a.save_interval > 0
+    # an evaluation every 50 steps costs < 3% (on an H100 one evaluation batch took 0.045 s,
+    # 0.43 of a 0.105 s training step)
+    assert a.eval_batches * 0.45 / a.eval_interval < 0.03
+    assert cv.parse_args(["--variant", "baseline", "--preset", "110m", "--epochs", "1"]
+                         ).tokens is None
+    old = cv.parse_args(["--variant", "baseline"])
+    assert (old.preset, old.prefix, old.layers, old.epochs, old.tokens) == (
+        "33m", "convergence", 8, 3.0, None)
+    seed2 = cv.overrides(a, "baseline_seed2", 10)
+    assert "train.seed=1235" in seed2 and "compression.enabled=false" in seed2
+    assert not [o for o in seed2 if o.startswith("data.seed")]  # the same data order
+    assert "compression.projection=pca" in cv.overrides(a, "pca_unbiased_r1/4", 10)
+    assert "compression.moments_on_resample=transport" in cv.overrides(a, "gradient_r1/4", 10)
+    assert cv.checkpoint_dir(a, "pca_r1/4").name == "ckpt_pca_r1-4"
+
+
+# ----------------------------------------------------------------------------- host corpus
+
+def _tree(root: Path) -> None:
+    files = {
+        "a.py": b"print('a')\n",
+        "b/dup.py": b"print('a')\n",                     # same content as a.py
+        "b/z.h": b"#define Z 1\n",
+        "big.txt": b"x" * 2000 + b"\n",                 # over the 1000-byte cap
+        "bin.h": b"int x;\0\n",                         # NUL: binary
+        "latin1.c": "caf\xe9\n".encode("latin-1"),      # not UTF-8
+        "empty.py": b"  \n",
+        "long.md": b"y" * 600 + b"\n",                  # a line over --max-line-chars 500
+        "data.json": b"{}\n",                           # extension not kept
+        "__pycache__/c.py": b"cached = 1\n",            # skipped directory
+        "site-packages/pkg/c.pyi": b"def c() -> int: ...\n",
+        "site-packages/pkg/again.py": b"print('a')\n",  # duplicate across roots
+        "site-packages/pkg/doc.rst": "Ünïcode ok\n".encode(),
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+def test_host_corpus_filters_dedups_and_is_deterministic(tmp_path):
+    import host_corpus as hc
+
+    root = tmp_path / "py"
+    _tree(root)
+    (root / "linked").symlink_to(root / "b")  # symlinked directory: not followed
+    roots = ["--root", f"stdlib={root}", "--root", f"purelib={root / 'site-packages'}"]
+    opts = [*roots, "--max-file-bytes", "1000", "--max-line-chars", "500"]
+
+    def build(name, *extra):
+        out = tmp_path / f"{name}.jsonl"
+        meta = hc.main(["--out", str(out), *opts, *extra])
+        docs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        return out, meta, docs
+
+    out, meta, docs = build("one")
+    expected = {"stdlib/a.py", "stdlib/b/z.h", "purelib/pkg/c.pyi", "purelib/pkg/doc.rst"}
+    assert {d["path"] for d in docs} == expected  # site-packages walked once, as purelib
+    assert meta["files"] == 4 and meta["duplicates_dropped"] == 2
+    assert meta["bytes"] == sum(len(d["text"].encode()) for d in docs)
+    assert meta["skipped"] == {"too_large": 1, "binary": 1, "not_utf8": 1, "long_lines": 1,
+                               "empty": 1, "unreadable": 0, "max_bytes": 0}
+    assert meta["per_extension"][".py"] == {"files": 1, "bytes": 11}
+    assert set(meta["per_root"]) == {"stdlib", "purelib"}
+    assert json.loads(hc.meta_path(out).read_text())["files"] == 4
+    assert {d["text"] for d in docs} >= {"print('a')\n", "Ünïcode ok\n"}
+    again, _, _ = build("two")
+    assert again.read_bytes() == out.read_bytes()  # same tree, same options: same bytes
+    _, _, walk = build("walk", "--no-shuffle")
+    assert [d["path"] for d in walk] == ["stdlib/a.py", "stdlib/b/z.h", "purelib/pkg/c.pyi",
+                                         "purelib/pkg/doc.rst"]
+    _, _, other = build("seed", "--seed", "5")
+    assert sorted(map(str, other)) == sorted(map(str, docs))
+    _, meta, capped = build("capped", "--max-bytes", "30")
+    assert meta["bytes"] <= 30 and 0 < meta["files"] < 4 and meta["skipped"]["max_bytes"] > 0
+    assert capped == docs[:len(capped)]  # a prefix of the shuffled order
+    # the corpus feeds compact_dist.data as is
+    from compact_dist.data import DataConfig, read_corpus
+
+    cfg = DataConfig(source="files", paths=[str(out)], max_bytes=10**6)
+    assert read_corpus(cfg) == [d["text"] for d in docs]
+
+
+def test_host_roots_are_this_interpreters():
+    import sysconfig
+
+    import host_corpus as hc
+
+    roots = dict(hc.host_roots())
+    assert os.path.realpath(sysconfig.get_paths()["stdlib"]) == roots["stdlib"]
+    assert len(set(roots.values())) == len(roots) and all(os.path.isdir(p) for p in roots.values())

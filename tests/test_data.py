@@ -247,3 +247,33 @@ def test_two_processes_rank0_builds_others_wait(tmp_path):
     for k, batch in enumerate(_batches(train, 3)):
         joined = torch.cat([got[0]["train"][k]["tokens"], got[1]["train"][k]["tokens"]])
         assert torch.equal(joined, batch["tokens"])
+
+
+def test_tokenizer_train_bytes_samples_spread_documents(tmp_path):
+    docs = [f"doc{i:03d} " + "x" * (10 + i % 7) for i in range(100)]
+    total = sum(len(d.encode()) for d in docs)
+    assert D.tokenizer_sample(docs, None) is docs and D.tokenizer_sample(docs, total) is docs
+    sample = D.tokenizer_sample(docs, 300)
+    stride = -(-total // 300)
+    assert stride > 1 and sum(len(d.encode()) for d in sample) <= 300
+    assert sample[:-1] == docs[::stride][: len(sample) - 1]  # every stride-th, spread out
+    assert docs[::stride][len(sample) - 1].startswith(sample[-1])  # the last one cut to fit
+    assert int(sample[-1][3:6]) > 50  # reaches the second half of the corpus, not a prefix
+    assert D.tokenizer_sample(["é" * 10], 5) == ["éé"]  # cut on a UTF-8 boundary
+    # the dataset: BPE trained on the sample, every document tokenized; its own cache key
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 30})
+                              + "\n" for i in range(40)))
+    cfg = DataConfig(source="files", paths=[str(corpus)], vocab_size=300,
+                     cache_dir=str(tmp_path / "cache"))
+    budget = 3000
+    _, full_dir = D.prepare_dataset(cfg)
+    tok, sub_dir = D.prepare_dataset(cfg.model_copy(update={"tokenizer_train_bytes": budget}))
+    assert sub_dir != full_dir
+    meta, full_meta = (json.loads((d / "meta.json").read_text()) for d in (sub_dir, full_dir))
+    docs = D.read_corpus(cfg)
+    assert meta["documents"] == full_meta["documents"] == 40
+    assert full_meta["tokenizer_train_documents"] == 40
+    assert meta["tokenizer_train_bytes"] <= budget and meta["tokenizer_train_documents"] < 40
+    assert meta["train_tokens"] + meta["valid_tokens"] == sum(
+        len(ids) + 1 for ids in tok.encode_batch(docs))

@@ -70,6 +70,63 @@ def test_saved_bytes_shrink_with_the_ratio(kind):
         previous = saved
 
 
+def _tensors_in(value, depth=0):
+    """Tensors reachable from `value` through containers and plain objects' attributes."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth < 3 and isinstance(value, (list, tuple, set)):
+        for item in value:
+            yield from _tensors_in(item, depth + 1)
+    elif depth < 3 and isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_in(item, depth + 1)
+    elif depth < 3 and hasattr(value, "__dict__") and not isinstance(value, type):
+        for item in vars(value).values():
+            yield from _tensors_in(item, depth + 1)
+
+
+@pytest.mark.parametrize("mode", ["subspace", "unbiased"])
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_input_is_not_kept_alive_after_forward(kind, mode):
+    """Beyond save_for_backward (saved-bytes test): no attribute of the autograd context holds
+    X or a tensor of its size (a copy, a view, another dtype), and X itself dies with the last
+    reference outside the graph."""
+    import gc
+    import weakref
+
+    layer = build(kind, N, M, LayerCompression(ratio=0.25, mode=mode))
+    if mode == "subspace":
+        with torch.no_grad():
+            layer.subspace_factor.normal_(std=0.1)  # the A P^T path too
+    leaf = torch.randn(32, 2, N, requires_grad=True)
+    x = leaf * 2.0  # not a leaf: only what the layer keeps can keep it (x * number saves none)
+    numel, storage = x.numel(), x.untyped_storage().data_ptr()
+    alive = weakref.ref(x)
+    y, _ = layer(x)
+    nodes, todo = [], [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in nodes:
+            nodes.append(node)
+            todo.extend(n for n, _ in node.next_functions)
+    ctx = [n for n in nodes if type(n).__name__ == "CompressedLinearFunctionBackward"]
+    assert len(ctx) == 1
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    attributes = vars(ctx[0])
+    assert "blocks" in attributes  # the scan sees what forward put on ctx
+    for name, value in attributes.items():
+        for t in _tensors_in(value):
+            if t.untyped_storage().data_ptr() in params:
+                continue
+            assert t.untyped_storage().data_ptr() != storage, name
+            assert t.numel() < numel, (name, tuple(t.shape))
+    del x
+    gc.collect()
+    assert alive() is None
+    y.sum().backward()  # the graph still works without X
+    assert leaf.grad is not None
+
+
 @pytest.mark.parametrize("kind", ["column", "row"])
 def test_merge_keeps_the_function_and_applies_decay_to_w_eff(kind):
     layer = build(kind, N, M, LayerCompression(ratio=0.25))
@@ -167,7 +224,8 @@ def test_resample_needs_merge_and_changes_p():
 def test_stepper_merges_every_step_and_resamples_every_T(moments):
     layer = build("column", N, M, LayerCompression(ratio=0.25))
     model = torch.nn.ModuleList([layer])
-    cfg = CompressionConfig(ratio=0.25, resample_interval=3, moments_on_resample=moments)
+    cfg = CompressionConfig(ratio=0.25, resample_interval=3, moments_on_resample=moments,
+                            projection="gaussian")
     opt = torch.optim.AdamW(optimizer_param_groups(model, 0.1), lr=1e-2)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]  # bias, factor
     stepper = SubspaceStepper(model, cfg)

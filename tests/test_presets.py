@@ -101,8 +101,11 @@ def test_zero_stage_and_ratio_switch_by_override():
                                    "parallel.sequence_parallel=true"])
     assert (cfg.train.zero_stage, cfg.compression.ratio) == (2, 0.25)
     cfg.check_environment(world_size=16, has_cuda=True)
-    with pytest.raises(ValueError, match="ZeRO-3 with sequence_parallel"):
-        load_train_config(path, ["parallel.sequence_parallel=true"])  # the preset's ZeRO-3
+    zero3_sp = load_train_config(path, ["parallel.sequence_parallel=true"])  # preset's ZeRO-3
+    assert (zero3_sp.train.zero_stage, zero3_sp.parallel.tensor_model_parallel_size) == (3, 2)
+    zero3_sp.check_environment(world_size=16, has_cuda=True)
+    with pytest.raises(ValueError, match="sequence_parallel needs CUDA"):
+        zero3_sp.check_environment(world_size=16, has_cuda=False)
     with pytest.raises(ValueError, match="does not divide"):
         load_train_config(path, ["parallel.tensor_model_parallel_size=3"])
 

@@ -48,8 +48,7 @@ def train(world: int, overrides: list[str], tmp: Path, name: str) -> dict:
         (["parallel.tensor_model_parallel_size=3"], "does not divide num_attention_heads"),
         (["compression.ratio=1.5"], "less than or equal to 1"),
         (["data.source=files", "data.paths=['/nonexistent/*.txt']"], "no files match"),
-        (["train.zero_stage=3", "parallel.tensor_model_parallel_size=2",
-          "parallel.sequence_parallel=true"], "ZeRO-3 with sequence_parallel"),
+        (["parallel.sequence_parallel=true"], "sequence_parallel needs tensor_model_parallel_size > 1"),
         (["train.zero_stage=4"], "zero_stage"),
         (["train.global_batch_size=3"], "not a multiple of micro_batch_size"),
         (["model.typo=1"], "Extra inputs"),
@@ -90,7 +89,7 @@ def _ddp_reference(rank, overrides, out):
     from compact_dist.data import build_data
     from compact_dist.model import build_gpt_model
     from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
-    from compact_dist.train import init_distributed, lr_lambda, transformer_config
+    from compact_dist.train import init_distributed, lr_lambda, probe_loss, transformer_config
     from compact_dist.train_config import load_train_config
 
     cfg = load_train_config(None, overrides)
@@ -109,6 +108,7 @@ def _ddp_reference(rank, overrides, out):
     losses = []
     for _ in range(cfg.train.train_steps):
         b = next(it)
+        stepper.before_step(lambda: probe_loss(model, b))  # projection=gradient only
         loss = ddp(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean()
         opt.zero_grad()
         loss.backward()
@@ -134,6 +134,19 @@ def test_zero_1_2_3_match_ddp(tmp_path):
     for stage in (1, 2, 3):
         got = train(2, overrides + [f"train.zero_stage={stage}"], tmp_path, f"z{stage}")
         assert got["losses"] == pytest.approx(reference, rel=1e-4), (stage, got, reference)
+
+
+@pytest.mark.parametrize("stage, projection", [(2, "gradient"), (1, "pca")])
+def test_data_aware_projections_match_ddp(tmp_path, stage, projection):
+    """The probe (gradient) or the in-forward sketch (pca) under DeepSpeed gives the P that
+    DDP's reference computes, and the probe's backward leaves ZeRO's gradients alone."""
+    overrides = small(tmp_path, f"compression.projection={projection}",
+                      "compression.moments_on_resample=transport")
+    out = tmp_path / "ddp.json"
+    run_distributed_raw(_ddp_reference, 2, overrides, str(out))
+    reference = json.loads(out.read_text())["losses"]
+    got = train(2, overrides + [f"train.zero_stage={stage}"], tmp_path, projection)
+    assert got["losses"] == pytest.approx(reference, rel=1e-4), (got, reference)
 
 
 def test_tp2_dp2_equals_tp1_dp2(tmp_path):
@@ -197,3 +210,51 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert (ckpt / "step_00000004").exists()  # the half-written one
     resumed = train(1, common, tmp_path, "after_kill")["losses"]
     assert len(resumed) == 2  # steps 3 and 4, continuing from step 2
+
+
+def _stopped_by_signal(rank, overrides, out, stop_rank, stop_step):
+    """compact_dist.train.run where only `stop_rank` gets SIGUSR1, at step `stop_step`."""
+    import signal
+
+    import compact_dist.train as train_mod
+    from compact_dist.train_config import load_train_config
+
+    original = train_mod.Logger.step
+
+    def step(logger, step, scalars, line):
+        if rank == stop_rank and step == stop_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(logger, step, scalars, line)
+
+    def mine(*args):
+        pass
+
+    train_mod.Logger.step = step
+    signal.signal(signal.SIGUSR1, mine)  # run() must put this one back
+    history = train_mod.run(load_train_config(None, overrides))
+    restored = signal.getsignal(signal.SIGUSR1) is mine
+    Path(f"{out}.{rank}").write_text(json.dumps({**history, "restored": restored}))
+
+
+def test_signal_stops_every_rank_after_the_step_with_a_checkpoint(tmp_path):
+    """SIGUSR1 to rank 1 alone at step 2 of 5: both ranks finish step 2 (the flag is
+    all-reduced), save step_00000002 (save_interval 0: no other save before the end), return
+    stopped_early with the step reached, and restore the previous handlers; the next run
+    resumes at step 3."""
+    ckpt = tmp_path / "ckpt"
+    common = small(tmp_path, "train.train_steps=5", f"checkpoint.dir={ckpt}",
+                   "checkpoint.save_interval=0")
+    run_distributed_raw(_stopped_by_signal, 2, common, str(tmp_path / "stop"), 1, 2)
+    got = [json.loads((tmp_path / f"stop.{r}").read_text()) for r in range(2)]
+    for h in got:
+        assert h["stopped_early"] is True and h["step"] == 2 and len(h["losses"]) == 2
+        assert h["restored"]
+    assert got[0]["losses"] == got[1]["losses"]
+    assert (ckpt / "latest").read_text() == "step_00000002"
+    assert sorted(p.name for p in (ckpt / "step_00000002").glob("compact_rank*.pt")) == [
+        "compact_rank0.pt", "compact_rank1.pt"]
+    run_distributed_raw(_stopped_by_signal, 2, common, str(tmp_path / "resume"), -1, 0)
+    resumed = json.loads((tmp_path / "resume.0").read_text())
+    assert resumed["stopped_early"] is False and resumed["step"] == 5
+    assert len(resumed["losses"]) == 3 and resumed["restored"]
+    assert (ckpt / "latest").read_text() == "step_00000005"
