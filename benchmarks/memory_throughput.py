@@ -504,7 +504,7 @@ class Bench:
             counter.phase = None
         lr = engine.get_lr()[0]
         engine.step()
-        state["stepper"].after_step(lr, state["weight_decay"])
+        state["stepper"].after_step(lr, state["weight_decay"], engine.optimizer)
         return loss.detach()
 
     def timed_steps(self, state: dict, batch: dict, n: int) -> list[float]:
