@@ -54,8 +54,11 @@ import torch
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run from a checkout, uninstalled
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
+from compact_dist.progress import PEAK_BF16_FLOPS as _PEAKS  # noqa: E402
+from compact_dist.progress import model_flops  # noqa: E402,F401  (used below, and by tests)
+
 GiB = 2**30
-PEAK_BF16_FLOPS = 989.4e12  # H100 / H200 SXM dense bf16
+PEAK_BF16_FLOPS = _PEAKS["H100"]  # H100 / H200 SXM dense bf16
 GEMM_CEILING_FLOPS = 786e12  # measured bf16 GEMM ceiling on the lent H100/H200
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -101,17 +104,6 @@ FLOPS_FORMULA = (
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-def model_flops(layers: int, hidden: int, ffn: int, seq: int, vocab_padded: int,
-                kv_channels_total: Optional[int] = None) -> dict[str, float]:
-    """Model FLOPs per token (see FLOPS_FORMULA) and the matmul parameter count."""
-    kv = hidden if kv_channels_total is None else kv_channels_total
-    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * ffn
-    n_matmul = layers * per_layer + hidden * vocab_padded
-    causal_attn = 6 * layers * hidden * seq
-    return {"matmul_params": n_matmul, "per_token": 6 * n_matmul + causal_attn,
-            "per_token_full_attention": 6 * n_matmul + 2 * causal_attn}
-
 
 def fit_peak(m1: int, p1: float, m2: int, p2: float) -> tuple[float, float]:
     """peak(mbs) = a + b * mbs through two measurements; returns (a, b)."""

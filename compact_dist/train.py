@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import Optional
 
 import torch
@@ -152,6 +151,7 @@ class Logger:
     def __init__(self, cfg: TrainConfig, rank: int, start_step: int):
         self.active = rank == 0
         self.bar = self.writer = None
+        self.rates = ""  # tokens/s (and MFU) of the last log interval
         if not self.active:
             return
         if cfg.logging.progress:
@@ -170,20 +170,26 @@ class Logger:
             (self.bar.write if self.bar else print)(text)
 
     def step(self, step: int, scalars: dict[str, float], line: bool) -> None:
+        """scalars: train/loss, train/lr, perf/memory_GiB every step; on `line` steps also the
+        ThroughputMeter's rates over the steps since the previous line."""
         if not self.active:
             return
         if self.writer:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
+        if "perf/tokens_per_s" in scalars:
+            self.rates = f"{scalars['perf/tokens_per_s']:,.0f} tok/s " + (
+                f"MFU {100 * scalars['perf/mfu']:.1f}% " if "perf/mfu" in scalars else "")
         if self.bar:
             self.bar.update(1)
             self.bar.set_postfix_str(
-                f"loss {scalars['train/loss']:.3f} {scalars['perf/tokens_per_s']:,.0f} tok/s "
+                f"loss {scalars['train/loss']:.3f} {self.rates}"
                 f"mem {scalars['perf/memory_GiB']:.2f} GiB", refresh=False)
         if line:
             self.print(
                 f"step {step:5d} | loss {scalars['train/loss']:.4f} | lr "
-                f"{scalars['train/lr']:.2e} | {scalars['perf/tokens_per_s']:,.0f} tok/s | "
+                f"{scalars['train/lr']:.2e} | {scalars['perf/step_time_s'] * 1e3:,.0f} ms/step | "
+                f"{self.rates.strip().replace(' MFU', ' | MFU')} | "
                 f"mem {scalars['perf/memory_GiB']:.2f} GiB")
 
     def close(self) -> None:
@@ -227,6 +233,24 @@ def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, vocab_size: 
     model.to(device)
     allreduce_sequence_parallel_grads(model)
     return model
+
+
+def throughput_meter(cfg: TrainConfig, tokens_per_step: int, bf16: bool, device: torch.device,
+                     start_step: int, vocab_size: int):
+    """The ThroughputMeter of a run: model FLOPs of cfg's GPT, the GPU's peak (MFU only for
+    bf16 on a known GPU), every rank's GPU sharing the tokens."""
+    import torch.distributed as dist
+
+    from compact_dist.progress import ThroughputMeter, model_flops, peak_flops
+
+    m = cfg.model
+    kv = (m.num_query_groups or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)
+    flops = model_flops(m.num_layers, m.hidden_size, m.ffn, m.seq_length,
+                        padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size), kv)
+    peak = (peak_flops(torch.cuda.get_device_name(device))
+            if bf16 and device.type == "cuda" else None)
+    return ThroughputMeter(tokens_per_step, flops["per_token"], peak, dist.get_world_size(),
+                           start_step)
 
 
 def probe_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -328,9 +352,10 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
 
     history = {"losses": [], "valid": [], "stopped_early": False}
     stop.install()
-    tokens_per_step = cfg.train.micro_batch_size * grad_accum * dp * cfg.model.seq_length
+    meter = throughput_meter(cfg, tokens_per_step=cfg.train.micro_batch_size * grad_accum * dp
+                             * cfg.model.seq_length, bf16=bf16, device=device, start_step=step,
+                             vocab_size=tokenizer.vocab_size)
     engine.train()
-    start_time, start_step = time.perf_counter(), step
     while step < cfg.train.train_steps:
         loss_sum = torch.zeros((), device=device)
         batches = (to_device(next(train_iter)) for _ in range(grad_accum))
@@ -347,13 +372,10 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
         mean_loss = (loss_sum / (grad_accum * dp)).item()
         history["losses"].append(mean_loss)
-        elapsed = time.perf_counter() - start_time
-        scalars = {
-            "train/loss": mean_loss, "train/lr": lr,
-            "perf/tokens_per_s": tokens_per_step * (step - start_step) / max(elapsed, 1e-9),
-            "perf/memory_GiB": memory_gib(device),
-        }
-        log.step(step, scalars, line=step % cfg.train.log_interval == 0 or step == 1)
+        line = step % cfg.train.log_interval == 0 or step == 1
+        scalars = {"train/loss": mean_loss, "train/lr": lr, "perf/memory_GiB": memory_gib(device),
+                   **(meter.interval(step) if line else {})}
+        log.step(step, scalars, line=line)
         if step % cfg.train.eval_interval == 0 or step == cfg.train.train_steps:
             vloss = evaluate()
             history["valid"].append((step, vloss))
@@ -382,7 +404,10 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         if history["valid"]:
             vloss = history["valid"][-1][1]
             summary += f", validation loss {vloss:.3f} (perplexity {math.exp(min(vloss, 50)):.1f})"
-        log.print(summary)
+        total = meter.totals(step)
+        log.print(summary + f"\ntotals: {total['steps']} steps, {total['tokens']:,} tokens in "
+                  f"{total['seconds']:.1f} s ({total['tokens_per_s']:,.0f} tok/s with "
+                  f"evaluations and checkpoints), peak memory {memory_gib(device):.2f} GiB")
     log.close()
     return history
 

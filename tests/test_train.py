@@ -258,3 +258,27 @@ def test_signal_stops_every_rank_after_the_step_with_a_checkpoint(tmp_path):
     assert resumed["stopped_early"] is False and resumed["step"] == 5
     assert len(resumed["losses"]) == 3 and resumed["restored"]
     assert (ckpt / "latest").read_text() == "step_00000005"
+
+
+def test_progress_rates_cover_the_last_interval_not_the_run():
+    """A slow first interval (start-up) must not make later lines read as a speed-up: each
+    line reports its own interval; MFU uses the model FLOPs and the GPU's peak."""
+    from compact_dist.progress import ThroughputMeter, model_flops, peak_flops
+
+    now = [0.0]
+    meter = ThroughputMeter(tokens_per_step=1000, flops_per_token=6e9, peak=1e15, gpus=2,
+                            start_step=0, clock=lambda: now[0])
+    now[0] = 10.0  # step 1 took 10 s (compilation, warm-up)
+    first = meter.interval(1)
+    now[0] = 12.0  # steps 2..21 took 0.1 s each
+    second = meter.interval(21)
+    assert first["perf/tokens_per_s"] == pytest.approx(100.0)
+    assert second["perf/tokens_per_s"] == pytest.approx(10000.0)  # not 21000 / 12
+    assert second["perf/step_time_s"] == pytest.approx(0.1)
+    assert second["perf/mfu"] == pytest.approx(6e9 * 10000.0 / 2e15)
+    totals = meter.totals(21)
+    assert totals["tokens"] == 21000 and totals["tokens_per_s"] == pytest.approx(1750.0)
+    assert peak_flops("NVIDIA H200") == peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert peak_flops("NVIDIA GH200 480GB") == 989.4e12 and peak_flops("cpu") is None
+    f = model_flops(layers=2, hidden=4, ffn=8, seq=16, vocab_padded=64)
+    assert f["per_token"] == 6 * f["matmul_params"] + 6 * 2 * 4 * 16
