@@ -35,7 +35,6 @@ class LayerCompression(BaseModel):
     seed: int = Field(default=1234, ge=0)
     base_dtype: Literal["fp32", "bf16"] = "fp32"
     row_parallel_blocks: int = Field(default=8, ge=1)
-    projection: Projection = "gaussian"
     update_scale: float = Field(default=1.0, gt=0.0)
 
     @model_validator(mode="after")
@@ -92,6 +91,10 @@ class CompressionConfig(BaseModel):
         paper's), 'reset' (zero moments and step count, so bias correction restarts) or
         'transport' (first moment mapped into the new basis, M <- M R with
         R = P_old^+ P_new; second moment V <- V (R o R), see compact_dist.moments).
+    Defaults: projection 'pca' with moments 'transport'. Unless set explicitly, mode
+    'unbiased' takes projection 'gaussian' (its gradient G P P^T is unbiased only for a random
+    P), and projection 'gaussian' takes moments 'keep' (consecutive Gaussian draws are
+    independent: transport would keep almost nothing of the moments).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -123,6 +126,11 @@ class CompressionConfig(BaseModel):
             raise ValueError("per-role 'ratios' cannot be combined with an absolute 'rank'")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"'layers' lists a role twice: {self.layers}")
+        given = self.model_fields_set
+        if self.mode == "unbiased" and "projection" not in given:
+            self.projection = "gaussian"  # unbiased needs E[P P^T] = I: a random P
+        if self.projection == "gaussian" and "moments_on_resample" not in given:
+            self.moments_on_resample = "keep"  # independent draws: nothing to transport
         return self
 
     @classmethod
@@ -143,7 +151,6 @@ class CompressionConfig(BaseModel):
             seed=self.seed,
             base_dtype=self.base_dtype,
             row_parallel_blocks=self.row_parallel_blocks,
-            projection=self.projection,
             update_scale=self.update_scale,
         )
 

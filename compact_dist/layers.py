@@ -260,7 +260,8 @@ class CompactLinearMixin:
         base_flat, base_start: the flat slice W0.view(-1)[base_start : base_start + numel] to
             update (default: all of W0; under ZeRO-3, this rank's partition of W0).
         With a bf16 W0 the sum is rounded stochastically, with noise that depends on (seed,
-        layer id, merge count, TP shard, slice start) only, so replicas stay equal.
+        layer id, merge count, TP rank, slice start) only, so data-parallel replicas stay
+        equal and the TP shards of one W0 draw independent noise.
         """
         module_factor = self.subspace_factor
         if module_factor is None:
@@ -287,7 +288,7 @@ class CompactLinearMixin:
                 # negative "epochs" keep these streams apart from the projections'
                 gen.manual_seed(block_seed(
                     self.compression.seed, self.layer_id, -1 - self.merge_count,
-                    (self.projection.first_block << 40) + base_start,
+                    (get_pg_rank(self.tp_group) << 40) + base_start,
                 ))
                 base.copy_(stochastic_round_to_bf16(merged, gen))
         module_factor.zero_()

@@ -77,29 +77,32 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
       identical on all data-parallel ranks) is merged without any communication; each rank's
       fp32 master fragment keeps only what the bf16 copy rounded away (zero in fp32), so
       nothing of the update is lost to rounding.
-    - ZeRO-3: A is gathered from DeepSpeed's fp32 master partitions (a collective over the
-      data-parallel group), each rank updates only its own partition of W0, and A's partitions
+    - ZeRO-3: A is gathered from DeepSpeed's fp32 master partitions (one all_gather over the
+      data-parallel group per 256 MiB bucket of masters, not one per layer), each rank
+      updates only its own partition of W0, and A's partitions
       and masters are zeroed. Where DeepSpeed holds W0 whole (a persistent parameter, fewer
       elements than stage3_param_persistence_threshold, or one a no-grad forward left
       gathered), forward uses that copy instead of gathering: every rank merges it (the same
       inputs on every rank: the same bits) and copies its partition out of it.
     """
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_local_fp32_param
+    from deepspeed.utils import safe_set_local_fp32_param
 
+    zero3 = []
     for layer in compact_layers(model):
         factor = layer.subspace_factor
         if factor is None:
             continue
-        if not _is_zero3(factor):
-            mapping = getattr(factor, "_hp_mapping", None)
-            if mapping is not None:  # this rank's fp32 master fragment of A
-                address = mapping.lp_fragment_address
-                low = factor.detach().view(-1).narrow(0, address.start, address.numel)
-                mapping.get_hp_fragment().sub_(low.float())
-            layer.merge_subspace(lr, weight_decay)
+        if _is_zero3(factor):
+            zero3.append(layer)
             continue
-        master = safe_get_full_fp32_param(factor).view(factor.ds_shape)
-        w0 = layer.weight
+        mapping = getattr(factor, "_hp_mapping", None)
+        if mapping is not None:  # this rank's fp32 master fragment of A
+            address = mapping.lp_fragment_address
+            low = factor.detach().view(-1).narrow(0, address.start, address.numel)
+            mapping.get_hp_fragment().sub_(low.float())
+        layer.merge_subspace(lr, weight_decay)
+    for layer, master in _gathered_zero3_masters(zero3):
+        factor, w0 = layer.subspace_factor, layer.weight
         if not _is_zero3(w0) or _holds_full_copy(w0):
             layer.merge_subspace(lr, weight_decay, factor=master)
             if _is_zero3(w0):  # W0 held whole: its partition is a slice of the full copy
@@ -111,6 +114,41 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
                                  base_start=start)
         factor.ds_tensor.zero_()
         safe_set_local_fp32_param(factor, torch.zeros_like(factor.ds_tensor))
+
+
+# elements of fp32 masters gathered per collective in the ZeRO-3 merge (256 MiB)
+ZERO3_MERGE_BUCKET = 64 * 2**20
+
+
+def _gathered_zero3_masters(layers: list, bucket: int = ZERO3_MERGE_BUCKET):
+    """Yield (layer, full fp32 master of its A [out, r]) for ZeRO-3 layers, gathering the
+    masters' partitions in buckets of about `bucket` elements: one all_gather over the
+    data-parallel group per bucket instead of one per layer (DeepSpeed's
+    safe_get_full_fp32_param). Every rank calls with the same layers in the same order."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    start = 0
+    while start < len(layers):
+        group = layers[start].subspace_factor.ds_process_group
+        world = dist.get_world_size(group=group)
+        stop, size = start, 0
+        while stop < len(layers) and (stop == start or size + layers[stop].subspace_factor.ds_numel
+                                      <= bucket):
+            size += layers[stop].subspace_factor.ds_tensor.ds_numel * world
+            stop += 1
+        chunk = layers[start:stop]
+        local = [safe_get_local_fp32_param(layer.subspace_factor).reshape(-1) for layer in chunk]
+        sizes = [t.numel() for t in local]
+        gathered = torch.empty(world, sum(sizes), dtype=local[0].dtype, device=local[0].device)
+        dist.all_gather_into_tensor(gathered.view(-1), torch.cat(local), group=group)
+        offset = 0
+        for layer, n in zip(chunk, sizes):
+            factor = layer.subspace_factor
+            full = gathered[:, offset:offset + n].reshape(-1)[:factor.ds_numel]
+            yield layer, full.view(factor.ds_shape)
+            offset += n
+        start = stop
 
 
 def _own_partition(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:

@@ -59,7 +59,7 @@ def test_pca_captures_the_dominant_subspace_and_gaussian_does_not(kind, blocks):
         x = torch.cat(parts, dim=-1)
     comp = dict(ratio=RATIO, row_parallel_blocks=blocks)
     gauss = build(kind, N, M, LayerCompression(**comp))
-    pca = build(kind, N, M, LayerCompression(projection="pca", **comp))
+    pca = build(kind, N, M, LayerCompression(**comp))
     cfg = CompressionConfig(projection="pca", resample_interval=50, moments_on_resample="keep",
                             **comp)
     _train_steps(pca, cfg, [x])  # step 0 sketches X, P switches after it
@@ -78,7 +78,7 @@ def test_gradient_probe_finds_gradient_row_space_and_leaves_grads_alone():
     """G = dY^T X lives in the span of the directions that dY selects; the probe's P captures
     >= 95% of ||G||^2 while X itself is isotropic (so PCA of X could not find it)."""
     rank = int(RATIO * N)
-    layer = build("column", N, M, LayerCompression(ratio=RATIO, projection="gradient"))
+    layer = build("column", N, M, LayerCompression(ratio=RATIO))
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(256, 1, N, generator=gen)
     u, _ = torch.linalg.qr(torch.randn(N, rank, generator=gen))
@@ -104,7 +104,7 @@ def test_gradient_probe_finds_gradient_row_space_and_leaves_grads_alone():
 
 
 def test_gradient_projection_without_probe_is_an_error():
-    layer = build("column", N, M, LayerCompression(ratio=RATIO, projection="gradient"))
+    layer = build("column", N, M, LayerCompression(ratio=RATIO))
     cfg = CompressionConfig(ratio=RATIO, projection="gradient")
     x = torch.randn(8, 1, N)
     with pytest.raises(ValueError, match="probe_loss"):
@@ -116,7 +116,7 @@ def test_gradient_projection_without_probe_is_an_error():
 
 def test_forward_with_unmerged_factor_applies_the_merge_scale():
     """W_eff = W0 + s A P^T: outputs with a non-zero A equal outputs after the merge."""
-    layer = build("row", N, M, LayerCompression(ratio=RATIO, projection="pca",
+    layer = build("row", N, M, LayerCompression(ratio=RATIO,
                                                 row_parallel_blocks=4, update_scale=0.3))
     x, _ = low_rank_input(64, N, 8)
     cfg = CompressionConfig(ratio=RATIO, projection="pca", row_parallel_blocks=4,
@@ -133,7 +133,7 @@ def test_forward_with_unmerged_factor_applies_the_merge_scale():
 
 def test_transport_keeps_the_first_moment_when_the_new_basis_spans_the_old():
     """P_new = P_old Q (a rotation within the same span): M_new P_new^T == M_old P_old^T."""
-    layer = build("row", N, M, LayerCompression(ratio=RATIO, projection="pca",
+    layer = build("row", N, M, LayerCompression(ratio=RATIO,
                                                 row_parallel_blocks=2))
     model = torch.nn.ModuleList([layer])
     opt = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=1e-3)
@@ -206,6 +206,16 @@ def test_sketch_extra_columns_are_seeded_per_global_block():
     assert a.top() is None  # nothing accumulated: the caller keeps its P
 
 
+def test_dependent_defaults_keep_unbiased_random_and_gaussian_moments_kept():
+    assert CompressionConfig().projection == "pca"
+    assert CompressionConfig().moments_on_resample == "transport"
+    assert CompressionConfig(mode="unbiased").projection == "gaussian"
+    assert CompressionConfig(mode="unbiased", projection="pca").projection == "pca"
+    assert CompressionConfig(projection="gaussian").moments_on_resample == "keep"
+    assert CompressionConfig(projection="gaussian",
+                             moments_on_resample="transport").moments_on_resample == "transport"
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"projection": "svd"}, "projection"),
     ({"update_scale": 0.0}, "update_scale"),
@@ -250,7 +260,7 @@ def _estimates_agree(rank, tp):
     x_full = x_full + 0.01 * torch.randn(s, b, n, generator=torch.Generator().manual_seed(5))
     cases = [("column", False), ("row", False)] + ([("column", True)] if tp > 1 else [])
     for kind, sp in cases:
-        comp = LayerCompression(ratio=RATIO, projection="pca", row_parallel_blocks=8)
+        comp = LayerCompression(ratio=RATIO, row_parallel_blocks=8)
         ref = build(kind, n, M, comp, tp_group=singles[rank])
         ref.start_sketch("pca").add_input(x_full)
         p_ref = ref.sketch.top()
