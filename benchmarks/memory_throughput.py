@@ -69,6 +69,9 @@ PRESETS: dict[str, dict[str, int]] = {
                  seq_length=2048, vocab_size=32000, micro_batch_size=8),
     "1.3b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5504,
                  seq_length=2048, vocab_size=32000, micro_batch_size=4),
+    # configs/train/llama_7b.yaml's shape (LLaMA 7B); micro-batch 1 (DP=4 ZeRO-3 on 80 GB cards)
+    "7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
+               seq_length=2048, vocab_size=32000, micro_batch_size=1),
 }
 
 # name -> overrides of compact_dist.train_config.TrainConfig (section.key: value).

@@ -400,7 +400,8 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     history["step"] = step
     if history["losses"]:
         first, last = history["losses"][0], history["losses"][-1]
-        summary = f"done: {step} steps, train loss {first:.3f} -> {last:.3f}"
+        ended = "stopped" if history["stopped_early"] else "done"
+        summary = f"{ended}: {step} steps, train loss {first:.3f} -> {last:.3f}"
         if history["valid"]:
             vloss = history["valid"][-1][1]
             summary += f", validation loss {vloss:.3f} (perplexity {math.exp(min(vloss, 50)):.1f})"

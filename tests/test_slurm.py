@@ -304,8 +304,13 @@ def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(cluster, tmp_pa
     assert second, log[-4000:]  # the requeued run appended to the same log (--open-mode=append)
     assert "received SIGUSR1" in first and f"requeueing job {job}" in first
     assert "done:" not in first  # interrupted before the end
+    # the requeue's SIGTERM made compact-train finish its step and checkpoint there
+    # (GracefulStop), so the next run starts from that step, not the last periodic checkpoint
+    stopped = re.search(r"stopped by SIG\w+ after step (\d+), checkpoint", first)
     resumed = re.search(r"resumed from step (\d+)", second)
-    assert resumed and 50 <= int(resumed.group(1)) < steps, second[-4000:]
+    assert stopped and resumed, (first[-4000:], second[-4000:])
+    assert int(resumed.group(1)) == int(stopped.group(1)), (stopped.group(0), resumed.group(0))
+    assert 50 <= int(resumed.group(1)) < steps
     assert f"done: {steps} steps" in second
     assert checkpoint_layout(ckpt)[0] == f"step_{steps:08d}"
 

@@ -1,0 +1,371 @@
+#!/usr/bin/env bash
+# The GPU results of benchmarks/results/, one named job per result, in one command:
+#
+#   bash benchmarks/gpu_suite.sh [options] JOB [JOB ...]     (JOB: a name of --list, or all)
+#   bash benchmarks/gpu_suite.sh --list                       (jobs, GPUs, minutes, results)
+#
+#   --deadline-s S    the whole invocation ends within S seconds of its start (default 540:
+#                     a 10-minute device call minus the caller's set-up); a job starts only
+#                     when its minimum time is left, and gets min(its time, what is left)
+#   --gpus N          GPUs to use (default: every visible one, torch.cuda.device_count)
+#   --serial          one job at a time (default: jobs run side by side on free GPUs, in the
+#                     order given; a job waits until enough GPUs are free)
+#   --dry-run         print the commands (each line: [job] ENV... command) and run nothing
+#   --tiny            CPU-sized models (smoke run; results go to <work>/results)
+#   --results-dir D   where result files go (default benchmarks/results)
+#   --work-dir D      logs, isolated parts, state (default .cache/gpu_suite/<time>)
+#
+# Each job needs a number of GPUs (or "all": every GPU, at least one) and is skipped, with
+# the reason in the summary, when fewer are visible or when it cannot start before the
+# deadline. Results (JSON + markdown) go to the results directory, plots are redone by
+# plot_results.py at the end; with OUT set, the new or changed result files (json/md/png) are
+# copied to $OUT: as they are when there are at most 6 of them at the top of the results
+# directory, else as gpu_suite_results.tgz (tar xzf ... -C benchmarks/results), next to
+# gpu_suite_summary.txt and gpu_suite_logs.tgz (at most 8 files: what the device tool returns).
+# Needs megatron-core, deepspeed, pydantic, tokenizers (+ hjson) importable: install the
+# wheels before calling it (benchmarks/README.md, "Reproduce").
+set -u
+cd "$(dirname "$0")/.." || exit 1
+START=$(date +%s)
+B=benchmarks
+PY=${PY:-python3}
+DEADLINE_S=540 NGPU="" SERIAL=0 DRY=0 TINY=0 RES="" WORK="" LIST=0
+RESERVE_S=25   # plotting, archives and copies at the end
+JOBS=()
+
+# name|GPUs|time limit s|minimum s|minutes (one call)|results (in the results directory)|what
+JOB_TABLE='mt_350m|1|300|90|4|mt_350m.{json,md}, mt_350m_memory_vs_time.png|350M, one GPU, every variant
+mt_1.3b|1|300|90|4|mt_1.3b.{json,md}, mt_1.3b_memory_vs_time.png|1.3B, one GPU, every variant
+mt_1.3b_r8bf16|1|75|50|1|mt_1.3b_r8bf16.{json,md}, mt_1.3b_r8bf16_memory_vs_time.png|1.3B, one GPU, baseline + r1/8 bf16 W0
+tp2_sp|2|200|90|2|mt_tp2_sp_z1.{json,md}, mt_tp2_sp_z1_memory_vs_time.png|TP=2 + SP, ZeRO-1, 1.3B, and TP=2 invariance (20 steps, 350M, bf16)
+inv_tp1|1|100|45|1|inv_tp1.{json,md}|TP-invariance reference, TP=1, bf16
+inv_fp32|2|160|100|2|inv_fp32_tp1.{json,md}, inv_fp32_tp2.{json,md}|TP-invariance in fp32 at TP=1 then TP=2
+dp2_z1|2|110|60|1.5|mt_dp2_z1.{json,md}, mt_dp2_z1_memory_vs_time.png|DP=2 ZeRO-1 (deepspeed launcher), 1.3B
+dp2_z3|2|80|70|1|mt_dp2_z3.{json,md}, mt_dp2_z3_memory_vs_time.png|DP=2 ZeRO-3 (deepspeed launcher, bf16 W0), 1.3B
+projection_cost|1|90|30|1|projection_cost.json|P generation, projection, merge per linear role, 1.3B shapes
+convergence33m|all|0|120|3-6 (4/2 GPUs)|convergence/convergence_*.json, convergence/convergence.{json,md}, convergence.md, convergence_ppl.png|33M on the stdlib corpus, 8 variants over the GPUs, resumable (state: .cache/gpu_suite/convergence33m)
+convergence110m|all|0|150|2 x 9 (4 GPUs)|convergence110m.{json,md}, convergence110m_ppl.png, convergence110m/|110M on the host corpus by benchmarks/convergence_gpu.sh, resumable
+tp4_sp_z1|4|240|110|3|mt_tp4_sp_z1.{json,md}, mt_tp4_sp_z1_memory_vs_time.png|TP=4 + SP, ZeRO-1, 1.3B, and TP=4 invariance (20 steps, 350M, bf16)
+tp2_dp2_z1|4|150|70|2|mt_tp2_dp2_z1.{json,md}, mt_tp2_dp2_z1_memory_vs_time.png|TP=2 x DP=2 + SP, ZeRO-1, 1.3B
+tp2_dp2_z2|4|150|70|2|mt_tp2_dp2_z2.{json,md}, mt_tp2_dp2_z2_memory_vs_time.png|TP=2 x DP=2 + SP, ZeRO-2, 1.3B
+dp4_z3_1.3b|4|120|80|2|mt_dp4_z3_1.3b.{json,md}, mt_dp4_z3_1.3b_memory_vs_time.png|DP=4 ZeRO-3 (deepspeed launcher, bf16 W0), 1.3B
+dp4_z3_7b|4|480|240|8|mt_dp4_z3_7b.{json,md}, mt_dp4_z3_7b_memory_vs_time.png|DP=4 ZeRO-3 (deepspeed launcher, bf16 W0), 7B, micro-batch 1
+inv_tp4|4|160|100|2|inv_tp4.{json,md}, inv_fp32_tp4.{json,md}|TP-invariance at TP=4, bf16 then fp32'
+
+job_names() { echo "$JOB_TABLE" | cut -d'|' -f1; }
+field() {  # field <job> <column 2..7>
+  echo "$JOB_TABLE" | awk -F'|' -v j="$1" -v c="$2" '$1 == j { print $c }'
+}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --list) LIST=1; shift ;;
+    --deadline-s) DEADLINE_S=$2; shift 2 ;;
+    --gpus) NGPU=$2; shift 2 ;;
+    --serial) SERIAL=1; shift ;;
+    --dry-run) DRY=1; shift ;;
+    --tiny) TINY=1; shift ;;
+    --results-dir) RES=$2; shift 2 ;;
+    --work-dir) WORK=$2; shift 2 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    all) mapfile -t JOBS < <(job_names); shift ;;
+    -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) if [ -z "$(field "$1" 2)" ]; then
+         echo "unknown job $1; jobs: $(job_names | tr '\n' ' ')" >&2; exit 2
+       fi
+       JOBS+=("$1"); shift ;;
+  esac
+done
+
+if [ "$LIST" = 1 ]; then
+  printf '%-16s %-4s %-15s %s\n' job GPUs minutes "what / results (in $B/results/)"
+  while IFS='|' read -r name gpus _ _ minutes results what; do
+    printf '%-16s %-4s %-15s %s\n%37s-> %s\n' "$name" "$gpus" "$minutes" "$what" "" "$results"
+  done <<< "$JOB_TABLE"
+  exit 0
+fi
+if [ ${#JOBS[@]} -eq 0 ]; then
+  echo "no job given; --list shows them" >&2; exit 2
+fi
+
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True TOKENIZERS_PARALLELISM=true
+if [ -z "$WORK" ] && [ "$DRY" = 1 ]; then
+  WORK=$(mktemp -d /tmp/gpu_suite.XXXXXX); trap 'rm -rf "$WORK"' EXIT
+fi
+WORK=${WORK:-.cache/gpu_suite/$(date +%Y%m%d-%H%M%S)}
+if [ "$TINY" = 1 ]; then
+  P350=tiny P13=tiny P7=tiny PINV=tiny CVX=(--tiny) RES=${RES:-$WORK/results}
+  CV33_STATE=$WORK/convergence33m
+else
+  P350=350m P13=1.3b P7=7b PINV=350m CVX=() RES=${RES:-$B/results}
+  CV33_STATE=.cache/gpu_suite/convergence33m
+fi
+CV33_VARIANTS=${CV33_VARIANTS:-baseline,r1/2,r1/4,r1/4_bf16W0,unbiased_r1/4,r1/4_reset,r1/4_T50,r1/4_T50_reset}
+mkdir -p "$WORK/logs" "$WORK/rc" "$RES"
+
+if [ -z "$NGPU" ]; then
+  if [ "$DRY" = 1 ]; then NGPU=0
+  else NGPU=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  fi
+fi
+IFS=',' read -ra DEVS <<< "${CUDA_VISIBLE_DEVICES:-}"
+[ ${#DEVS[@]} -lt "$NGPU" ] && mapfile -t DEVS < <(seq 0 $(( NGPU - 1 )))
+DEVS=("${DEVS[@]:0:$NGPU}")
+
+now() { echo $(( $(date +%s) - START )); }
+left() { echo $(( DEADLINE_S - RESERVE_S - $(now) )); }
+log() { echo "[gpu_suite +$(now)s] $*"; }
+SUMMARY=$WORK/summary.txt
+note() { echo "$*" >> "$SUMMARY"; log "$*"; }
+: > "$SUMMARY"
+
+# ------------------------------------------------------------------ helpers used by the jobs
+# Inside a job: JOB (name), JW (its work directory), JSTART, JT (its seconds), CUDA_VISIBLE_DEVICES.
+jleft() { echo $(( JT - ($(date +%s) - JSTART) )); }
+x() {  # x <hard timeout s> command...: logged to <work>/logs/<job>.log, or printed (--dry-run)
+  local t=$1; shift
+  if [ "$DRY" = 1 ]; then
+    echo "[$JOB] CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-} timeout -k 15 $t $(printf '%q ' "$@")"
+    return 0
+  fi
+  echo "=== $(date -Is) CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-} timeout -k 15 $t $*" \
+    >> "$WORK/logs/$JOB.log"
+  timeout -k 15 "$t" "$@" >> "$WORK/logs/$JOB.log" 2>&1
+}
+keep() {  # keep <file>...: from the job's work directory to the results directory
+  local f
+  for f in "$@"; do
+    if [ "$DRY" = 1 ]; then echo "[$JOB] # writes $RES/$f"; continue; fi
+    if [ -e "$JW/$f" ]; then cp "$JW/$f" "$RES/$f"; else echo "$JOB: no $f" >> "$WORK/logs/$JOB.log"; fi
+  done
+}
+mt() {  # mt <time limit s> <name> <none|torchrun|deepspeed> <nproc> memory_throughput args...
+  local t=$1 name=$2 launcher=$3 n=$4 rc; shift 4
+  local launch=()
+  [ "$t" -lt 10 ] && t=10
+  [ "$launcher" != none ] && launch=(--launcher "$launcher" --nproc "$n")
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} x $(( t + 30 )) "$PY" "$B"/memory_throughput.py --isolate \
+    ${launch[@]+"${launch[@]}"} --out-dir "$JW" --name "$name" --time-limit-s "$t" "$@"
+  rc=$?
+  keep "$name.json" "$name.md"
+  return $rc
+}
+VARS=(--variants "baseline,compact_r1/4,compact_r1/8")
+INV=(--tp-invariance-steps 20 --tp-invariance-preset "$PINV"
+     --tp-invariance-variants "baseline,compact_r1/4")
+INV_FP32=(--skip-throughput "${INV[@]}" --precision fp32)
+
+convergence33m() {  # the 33M variants over the job's GPUs, one process per GPU at a time
+  local runs=$CV33_STATE/runs claims=$CV33_STATE/claims.$$ v w rc=0
+  local cv=("$PY" "$B"/convergence.py ${CVX[@]+"${CVX[@]}"} --out-dir "$runs")
+  local devs queue
+  [ "$DRY" = 0 ] && mkdir -p "$runs" "$claims"
+  OMP_NUM_THREADS=4 x "$(jleft)" "${cv[@]}" --prepare || { rm -rf "$claims"; return 1; }
+  IFS=',' read -ra devs <<< "${CUDA_VISIBLE_DEVICES:-0}"
+  IFS=',' read -ra queue <<< "$CV33_VARIANTS"
+  variant() {  # variant <device> <variant>
+    local limit=$(( $(jleft) - 40 ))   # the merge, and 15 s to stop with a checkpoint
+    if [ "$limit" -lt 40 ]; then note "$JOB: $2 not started (${limit}s left)"; return 0; fi
+    CUDA_VISIBLE_DEVICES=$1 OMP_NUM_THREADS=4 x $(( limit + 15 )) "${cv[@]}" \
+      --variant "$2" --time-limit-s "$limit"
+  }
+  worker() {  # one per GPU: takes the next unclaimed variant until none is left
+    local v
+    for v in "${queue[@]}"; do
+      mkdir "$claims/${v//\//-}" 2> /dev/null && variant "$1" "$v"
+    done
+  }
+  if [ "$DRY" = 1 ]; then  # the order a real run would most likely take
+    for w in "${!queue[@]}"; do variant "${devs[w % ${#devs[@]}]}" "${queue[w]}"; done
+  else
+    for w in "${devs[@]}"; do worker "$w" & done
+  fi
+  wait
+  rm -rf "$claims"
+  if [ "$DRY" = 1 ]; then
+    echo "[$JOB] # copies $runs/convergence_*.json to $RES/convergence/"
+  else
+    mkdir -p "$RES/convergence"
+    for v in "$runs"/convergence_*.json; do
+      [ -e "$v" ] && cp "$v" "$RES/convergence/"
+    done
+    for v in "$RES"/convergence/convergence_*.part.json; do  # finished since
+      [ -e "${v%.part.json}.json" ] && rm -f "$v"
+    done
+  fi
+  x 60 "$PY" "$B"/convergence.py --merge --out-dir "$RES/convergence" || rc=$?
+  return $rc
+}
+
+run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
+  local t rc=0 last
+  local -a extra=()
+  case "$1" in
+    mt_350m) mt "$JT" mt_350m none 1 --preset "$P350" ;;
+    mt_1.3b) mt "$JT" mt_1.3b none 1 --preset "$P13" ;;
+    mt_1.3b_r8bf16) mt "$JT" mt_1.3b_r8bf16 none 1 --preset "$P13" \
+                      --variants baseline,compact_r1/8_bf16W0 ;;
+    tp2_sp) mt "$JT" mt_tp2_sp_z1 torchrun 2 --preset "$P13" --tp 2 "${VARS[@]}" "${INV[@]}" ;;
+    inv_tp1) mt "$JT" inv_tp1 none 1 --preset "$P13" --tp 1 --skip-throughput "${INV[@]}" ;;
+    inv_fp32)
+      t=$(( JT / 2 ))
+      CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*} \
+        mt "$t" inv_fp32_tp1 none 1 --preset "$P13" --tp 1 "${INV_FP32[@]}" || rc=$?
+      mt "$(( $(jleft) - 35 ))" inv_fp32_tp2 torchrun 2 --preset "$P13" --tp 2 "${INV_FP32[@]}" \
+        || rc=$? ;;
+    dp2_z1) mt "$JT" mt_dp2_z1 deepspeed 2 --preset "$P13" --zero-stage 1 \
+              --variants baseline,compact_r1/4,compact_r1/8_bf16W0 ;;
+    dp2_z3) mt "$JT" mt_dp2_z3 deepspeed 2 --preset "$P13" --zero-stage 3 \
+              --variants baseline,compact_r1/4_bf16W0 ;;
+    projection_cost)
+      [ "$TINY" = 1 ] && extra=(--hidden 128 --ffn 352 --tokens 256)
+      x "$JT" "$PY" "$B"/projection_cost.py ${extra[@]+"${extra[@]}"} \
+        --out "$JW/projection_cost.json" || rc=$?
+      keep projection_cost.json ;;
+    convergence33m) convergence33m || rc=$? ;;
+    convergence110m)
+      [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m")
+      x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
+        --results-dir "$RES" ${extra[@]+"${extra[@]}"} || rc=$? ;;
+    tp4_sp_z1) mt "$JT" mt_tp4_sp_z1 torchrun 4 --preset "$P13" --tp 4 "${VARS[@]}" "${INV[@]}" ;;
+    tp2_dp2_z1) mt "$JT" mt_tp2_dp2_z1 torchrun 4 --preset "$P13" --tp 2 --zero-stage 1 \
+                  "${VARS[@]}" ;;
+    tp2_dp2_z2) mt "$JT" mt_tp2_dp2_z2 torchrun 4 --preset "$P13" --tp 2 --zero-stage 2 \
+                  "${VARS[@]}" ;;
+    dp4_z3_1.3b) mt "$JT" mt_dp4_z3_1.3b deepspeed 4 --preset "$P13" --zero-stage 3 \
+                   --variants baseline,compact_r1/4_bf16W0 ;;
+    dp4_z3_7b) mt "$JT" mt_dp4_z3_7b deepspeed 4 --preset "$P7" --zero-stage 3 \
+                 --variants baseline,compact_r1/8_bf16W0,compact_r1/4_bf16W0 ;;
+    inv_tp4)
+      t=$(( JT / 2 ))
+      mt "$t" inv_tp4 torchrun 4 --preset "$P13" --tp 4 --skip-throughput "${INV[@]}" || rc=$?
+      mt "$(( $(jleft) - 35 ))" inv_fp32_tp4 torchrun 4 --preset "$P13" --tp 4 "${INV_FP32[@]}" \
+        || rc=$? ;;
+    *) echo "no such job $1" >&2; return 2 ;;
+  esac
+  last=$?
+  [ "$rc" -ne 0 ] && return "$rc"
+  return "$last"
+}
+
+# ------------------------------------------------------------------ checks, snapshot
+if [ "$DRY" = 0 ]; then
+  if ! $PY -c "import megatron.core, deepspeed, pydantic, tokenizers, compact_dist" \
+      > "$WORK/logs/imports.log" 2>&1; then
+    tail -n 5 "$WORK/logs/imports.log"
+    echo "megatron-core, deepspeed, pydantic, tokenizers and compact_dist must be importable" \
+      "(install the wheels first: benchmarks/README.md, Reproduce)" >&2
+    exit 1
+  fi
+  nvidia-smi --query-gpu=name,memory.total --format=csv > "$WORK/gpus.csv" 2>&1 || true
+fi
+snapshot() {
+  (cd "$RES" && find . -type f \( -name '*.json' -o -name '*.md' -o -name '*.png' \) \
+     -not -path '*/ckpt_*' -exec md5sum {} + | sort)
+}
+[ "$DRY" = 0 ] && snapshot > "$WORK/before.md5"
+log "jobs: ${JOBS[*]}; ${NGPU} GPU(s) [${DEVS[*]}]; deadline ${DEADLINE_S}s; results $RES; work $WORK"
+
+# ------------------------------------------------------------------ scheduler
+# GPUs are handed out in the order of DEVS, the lowest free ones first. The deepspeed launcher
+# (memory_throughput.py --launcher deepspeed passes --num_gpus) ignores CUDA_VISIBLE_DEVICES
+# and takes GPUs 0..N-1: its jobs wait for the first N GPUs.
+PINNED=" dp2_z1 dp2_z3 dp4_z3_1.3b dp4_z3_7b "
+declare -A BUSY JOB_GPUS JOB_T0   # BUSY[device]=job
+RUNNING=() SKIPPED=()
+reap() {  # release the GPUs of finished jobs
+  local j d still=()
+  for j in ${RUNNING[@]+"${RUNNING[@]}"}; do
+    if [ -e "$WORK/rc/$j" ]; then
+      note "$j: rc $(cat "$WORK/rc/$j") after $(( $(date +%s) - JOB_T0[$j] ))s on GPU(s) ${JOB_GPUS[$j]}"
+      for d in "${!BUSY[@]}"; do [ "${BUSY[$d]}" = "$j" ] && unset "BUSY[$d]"; done
+    else
+      still+=("$j")
+    fi
+  done
+  RUNNING=(${still[@]+"${still[@]}"})
+}
+pick() {  # pick <job> <n>: the GPUs it gets now (comma-separated), or nothing
+  local d got=()
+  if [[ "$PINNED" == *" $1 "* ]]; then
+    for d in "${DEVS[@]:0:$2}"; do [ -n "${BUSY[$d]:-}" ] && return 0; done
+    got=("${DEVS[@]:0:$2}")
+  else
+    for d in "${DEVS[@]}"; do
+      [ ${#got[@]} -lt "$2" ] && [ -z "${BUSY[$d]:-}" ] && got+=("$d")
+    done
+    [ ${#got[@]} -lt "$2" ] && return 0
+  fi
+  (IFS=,; echo "${got[*]}")
+}
+for job in "${JOBS[@]}"; do
+  gpus=$(field "$job" 2) limit=$(field "$job" 3) min=$(field "$job" 4)
+  if [ "$gpus" = all ]; then need=$NGPU; [ "$need" -lt 1 ] && need=1; else need=$gpus; fi
+  if [ "$need" -gt "$NGPU" ]; then
+    note "$job: skipped: needs $gpus GPU(s), $NGPU visible"; SKIPPED+=("$job"); continue
+  fi
+  mine=""
+  while true; do
+    if [ "$SERIAL" = 0 ] || [ ${#RUNNING[@]} -eq 0 ]; then mine=$(pick "$job" "$need"); fi
+    [ -n "$mine" ] && break
+    sleep 2; reap
+  done
+  l=$(left)
+  if [ "$l" -lt "$min" ]; then
+    note "$job: skipped: cannot start in time (${l}s left, needs at least ${min}s)"
+    SKIPPED+=("$job"); continue
+  fi
+  t=$l; [ "$limit" -gt 0 ] && [ "$limit" -lt "$l" ] && t=$limit
+  IFS=',' read -ra got <<< "$mine"
+  for d in "${got[@]}"; do BUSY[$d]=$job; done
+  JOB_GPUS[$job]=$mine JOB_T0[$job]=$(date +%s)
+  log "$job: start on GPU(s) $mine for at most ${t}s"
+  if [ "$DRY" = 1 ]; then
+    (JOB=$job JW=$WORK/$job JSTART=$(date +%s) JT=$t CUDA_VISIBLE_DEVICES=$mine run_job "$job")
+    echo 0 > "$WORK/rc/$job"
+  else
+    mkdir -p "$WORK/$job"
+    (JSTART=$(date +%s)
+     export JOB=$job JW=$WORK/$job JSTART JT=$t CUDA_VISIBLE_DEVICES=$mine
+     run_job "$job"; echo $? > "$WORK/rc/$job") &
+  fi
+  RUNNING+=("$job")
+  reap
+done
+while [ ${#RUNNING[@]} -gt 0 ]; do sleep 2; reap; done
+[ ${#SKIPPED[@]} -gt 0 ] && note "skipped: ${SKIPPED[*]} (again: bash $B/gpu_suite.sh ${SKIPPED[*]})"
+
+# ------------------------------------------------------------------ plots, results, $OUT
+if [ "$DRY" = 1 ]; then
+  echo "[plot] $PY $B/plot_results.py $RES $RES/convergence"
+  exit 0
+fi
+if [ -n "$(find "$RES" -name '*.json' -not -path '*/ckpt_*' -print -quit)" ]; then
+  inputs=("$RES"); [ -d "$RES/convergence" ] && inputs+=("$RES/convergence")
+  timeout 60 "$PY" "$B"/plot_results.py "${inputs[@]}" --out-dir "$RES" \
+    > "$WORK/logs/plot_results.log" 2>&1 || note "plot_results failed: see logs/plot_results.log"
+fi
+snapshot > "$WORK/after.md5"
+mapfile -t CHANGED < <(comm -13 "$WORK/before.md5" "$WORK/after.md5" | awk '{ print $2 }' \
+                       | sed 's|^\./||' | sort -u)
+note "new or changed in $RES (${#CHANGED[@]}): ${CHANGED[*]:-none}"
+note "elapsed $(now)s of ${DEADLINE_S}s"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  flat=1
+  for f in ${CHANGED[@]+"${CHANGED[@]}"}; do [ "${f#*/}" != "$f" ] && flat=0; done
+  if [ ${#CHANGED[@]} -gt 6 ] || [ "$flat" = 0 ]; then
+    tar czf "$OUT/gpu_suite_results.tgz" -C "$RES" "${CHANGED[@]}"
+  elif [ ${#CHANGED[@]} -gt 0 ]; then
+    (cd "$RES" && cp "${CHANGED[@]}" "$OUT/")
+  fi
+  cp "$SUMMARY" "$OUT/gpu_suite_summary.txt"
+  tar czf "$OUT/gpu_suite_logs.tgz" --exclude='ckpt_*' --exclude='*.tmp' --exclude='*.bin' \
+    --exclude='*.idx' --exclude='*.jsonl' --exclude='./convergence110m/data' -C "$WORK" .
+fi
+for j in "${JOBS[@]}"; do
+  [ -e "$WORK/logs/$j.log" ] && { echo "--- $j"; tail -n 3 "$WORK/logs/$j.log"; }
+done
+exit 0
