@@ -37,7 +37,6 @@ import torch
 
 from compact_dist.projection import block_seed
 
-PROJECTIONS = ("gaussian", "pca", "gradient")
 Kind = Literal["pca", "gradient"]
 # seeds of the sketch's random columns: an epoch range the projections never use
 _SKETCH_EPOCH_OFFSET = 1 << 40
