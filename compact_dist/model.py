@@ -6,6 +6,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from compact_dist.activations import ActivationConfig
 from compact_dist.config import CompressionConfig
 from compact_dist.spec import get_compact_gpt_block_spec
 from compact_dist.subspace import assign_layer_ids
@@ -17,6 +18,7 @@ def build_gpt_model(
     vocab_size: int,
     max_sequence_length: int,
     position_embedding_type: str | None = None,
+    activations: ActivationConfig | None = None,
 ) -> GPTModel:
     """GPT/LLaMA model whose linears follow `compression` (a disabled config builds the
     Megatron baseline with the same SDPA attention). Needs Megatron's parallel state.

@@ -73,6 +73,7 @@ def transformer_config(cfg: TrainConfig, bf16: bool):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     m, r = cfg.model, cfg.recompute
+    fused = cfg.activations.swiglu_fusion(torch.cuda.is_available())
     recompute = {}
     if r.granularity == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform",
@@ -84,7 +85,8 @@ def transformer_config(cfg: TrainConfig, bf16: bool):
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         ffn_hidden_size=m.ffn, normalization="RMSNorm", gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, hidden_dropout=m.hidden_dropout,
-        attention_dropout=m.attention_dropout, bias_dropout_fusion=False,
+        attention_dropout=m.attention_dropout, bias_dropout_fusion=fused,
+        bias_activation_fusion=fused,
         init_method_std=m.init_std,
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         sequence_parallel=cfg.parallel.sequence_parallel,
@@ -229,7 +231,8 @@ def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, vocab_size: 
     position = None if cfg.model.position_embedding == "auto" else cfg.model.position_embedding
     torch.manual_seed(cfg.train.seed)
     vocab = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
-    model = build_gpt_model(mcfg, cfg.compression, vocab, cfg.model.seq_length, position)
+    model = build_gpt_model(mcfg, cfg.compression, vocab, cfg.model.seq_length, position,
+                            cfg.activations)
     model.to(device)
     allreduce_sequence_parallel_grads(model)
     return model

@@ -14,6 +14,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from compact_dist.activations import ActivationConfig
 from compact_dist.config import CompressionConfig
 from compact_dist.data import DataConfig
 
@@ -101,6 +102,7 @@ class TrainConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     compression: CompressionConfig = CompressionConfig()
+    activations: ActivationConfig = ActivationConfig()
 
     @model_validator(mode="after")
     def _combinations(self) -> "TrainConfig":
