@@ -4,6 +4,33 @@ A drop-in for Megatron-core's local DotProductAttention (same constructor and fo
 needs neither transformer-engine nor the CUDA-only global memory buffer / fused softmax mask,
 and which never materialises the [b, heads, s, s] scores on backends with flash or
 memory-efficient kernels.
+
+FP8 storage (`activations.fp8_storage: [attention]`, `SDPACoreAttention(fp8_storage=True)`):
+`Fp8AttentionFunction` runs attention without keeping bf16 q, k, v or output for backward;
+it keeps `compact_dist.fp8_storage.pack` of each (1 byte per element plus one fp32 scale per
+head row of head_dim elements, or per 128 when head_dim is a multiple of 128), with k and v
+in their GQA group form [sk, b, groups, d] (SDPA's own backward keeps them repeated to the
+head count). Two backward paths:
+  - flash (CUDA sm_80+, fp16/bf16, no explicit mask, head_dim % 8 == 0 and <= 256, torch's
+    flash backend enabled): forward calls aten._scaled_dot_product_flash_attention and keeps
+    its logsumexp [b, h, sq] (fp32) and philox state; backward calls
+    aten._scaled_dot_product_flash_attention_backward on the dequantized q, k, v, output.
+    Saved: q, k, v, out in FP8 + logsumexp. Its forward is the flash kernel, which is what
+    F.scaled_dot_product_attention runs for these inputs unless another backend (cuDNN) is
+    preferred, so the output equals the non-FP8 path's when SDPA picks flash.
+  - recompute (CPU, fp32, an explicit mask, other backends): forward is
+    F.scaled_dot_product_attention under no_grad; backward recomputes attention from the
+    dequantized q, k, v under autograd (one more attention forward). The output is not
+    needed and not kept. Saved: q, k, v in FP8 (+ the mask, an input).
+Attention dropout is not supported with FP8 storage (rejected at construction, and at config
+load by ActivationConfig.check_model): the recompute path cannot replay SDPA's dropout mask.
+The output feeds linear_proj. SDPA allocates its output like q ([sq, b, h, d] in memory when
+q is a view of Megatron's [sq, b, ...] qkv), so `context.permute(2, 0, 1, 3).reshape(sq, b,
+-1)` is a view: without FP8, SDPA's saved output and an uncompressed linear_proj's saved
+input are one storage (tests/test_fp8_storage.py checks it on CPU and CUDA). Hence
+`share_output` (set by compact_dist.spec when linear_proj is not a CompAct layer): the flash
+path then references that bf16 tensor instead of adding an FP8 copy; with a CompAct proj
+(which keeps only X P) it keeps the FP8 copy.
 """
 
 from __future__ import annotations
@@ -20,6 +47,91 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from compact_dist.fp8_storage import needs_storage, pack, unpack
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           mask: Optional[torch.Tensor], causal: bool, scale: float, dropout_p: float = 0.0
+           ) -> torch.Tensor:
+    """SDPA in Megatron's layout: query [sq, b, h, d], key/value [sk, b, g, d] (g divides h;
+    repeated to h heads) -> context [sq, b, h * d]. mask: SDPA's convention (True = attend)."""
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    context = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale)
+    return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+
+def flash_eligible(query: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
+    """Whether Fp8AttentionFunction takes the flash path (see the module docstring)."""
+    d = query.shape[-1]
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and mask is None
+            and d % 8 == 0 and d <= 256 and torch.backends.cuda.flash_sdp_enabled()
+            and torch.cuda.get_device_capability(query.device) >= (8, 0))
+
+
+def _heads_first(t: torch.Tensor, rep: int = 1) -> torch.Tensor:
+    """[s, b, n, d] -> [b, n * rep, s, d] (a view unless rep > 1)."""
+    t = t.permute(1, 2, 0, 3)
+    return t.repeat_interleave(rep, dim=1) if rep > 1 else t
+
+
+class Fp8AttentionFunction(torch.autograd.Function):
+    """query [sq, b, h, d], key/value [sk, b, g, d] -> context [sq, b, h * d], keeping q, k, v
+    (and, on the flash path, the output) in FP8 for backward. Dropout 0 only.
+    share_output (flash path): keep a reference to the returned context instead of an FP8
+    copy, for when linear_proj keeps that same tensor anyway (an uncompressed proj)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, causal: bool, scale: float, flash: bool,
+                share_output: bool = False):
+        sq, b, h, d = query.shape
+        rep = h // key.shape[2]
+        ctx.causal, ctx.scale, ctx.flash, ctx.rep = causal, scale, flash, rep
+        ctx.share_output = share_output
+        ctx.dtypes = (query.dtype, key.dtype, value.dtype)
+        packed = [*pack(query), *pack(key), *pack(value)]
+        if flash:
+            (out, lse, _, _, max_q, max_k, seed, offset, _) = (
+                torch.ops.aten._scaled_dot_product_flash_attention(
+                    _heads_first(query), _heads_first(key, rep), _heads_first(value, rep),
+                    0.0, causal, False, scale=scale))
+            context = out.permute(2, 0, 1, 3).reshape(sq, b, h * d)
+            ctx.max_q, ctx.max_k = max_q, max_k
+            kept_out = (context, None) if share_output else pack(context.view(sq, b, h, d))
+            ctx.save_for_backward(*packed, *kept_out, lse, seed, offset)
+        else:
+            context = attend(query, key, value, mask, causal, scale)
+            ctx.save_for_backward(*packed, mask)
+        return context
+
+    @staticmethod
+    def backward(ctx, grad_context):
+        saved = ctx.saved_tensors
+        q, k, v = (unpack(saved[2 * i], saved[2 * i + 1], ctx.dtypes[i]) for i in range(3))
+        sq, b, h, d = q.shape
+        if ctx.flash:
+            out = (saved[6].reshape(sq, b, h, d) if ctx.share_output
+                   else unpack(saved[6], saved[7], ctx.dtypes[0]))
+            lse, seed, offset = saved[8:]
+            grad = grad_context.contiguous().view(sq, b, h, d)
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                _heads_first(grad), _heads_first(q), _heads_first(k, ctx.rep),
+                _heads_first(v, ctx.rep), _heads_first(out), lse, None, None, ctx.max_q,
+                ctx.max_k, 0.0, ctx.causal, seed, offset, scale=ctx.scale)
+            if ctx.rep > 1:  # sum the gradients of each group's repeated heads
+                dk, dv = (t.unflatten(1, (-1, ctx.rep)).sum(2) for t in (dk, dv))
+            dq, dk, dv = (t.permute(2, 0, 1, 3) for t in (dq, dk, dv))
+        else:
+            mask = saved[6]
+            with torch.enable_grad():
+                q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+                context = attend(q, k, v, mask, ctx.causal, ctx.scale)
+                dq, dk, dv = torch.autograd.grad(context, (q, k, v), grad_context)
+        return dq, dk, dv, None, None, None, None, None
+
 
 class SDPACoreAttention(MegatronModule):
     """Input q [sq, b, heads/tp, d], k/v [sk, b, groups/tp, d]; output [sq, b, heads/tp * d]."""
@@ -34,6 +146,8 @@ class SDPACoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection: Optional[ProcessGroupCollection] = None,
+        fp8_storage: bool = False,
+        share_output: bool = False,
     ):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -54,6 +168,10 @@ class SDPACoreAttention(MegatronModule):
         self.dropout_p = (
             config.attention_dropout if attention_dropout is None else attention_dropout
         )
+        self.fp8_storage, self.share_output = fp8_storage, share_output
+        if fp8_storage and self.dropout_p > 0.0:
+            raise ValueError("fp8_storage 'attention' does not support attention dropout "
+                             f"(dropout_p={self.dropout_p})")
 
     def forward(
         self,
@@ -71,22 +189,16 @@ class SDPACoreAttention(MegatronModule):
         causal = mask_type == AttnMaskType.causal
         # Megatron masks are True where attention is *not* allowed; SDPA's the opposite.
         mask = None if causal or attention_mask is None else ~attention_mask
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
-        if self.groups_per_partition != self.heads_per_partition:
-            rep = self.heads_per_partition // self.groups_per_partition
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         dropout_p = self.dropout_p if self.training else 0.0
+        if self.fp8_storage and needs_storage(query, key, value):
+            return Fp8AttentionFunction.apply(query, key, value, mask, causal,
+                                              self.softmax_scale, flash_eligible(query, mask),
+                                              self.share_output)
 
-        def attend():
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
-                scale=self.softmax_scale,
-            )
+        def run():
+            return attend(query, key, value, mask, causal, self.softmax_scale, dropout_p)
 
         if dropout_p > 0.0 and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = attend()
-        else:
-            context = attend()
-        sq, b = query.shape[0], query.shape[1]
-        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+                return run()
+        return run()

@@ -143,6 +143,7 @@ class TrainConfig(_Section):
         if self.optim.min_lr > self.optim.lr:
             raise ValueError("optim.min_lr must not exceed optim.lr")
         self.compression.check_parallel(tp)
+        self.activations.check_model(m.attention_dropout, self.recompute.granularity)
         return self
 
     def check_environment(self, world_size: int, has_cuda: bool) -> None:
