@@ -1,0 +1,209 @@
+"""compact-memory (profiler) and compact-plan (analytic prediction, planner) on a tiny model.
+
+The planner's per-op activation formulas must reproduce the bytes the profiler measures with
+saved_tensors_hooks (CPU, fp32, learned positions, SDPA's flash / math backend), and the
+static breakdown must be the model's actual parameter bytes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compact_dist.memory_plan import (
+    activation_bytes,
+    main as plan_main,
+    param_counts,
+    predict,
+    setup_from,
+)
+from compact_dist.memory_report import model_static_bytes, record_saved_tensors, static_bytes, summarize
+from compact_dist.train_config import load_train_config
+
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.seq_length=32", "train.micro_batch_size=2", "data.vocab_size=512",
+        "model.position_embedding=learned_absolute"]
+VOCAB = 512
+
+
+def _measure(cfg, attention: str = "flash"):
+    from compact_dist.train import build_model
+
+    model = build_model(cfg, torch.device("cpu"), False, VOCAB)
+    s, b = cfg.model.seq_length, cfg.train.micro_batch_size
+    tokens = torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(s).unsqueeze(0).expand(b, -1)
+
+    def forward():
+        return model(tokens, positions, None, labels=tokens)
+
+    if attention == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return model, record_saved_tensors(forward, model)
+    return model, record_saved_tensors(forward, model)
+
+
+VARIANTS = {
+    "baseline": ["compression.enabled=false"],
+    "compact_r1/4": ["compression.ratio=0.25"],
+    "compact_r1/8": ["compression.ratio=0.125"],
+    "baseline_recompute_full": ["compression.enabled=false", "recompute.granularity=full"],
+    "compact_r1/4_recompute_selective": ["compression.ratio=0.25",
+                                         "recompute.granularity=selective"],
+    "compact_r1/4_gqa": ["compression.ratio=0.25", "model.num_query_groups=2"],
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_activation_prediction_matches_profiler(megatron_tp1, name):
+    cfg = load_train_config(None, TINY + VARIANTS[name])
+    _, records = _measure(cfg)
+    measured = summarize(records)
+    predicted = activation_bytes(setup_from(cfg, 1, "cpu", "flash"))
+    total = measured["total_bytes"]
+    assert abs(predicted["total"] - total) <= 0.02 * total, (name, predicted, measured)
+    if cfg.recompute.granularity != "full":   # per layer, and the rest outside the layers
+        layer0 = measured["per_layer_bytes"]["0"]
+        assert abs(predicted["per_layer"] - layer0) <= 0.02 * layer0
+        assert set(measured["per_layer_bytes"]) == {"0", "1", "None"}
+
+
+def test_math_backend_keeps_the_probabilities(megatron_tp1):
+    """With SDPA's math backend the [b, heads, s, s] probabilities are kept: the formula
+    takes the backend as input and still matches."""
+    cfg = load_train_config(None, TINY + ["compression.ratio=0.25"])
+    _, records = _measure(cfg, attention="math")
+    measured = summarize(records)["total_bytes"]
+    math_pred = activation_bytes(setup_from(cfg, 1, "cpu", "math"))["total"]
+    flash_pred = activation_bytes(setup_from(cfg, 1, "cpu", "flash"))["total"]
+    assert abs(math_pred - measured) <= 0.02 * measured
+    assert abs(flash_pred - measured) > 0.02 * measured   # the backend matters here
+
+
+def test_profiler_attributes_sources_and_layers(megatron_tp1):
+    cfg = load_train_config(None, TINY + ["compression.ratio=0.25"])
+    _, records = _measure(cfg)
+    summary = summarize(records)
+    sites = " ".join(row["site"] for row in summary["layer0_sites"])
+    assert "compressed_linear" in sites and "attention.py" in sites and "mlp.py" in sites
+    outside = " ".join(row["site"] for row in summary["outside_sites"])
+    assert "cross_entropy" in outside
+    # the four compact linears of layer 0 save Z = X P: [s, b, r] with r = n / 4
+    z = [r for r in records if r.layer == 0 and "compressed_linear" in r.site]
+    assert sorted(r.shape[-1] for r in z) == [16, 16, 16, 32]
+    assert summary["total_bytes"] == sum(r.nbytes for r in records)
+
+
+def test_static_breakdown_is_the_parameter_bytes(megatron_tp1):
+    from compact_dist.train import build_model
+
+    for ratio_args in (["compression.ratio=0.25"], ["compression.ratio=0.25",
+                                                    "compression.base_dtype=bf16"],
+                       ["compression.enabled=false"]):
+        cfg = load_train_config(None, TINY + ratio_args)
+        model = build_model(cfg, torch.device("cpu"), False, VOCAB)
+        actual = sum(p.numel() * p.element_size() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        s = model_static_bytes(model, zero_stage=0, dp=1, bf16=False)
+        params = s["W0 (frozen bases)"] + s["A (trainable factors)"] + s["other trainable params"]
+        assert params == actual
+        assert s["Adam moments"] == 8 * trainable and s["gradients"] == 4 * trainable
+        # the planner counts the same parameters from the config alone
+        n = param_counts(setup_from(cfg, 1, "cpu", "flash", VOCAB))
+        assert n["w0_bytes"] + 4 * (n["a"] + n["other"]) == actual
+        assert n["a"] + n["other"] == trainable
+    # ZeRO partitioning per DP size: masters and moments from ZeRO-1, gradients from ZeRO-2,
+    # parameters (W0 too, in the training dtype) at ZeRO-3
+    z = [static_bytes(w0_bytes=400, w0_elems=100, a=10, other=30, zero_stage=k, dp=4, bf16=True)
+         for k in range(4)]
+    assert z[0]["fp32 masters"] == 160 and z[1]["fp32 masters"] == 40
+    assert z[1]["gradients"] == 80 and z[2]["gradients"] == 20
+    assert z[2]["W0 (frozen bases)"] == 400 and z[3]["W0 (frozen bases)"] == 50
+    assert z[3]["A (trainable factors)"] == 5 and z[1]["Adam moments"] == 80
+
+
+def test_peak_prediction_orders_the_options():
+    """Memory levers lower the predicted peak; the JSON line carries the prediction."""
+    base = TINY[:-1] + ["model.num_layers=4", "model.hidden_size=256", "model.seq_length=256",
+                        "train.micro_batch_size=8", "data.vocab_size=8000"]
+
+    def peak(*extra):
+        cfg = load_train_config(None, base + list(extra))
+        return predict(setup_from(cfg, 1, "cuda", "flash"))["peak_allocated"]
+
+    baseline = peak("compression.enabled=false")
+    assert peak("compression.ratio=0.125") < peak("compression.ratio=0.25") < baseline
+    assert peak("compression.enabled=false", "recompute.granularity=full") < baseline
+    assert peak("compression.enabled=false", "activations.fused_cross_entropy=true",
+                "activations.cross_entropy_chunk_tokens=256") < baseline
+    assert peak("compression.enabled=false", "activations.fp8_storage=[swiglu]") < baseline
+    assert (peak("compression.ratio=0.25", "compression.base_dtype=bf16")
+            < peak("compression.ratio=0.25"))
+
+
+def test_plan_writes_a_loadable_yaml(tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    plan_main(["--preset", "tiny", "--budget-gib", "80", "--out", str(out),
+               "--micro-batches", "1,2", "train.global_batch_size=2"])
+    text = capsys.readouterr().out
+    assert "fit 80 GiB" in text and str(out) in text
+    cfg = load_train_config(str(out))
+    assert cfg.model.hidden_size == 128 and cfg.train.micro_batch_size in (1, 2)
+    # the fastest under the FLOP model at this budget: the largest micro-batch, compressed
+    assert cfg.train.micro_batch_size == 2 and cfg.compression.enabled
+    plan_main(["--predict", "--config", str(out)])
+    line = json.loads(capsys.readouterr().out)
+    assert line["peak_allocated_GiB"] > 0 and line["micro_batch"] == 2
+
+
+def test_impossible_budget_names_the_smallest_peak(capsys):
+    with pytest.raises(SystemExit) as err:
+        plan_main(["--preset", "1.3b", "--budget-gib", "1", "--out", "/dev/null"])
+    message = str(err.value)
+    assert "no candidate fits 1 GiB" in message and "smallest" in message
+    assert "predicted at" in message and "GiB reserved" in message
+
+
+def test_compact_memory_cli_json(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+         os.environ.get("PYTHONPATH", "")]))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "compact_dist.memory_report", "--json",
+                           "--world-size", "4", "train.zero_stage=2", *TINY],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["dp"] == 4 and report["zero_stage"] == 2
+    assert report["saved"]["total_bytes"] > 0 and report["saved"]["layer0_sites"]
+    static = report["static"]
+    assert static["gradients"] * 4 == (static["A (trainable factors)"]
+                                       + static["other trainable params"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("extra", [["compression.enabled=false"], ["compression.ratio=0.25"],
+                                   ["compression.enabled=false", "activations.fused_swiglu=true"]])
+def test_gpu_activation_prediction_matches_profiler(megatron_tp1, extra):
+    """bf16, rope, fused RMSNorm, flash SDPA: the GPU rows of the formula table."""
+    from compact_dist.train import build_model
+
+    cfg = load_train_config(None, ["model.num_layers=2", "model.hidden_size=256",
+                                   "model.num_attention_heads=4", "model.seq_length=256",
+                                   "train.micro_batch_size=2", "data.vocab_size=4096",
+                                   "model.position_embedding=rope",
+                                   "activations.fused_swiglu=false", *extra])
+    device = torch.device("cuda", torch.cuda.current_device())
+    model = build_model(cfg, device, True, 4096)
+    tokens = torch.randint(0, 4096, (2, 256), device=device)
+    positions = torch.arange(256, device=device).unsqueeze(0).expand(2, -1)
+    records = record_saved_tensors(lambda: model(tokens, positions, None, labels=tokens), model)
+    measured = summarize(records)["total_bytes"]
+    predicted = activation_bytes(setup_from(cfg, 1, "cuda", "flash", 4096))["total"]
+    assert abs(predicted - measured) <= 0.02 * measured, (predicted, measured, summarize(records))
