@@ -77,9 +77,23 @@ PRESETS: dict[str, dict[str, int]] = {
 # name -> overrides of compact_dist.train_config.TrainConfig (section.key: value).
 # Ordered by priority ('all' runs them in this order and --time-limit-s drops the tail);
 # the baseline comes first: ratios are taken against it.
+_LEAN = {"activations.fused_cross_entropy": True,
+         "activations.fp8_storage": ["swiglu", "attention", "norm"]}
 VARIANTS: dict[str, dict[str, Any]] = {
+    # Megatron-LM's default fusions without transformer-engine (fused SwiGLU and
+    # bias-dropout-add: compact_dist.activations, on with CUDA); the old, unfused baseline is
+    # kept as baseline_unfused so the change is visible
     "baseline": {"compression.enabled": False},
     "compact_r1/4": {"compression.ratio": 0.25},
+    "compact_r1/4_lean": {"compression.ratio": 0.25, **_LEAN},
+    "compact_r1/8_bf16W0_lean": {"compression.ratio": 0.125, "compression.base_dtype": "bf16",
+                                 **_LEAN},
+    "baseline_unfused": {"compression.enabled": False, "activations.fused_swiglu": False},
+    "compact_r1/4_fusedce": {"compression.ratio": 0.25,
+                             "activations.fused_cross_entropy": True},
+    "compact_r1/4_proj_projected": {"compression.ratio": 0.25, "compression.exact_input": []},
+    "compact_r1/4_gaussian": {"compression.ratio": 0.25, "compression.projection": "gaussian"},
+    "baseline_lean": {"compression.enabled": False, **_LEAN},
     "baseline_recompute_full": {"compression.enabled": False, "recompute.granularity": "full",
                                 "recompute.num_layers": 1},
     "compact_r1/8": {"compression.ratio": 0.125},
@@ -91,6 +105,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "unbiased_r1/2": {"compression.mode": "unbiased", "compression.ratio": 0.5},
     "unbiased_r1/8": {"compression.mode": "unbiased", "compression.ratio": 0.125},
     "compact_r1/8_bf16W0": {"compression.ratio": 0.125, "compression.base_dtype": "bf16"},
+    "compact_r1/8_bf16W0_lean_recompute_full": {
+        "compression.ratio": 0.125, "compression.base_dtype": "bf16", **_LEAN,
+        "recompute.granularity": "full", "recompute.num_layers": 1},
 }
 
 FLOPS_FORMULA = (
@@ -546,6 +563,7 @@ class Bench:
         start = time.perf_counter()
         if self.cuda:
             res["residual_before_GiB"] = self.reduce_max(torch.cuda.memory_allocated()) / GiB
+        res["planner"] = self.prediction(cfg)
         state = self.build(cfg, saved_bytes=True)
         for key in ("params_local", "trainable_params_local", "frozen_params_local",
                     "saved_for_backward_bytes_per_sequence", "w0_dtypes_after_init"):
@@ -608,6 +626,18 @@ class Bench:
             self.release(state)
         res["wall_s"] = time.perf_counter() - start
         return res
+
+    def prediction(self, cfg) -> Optional[dict]:
+        """compact-plan's prediction for this variant (compact_dist.memory_plan), recorded
+        next to the measurement; None when the planner cannot model the setup."""
+        from compact_dist.memory_plan import prediction_line, setup_from
+
+        try:
+            return prediction_line(setup_from(
+                cfg, self.world, "cuda" if self.cuda else "cpu",
+                "flash" if self.cuda else "math", vocab=self.shape["vocab_size"]))
+        except Exception as err:  # noqa: BLE001 - the measurement matters more
+            return {"error": f"{type(err).__name__}: {err}"}
 
     def _groups(self) -> dict[str, Any]:
         from megatron.core import parallel_state as ps

@@ -12,6 +12,9 @@ estimated from data; P is never derived from anything this call saves). Backward
 With an open sketch (compact_dist.basis) the call also feeds the estimate of the next P:
 'pca' adds X^T (X Q0) in forward; 'gradient' (a probe micro-batch) keeps the uncompressed
 input and adds G^T (G Q0) in backward.
+save_input (a layer's `exact_input`): save X itself instead of Z and project it in backward;
+the gradients are the same. It pays where another op keeps X anyway (linear_proj: SDPA keeps
+its output, which is proj's input, as the same storage): Z's bytes are then saved too.
 
 Shapes (s: sequence, b: micro-batch, n/m: in/out features of this TP rank's shard, r: columns
 of this rank's P slice): x [s, b, n] (or [s/tp, b, n] with sequence parallelism, gathered
@@ -50,11 +53,14 @@ class CompressedLinearFunction(torch.autograd.Function):
         tp_group: Optional[dist.ProcessGroup],
         factor_scale: float,
         sketch: Optional[SubspaceSketch],
+        save_input: bool,
     ) -> torch.Tensor:
         total_x = all_gather_first_dim(x, tp_group)[0] if sequence_parallel else x
         out = torch.matmul(total_x, weight.to(x.dtype).t())
-        z = project(x, blocks)  # local shard only: this is all backward keeps of the input
         use_factor = mode == SUBSPACE and not factor_is_zero
+        # Z: local shard only, all backward keeps of the input (unless save_input keeps X)
+        z = None if save_input and not (use_factor and not sequence_parallel) else project(
+            x, blocks)
         if use_factor:
             z_total = project(total_x, blocks) if sequence_parallel else z
             out = out + factor_scale * torch.matmul(z_total, factor.to(x.dtype).t())
@@ -63,12 +69,12 @@ class CompressedLinearFunction(torch.autograd.Function):
         probe = sketch is not None and sketch.kind == "gradient"
         if sketch is not None and not probe:
             sketch.add_input(x)
-        ctx.save_for_backward(z, weight, factor if use_factor else None,
+        ctx.save_for_backward(x if save_input else z, weight, factor if use_factor else None,
                               total_x if probe else None)
         ctx.sketch = sketch if probe else None
         ctx.factor_scale = factor_scale
         ctx.blocks, ctx.mode = blocks, mode  # P: kept by the layer, not a saved activation
-        ctx.use_factor = use_factor
+        ctx.use_factor, ctx.save_input = use_factor, save_input
         ctx.factor_dtype = factor.dtype if factor is not None else None
         ctx.use_bias = bias is not None
         ctx.sequence_parallel, ctx.allreduce_dgrad = sequence_parallel, allreduce_dgrad
@@ -79,6 +85,8 @@ class CompressedLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         z, weight, factor, probe_input = ctx.saved_tensors
         blocks = ctx.blocks.to(grad_out.dtype)
+        if ctx.save_input:
+            z = project(z, blocks.to(z.dtype))  # the saved X of this rank's shard -> Z
         gather = None
         if ctx.sequence_parallel:
             # all-gather r columns of Z instead of the n columns of X
@@ -110,7 +118,7 @@ class CompressedLinearFunction(torch.autograd.Function):
 
         if reduce is not None:
             reduce.wait()
-        return (grad_in, grad_weight, grad_factor, grad_bias) + (None,) * 8
+        return (grad_in, grad_weight, grad_factor, grad_bias) + (None,) * 9
 
 
 def compressed_linear(
@@ -126,6 +134,7 @@ def compressed_linear(
     tp_group: Optional[dist.ProcessGroup] = None,
     factor_scale: float = 1.0,
     sketch: Optional[SubspaceSketch] = None,
+    save_input: bool = False,
 ) -> torch.Tensor:
     """Functional entry point; see the module docstring for shapes and semantics."""
     if mode not in (SUBSPACE, UNBIASED):
@@ -134,5 +143,5 @@ def compressed_linear(
         raise ValueError("subspace mode needs the factor A")
     return CompressedLinearFunction.apply(
         x, weight, factor, bias, blocks, mode, factor_is_zero,
-        sequence_parallel, allreduce_dgrad, tp_group, factor_scale, sketch,
+        sequence_parallel, allreduce_dgrad, tp_group, factor_scale, sketch, save_input,
     )

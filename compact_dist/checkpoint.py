@@ -5,10 +5,15 @@ Layout under `dir`:
                             client state: step, data position, subspace stepper)
     step_00000100/compact_rank{R}.pt
                             per-rank state DeepSpeed does not keep: RNG states (CPU, CUDA,
-                            Megatron tracker), projection epochs, whether each A was merged
-                            (zero). The frozen W0 bases, which merges change, are DeepSpeed's:
-                            the module state at ZeRO 0-1, and at ZeRO 2-3 the frozen-parameter
-                            fragments every rank saves and restores (ZeRO-3: its partitions)
+                            Megatron tracker), the rank's TP / DP rank, per compact layer its
+                            module name, projection (seeds, shape, blocks), mode, update
+                            scale, epoch and whether A was merged (zero). The frozen W0
+                            bases, which merges change, are DeepSpeed's: the module state at
+                            ZeRO 0-1, and at ZeRO 2-3 the frozen-parameter fragments every
+                            rank saves and restores (ZeRO-3: its partitions)
+    step_00000100/compact_run.json, tokenizer.json
+                            the resolved run config and the tokenizer (compact-train writes
+                            them; compact_dist.export reads them)
     latest                  name of the newest *complete* checkpoint, replaced atomically
                             (os.replace) after every rank finished writing; a save killed
                             midway leaves `latest` on the previous checkpoint.
@@ -16,10 +21,11 @@ Layout under `dir`:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,11 +46,21 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _rank_state(model: torch.nn.Module) -> dict[str, Any]:
+    from megatron.core import parallel_state as ps
+
+    names = {id(m): name for name, m in model.named_modules()}
     layers = []
     for layer in compact_layers(model):
+        # name, projection (the fields of projection.Projection), mode and scale let
+        # compact_dist.export rebuild W_eff = W0 + scale A P^T without building the model
         layers.append({"epoch": layer.projection_epoch, "merges": layer.merge_count,
-                       "factor_zero": layer.subspace_factor is not None and layer.factor_is_zero})
+                       "factor_zero": layer.subspace_factor is not None and layer.factor_is_zero,
+                       "name": names.get(id(layer)), "mode": layer.compression.mode,
+                       "scale": layer.merge_scale,
+                       "projection": dataclasses.asdict(layer.projection)})
     return {
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
         "cpu_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": {k: v.clone() for k, v in mpu_random.get_cuda_rng_tracker().get_states().items()},
@@ -83,8 +99,11 @@ def _zero_module_factor(layer) -> None:
     layer._mark_factor_zero()
 
 
-def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep_last: int) -> str:
-    """Collective: every rank calls. Returns the tag written."""
+def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep_last: int,
+                    write_run_files: Optional[Callable[[Path], None]] = None) -> str:
+    """Collective: every rank calls. Returns the tag written. write_run_files(tag directory):
+    called on rank 0 before `latest` moves, for files that describe the run (the resolved
+    config and the tokenizer, compact_dist.export.write_run_files)."""
     root = Path(directory)
     tag = f"step_{step:08d}"
     if dist.get_rank() == 0:
@@ -96,6 +115,8 @@ def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep_
     tmp = rank_file.with_suffix(".tmp")
     torch.save(_rank_state(engine.module), tmp)
     os.replace(tmp, rank_file)
+    if write_run_files is not None and dist.get_rank() == 0:
+        write_run_files(root / tag)
     dist.barrier()
     if dist.get_rank() == 0:
         _atomic_write_bytes(root / LATEST, tag.encode())

@@ -36,6 +36,7 @@ class LayerCompression(BaseModel):
     base_dtype: Literal["fp32", "bf16"] = "fp32"
     row_parallel_blocks: int = Field(default=8, ge=1)
     update_scale: float = Field(default=1.0, gt=0.0)
+    exact_input: bool = False
 
     @model_validator(mode="after")
     def _one_size(self) -> "LayerCompression":
@@ -91,6 +92,11 @@ class CompressionConfig(BaseModel):
         paper's), 'reset' (zero moments and step count, so bias correction restarts) or
         'transport' (first moment mapped into the new basis, M <- M R with
         R = P_old^+ P_new; second moment V <- V (R o R), see compact_dist.moments).
+    exact_input: roles whose layer saves its exact input X for backward instead of Z = X P
+        (same gradients, Z is formed in backward). Default ['proj']: linear_proj's input is
+        SDPA's output, which SDPA keeps anyway as the same storage, so saving X costs nothing
+        and Z's r columns are saved too (FP8 attention storage then references that X
+        instead of keeping an FP8 copy). Roles not compressed are ignored.
     Defaults: projection 'pca' with moments 'transport'. Unless set explicitly, mode
     'unbiased' takes projection 'gaussian' (its gradient G P P^T is unbiased only for a random
     P), and projection 'gaussian' takes moments 'keep' (consecutive Gaussian draws are
@@ -112,6 +118,7 @@ class CompressionConfig(BaseModel):
     moments_on_resample: Literal["keep", "reset", "transport"] = "transport"
     projection: Projection = "pca"
     update_scale: float = Field(default=1.0, gt=0.0)
+    exact_input: list[LinearRole] = Field(default_factory=lambda: ["proj"])
 
     @model_validator(mode="after")
     def _check(self) -> "CompressionConfig":
@@ -152,6 +159,7 @@ class CompressionConfig(BaseModel):
             base_dtype=self.base_dtype,
             row_parallel_blocks=self.row_parallel_blocks,
             update_scale=self.update_scale,
+            exact_input=role in self.exact_input,
         )
 
     def check_parallel(self, tensor_model_parallel_size: int) -> None:

@@ -333,6 +333,7 @@ class CompactLinearMixin:
             tp_group=self.tp_group,
             factor_scale=self.merge_scale,
             sketch=sketch if self.training else None,
+            save_input=self.compression.exact_input,
         )
 
     def _sharded(self, prefix, sharded_offsets, metadata, axes):

@@ -44,6 +44,12 @@ def _linear(role: str, compression: CompressionConfig, megatron_linear, compact_
     return ModuleSpec(module=compact_cls, params={"compression": setting})
 
 
+def _keeps_exact_input(role: str, compression: CompressionConfig) -> bool:
+    """Does the `role` linear save its exact input (Megatron's linear, or exact_input)?"""
+    setting = compression.for_role(role)
+    return setting is None or setting.exact_input
+
+
 def get_compact_gpt_layer_spec(
     compression: CompressionConfig,
     normalization: Optional[str] = None,
@@ -62,7 +68,7 @@ def get_compact_gpt_layer_spec(
     attn.core_attention = SDPACoreAttention
     if "attention" in fp8:
         attn.core_attention = ModuleSpec(module=SDPACoreAttention, params={
-            "fp8_storage": True, "share_output": compression.for_role("proj") is None})
+            "fp8_storage": True, "share_output": _keeps_exact_input("proj", compression)})
     if "swiglu" in fp8:
         spec.submodules.mlp.module = Fp8SwiGLUMLP
     attn.linear_qkv = _linear("qkv", compression, attn.linear_qkv, CompactColumnParallelLinear)

@@ -12,6 +12,7 @@ environment (torchrun, the deepspeed launcher or srun), so the same command runs
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -224,6 +225,7 @@ def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, vocab_size: 
     any TP size)."""
     from compact_dist.engine import allreduce_sequence_parallel_grads
     from compact_dist.model import build_gpt_model
+    from compact_dist.rope import install_host_rotary
 
     mcfg = transformer_config(cfg, bf16)
     if cpu_init:
@@ -233,6 +235,7 @@ def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, vocab_size: 
     vocab = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
     model = build_gpt_model(mcfg, cfg.compression, vocab, cfg.model.seq_length, position,
                             cfg.activations)
+    install_host_rotary(model)  # RoPE on CPU-only hosts (megatron-core 0.16.1 assumes CUDA)
     model.to(device)
     allreduce_sequence_parallel_grads(model)
     return model
@@ -306,6 +309,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     from compact_dist.checkpoint import load_checkpoint, save_checkpoint
     from compact_dist.data import build_data
     from compact_dist.engine import use_deepspeed_checkpointing
+    from compact_dist.export import write_run_files
     from compact_dist.memory import linear_memory_table
 
     rank, _, world = world_from_environment()
@@ -321,6 +325,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     tokenizer, train_iter, valid_batches = build_data(
         cfg.data, cfg.model.seq_length, cfg.train.micro_batch_size, dp_rank, dp)
     model = build_model(cfg, device, bf16, tokenizer.vocab_size)
+    run_files = functools.partial(write_run_files, cfg=cfg, tokenizer=tokenizer, model=model)
     log = Logger(cfg, rank, 0)
     log.print(linear_memory_table(model, cfg.model.seq_length, cfg.train.micro_batch_size,
                                   device))
@@ -393,7 +398,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
                                    or step == cfg.train.train_steps):
             save_checkpoint(engine, cfg.checkpoint.dir, step, {
                 "step": step, "stepper_steps": stepper.steps, "data": train_iter.state_dict()},
-                cfg.checkpoint.keep_last)
+                cfg.checkpoint.keep_last, run_files)
         if stopping:
             history["stopped_early"] = step < cfg.train.train_steps
             by = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"

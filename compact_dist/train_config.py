@@ -173,8 +173,6 @@ class TrainConfig(_Section):
                 "bf16 (stochastic-rounding merges), or use ZeRO-1/2 to keep an fp32 W0")
         if self.train.precision == "bf16" and not has_cuda:
             raise ValueError("precision=bf16 needs CUDA; use fp32 (or auto) on CPU")
-        if self.model.position_embedding == "rope" and not has_cuda:
-            raise ValueError("rope needs CUDA in megatron-core 0.16.1; use learned_absolute")
         self.data.check_paths()
 
     def gradient_accumulation_steps(self, data_parallel_size: int) -> int:

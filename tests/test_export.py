@@ -1,0 +1,291 @@
+"""compact-export: a TP=2 x DP=2 ZeRO-3 compact-train checkpoint (RoPE, grouped queries, A not
+yet merged) as a Hugging Face LLaMA whose logits equal the Megatron model's; HF -> plain
+Megatron GPTModel; the seeded and data-aware P of the export equal the layers' own W_eff;
+bad input gives one clear error."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import run_distributed_raw
+from test_train import small
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+SEQ = 16
+WORLD = 4  # TP=2 x DP=2: ZeRO-3 partitions W0, A and the masters over 2 DP ranks
+
+
+def _train_then_unmerged_step(rank, overrides, ckpt, out):
+    """compact-train's run(), then one more optimizer step *without* the merge (A != 0, in
+    its fp32 masters and module partitions), a checkpoint of that state, and the Megatron
+    logits of a fixed batch (eval, gathered over TP) from the same engine."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    import compact_dist.train as train
+    from compact_dist.checkpoint import latest_tag, save_checkpoint
+    from compact_dist.train_config import load_train_config
+
+    captured = {}
+    build_engine = train.build_engine
+
+    def capture(*args, **kwargs):
+        captured["engine"], stepper = build_engine(*args, **kwargs)
+        return captured["engine"], stepper
+
+    train.build_engine = capture
+    history = train.run(load_train_config(None, overrides))
+    engine = captured["engine"]
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (2, SEQ + 1), generator=gen)
+    tokens, labels = tokens[:, :-1].to(engine.device), tokens[:, 1:].to(engine.device)
+    positions = torch.arange(SEQ, device=engine.device).expand(2, SEQ)
+    engine.train()
+    engine.backward(engine(tokens, positions, None, labels=labels).float().mean())
+    engine.step()  # no SubspaceStepper.after_step: A stays in the checkpoint and the forward
+    previous = Path(ckpt) / latest_tag(ckpt)
+
+    def copy_run_files(directory):
+        for name in ("compact_run.json", "tokenizer.json"):
+            shutil.copy(previous / name, directory / name)
+
+    save_checkpoint(engine, ckpt, history["step"] + 1, {"step": history["step"] + 1},
+                    keep_last=5, write_run_files=copy_run_files)
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(tokens, positions, None).contiguous()  # [b, s, padded vocab / TP]
+    parts = [torch.empty_like(logits) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, logits, group=ps.get_tensor_model_parallel_group())
+    if rank == 0:
+        torch.save({"tokens": tokens.cpu(), "logits": torch.cat(parts, -1).float().cpu()}, out)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    ckpt = tmp / "ckpt"
+    overrides = small(tmp, "model.position_embedding=rope", "model.num_query_groups=2",
+                      "parallel.tensor_model_parallel_size=2", "train.zero_stage=3",
+                      "train.train_steps=2", "data.vocab_size=500", "data.max_bytes=100000",
+                      f"checkpoint.dir={ckpt}", "checkpoint.keep_last=5")
+    run_distributed_raw(_train_then_unmerged_step, WORLD, overrides, str(ckpt),
+                        str(tmp / "megatron.pt"))
+    return ckpt, torch.load(tmp / "megatron.pt")
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    from compact_dist.export import export_checkpoint
+
+    ckpt, _ = trained
+    out = tmp_path_factory.mktemp("hf")
+    init = torch.distributed.init_process_group
+    torch.distributed.init_process_group = _no_process_group
+    try:
+        info = export_checkpoint(ckpt, out)
+    finally:
+        torch.distributed.init_process_group = init
+    return out, info
+
+
+def _no_process_group(*args, **kwargs):
+    raise AssertionError("the export must not create a process group")
+
+
+def test_hf_llama_logits_match_megatron(trained, exported):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from compact_dist.data import Tokenizer
+
+    ckpt, ref = trained
+    out, info = exported
+    assert info["tp"] == 2 and info["compact_layers"] == 16  # 2 layers x 4 linears x 2 TP
+    assert info["max_abs_factor"] > 1e-5  # the unmerged A is part of the export (~4e-4)
+    assert info["tag_dir"].endswith("step_00000003")
+    model = LlamaForCausalLM.from_pretrained(out).eval()
+    c = model.config
+    assert (c.num_key_value_heads, c.num_attention_heads, c.hidden_size) == (2, 4, 64)
+    assert model.dtype == torch.float32
+    with torch.no_grad():
+        logits = model(ref["tokens"]).logits
+    vocab = c.vocab_size
+    assert vocab < ref["logits"].shape[-1]  # Megatron's padded rows are dropped
+    diff = (logits - ref["logits"][..., :vocab]).abs().max().item()
+    assert diff < 1e-4, diff
+
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    ours = Tokenizer.load(ckpt / "step_00000003" / "tokenizer.json")
+    text = "def export(model):\n    return {'llama': True}  # ok"
+    assert hf_tok(text)["input_ids"] == ours.encode(text)
+    assert hf_tok.eos_token_id == ours.eod and len(hf_tok) == vocab
+
+
+def test_hf_weights_load_into_plain_megatron(megatron_tp1, trained, exported):
+    from transformers import LlamaForCausalLM
+
+    from compact_dist.export import load_megatron_from_hf
+    from compact_dist.subspace import compact_layers
+
+    _, ref = trained
+    out, _ = exported
+    padded = ref["logits"].shape[-1]
+    model = load_megatron_from_hf(out, padded_vocab_size=padded)
+    assert not compact_layers(model) and model.vocab_size == padded
+    tokens = ref["tokens"]
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(SEQ).expand(2, SEQ), None)
+        hf = LlamaForCausalLM.from_pretrained(out).eval()(tokens).logits
+    vocab = hf.shape[-1]
+    assert (logits[..., :vocab] - hf).abs().max().item() < 1e-4
+    assert (logits[..., :vocab] - ref["logits"][..., :vocab]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("data_aware", [False, True])
+def test_export_weight_is_the_layers_effective_weight(megatron_tp1, data_aware):
+    """The export's W0 + s A P^T from checkpoint data (the rank file's projection record, the
+    extra state's basis) equals CompactLinearMixin.effective_weight for a seeded Gaussian P
+    (non-zero epoch) and for a data-aware basis."""
+    from gpt_utils import tiny_gpt
+
+    from compact_dist.checkpoint import _rank_state
+    from compact_dist.config import CompressionConfig
+    from compact_dist.export import _effective_weight
+    from compact_dist.subspace import compact_layers
+
+    model = tiny_gpt(CompressionConfig(projection="gaussian", update_scale=1.5))
+    gen = torch.Generator().manual_seed(1)
+    for layer in compact_layers(model):
+        layer.subspace_factor.data.normal_(generator=gen)
+        layer.projection_epoch = 3
+        if data_aware:
+            p = layer.projection
+            layer.basis = torch.linalg.qr(torch.randn(
+                p.local_blocks, p.block_in, p.block_rank, generator=gen))[0]
+        layer._projection_cache.clear()
+    entries = {e["name"]: e for e in _rank_state(model)["layers"]}
+    state = model.state_dict()
+    checked = 0
+    for name, layer in model.named_modules():
+        if layer in compact_layers(model):
+            got = _effective_weight(state, name, entries[name])
+            assert torch.allclose(got, layer.effective_weight(), atol=1e-6, rtol=0), name
+            assert (got - layer.weight).abs().max() > 1e-2  # A P^T is really there
+            checked += 1
+    assert checked == 8
+
+
+def _copy(ckpt: Path, tmp: Path) -> Path:
+    dst = tmp / "copy"
+    shutil.copytree(ckpt / "step_00000003", dst / "step_00000003")
+    (dst / "latest").write_text("step_00000003")
+    return dst
+
+
+def _edit_run(ckpt: Path, edit) -> None:
+    path = ckpt / "step_00000003" / "compact_run.json"
+    run = json.loads(path.read_text())
+    edit(run)
+    path.write_text(json.dumps(run))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_dir", "does not exist"),
+    ("not_a_checkpoint", "no 'latest' file"),
+    ("ffn_disagrees", r"linear_fc1 \(W_eff, TP rank 0\) has shape \(128, 64\), the run config "
+                      r"implies \(96, 64\)"),
+    ("layers_disagree", "checkpoint has 2 transformer layers, the run config says num_layers=3"),
+    ("learned_positions", "'learned_absolute' position embeddings; a LLaMA has rotary ones"),
+    ("missing_tp_rank", "holds 1 TP ranks' model states, the run config says "
+                        "tensor_model_parallel_size=2"),
+    ("missing_run_file", "compact_run.json' is missing"),
+])
+def test_bad_input_gives_one_clear_error(trained, tmp_path, case, message):
+    from compact_dist.export import export_checkpoint, main
+
+    ckpt, _ = trained
+    source = {"missing_dir": tmp_path / "nowhere", "not_a_checkpoint": tmp_path}.get(case)
+    if source is None:
+        source = _copy(ckpt, tmp_path)
+        tag = source / "step_00000003"
+        if case == "ffn_disagrees":
+            _edit_run(source, lambda r: r["config"]["model"].update(ffn_hidden_size=96))
+        elif case == "layers_disagree":
+            _edit_run(source, lambda r: r["config"]["model"].update(num_layers=3))
+        elif case == "learned_positions":
+            _edit_run(source, lambda r: r["model"].update(position_embedding="learned_absolute"))
+        elif case == "missing_tp_rank":
+            for f in tag.glob("*mp_rank_01_*"):
+                f.unlink()
+        elif case == "missing_run_file":
+            (tag / "compact_run.json").unlink()
+    with pytest.raises(ValueError, match=message):
+        export_checkpoint(source, tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: one line, no traceback
+        main([str(source), str(tmp_path / "out")])
+    text = str(exit_info.value.code)
+    assert text.startswith("compact-export: error: ") and "\n" not in text
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_byte_tokenizer_exports_as_an_equivalent_hf_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from compact_dist.data import Tokenizer
+    from compact_dist.export import save_tokenizer
+
+    run = {"tokenizer": {"kind": "byte", "vocab_size": 257, "eod": 256},
+           "model": {"max_sequence_length": 64}}
+    save_tokenizer(tmp_path, run, tmp_path / "hf")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "héllo wörld ✓\n\t  def f(x): return x  # ünïcode"
+    ids = Tokenizer.byte().encode(text)
+    assert hf(text)["input_ids"] == ids and hf.decode(ids) == text
+    assert hf.eos_token_id == 256 and len(hf) == 257
+
+
+def _gpu_worker(rank, world, port, overrides, ckpt, out):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        _train_then_unmerged_step(rank, overrides, ckpt, out)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 training needs CUDA")
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_bf16_checkpoint_exports_on_gpu(tmp_path, stage):
+    """bf16 on one GPU (TP=1): ZeRO-0 (BF16_Optimizer: the module's bf16 weights), ZeRO-1 (fp32
+    masters, fp32 W0), ZeRO-3 (bf16 W0 partitions); the fp32 HF logits agree with the bf16
+    Megatron ones to bf16 accuracy."""
+    import torch.multiprocessing as mp
+    from transformers import LlamaForCausalLM
+
+    from conftest import free_port
+    from compact_dist.export import export_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    overrides = small(tmp_path, "model.position_embedding=rope", "model.num_query_groups=2",
+                      f"train.zero_stage={stage}", "train.precision=bf16", "train.train_steps=2",
+                      "data.vocab_size=500", "data.max_bytes=100000", f"checkpoint.dir={ckpt}",
+                      *(["compression.base_dtype=bf16"] if stage == 3 else []))
+    mp.start_processes(_gpu_worker, args=(1, free_port(), overrides, str(ckpt),
+                                          str(tmp_path / "megatron.pt")),
+                       nprocs=1, join=True, start_method="spawn")
+    ref = torch.load(tmp_path / "megatron.pt")
+    info = export_checkpoint(ckpt, tmp_path / "hf")
+    assert info["max_abs_factor"] > 0
+    with torch.no_grad():
+        logits = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()(
+            ref["tokens"].cpu()).logits
+    expected = ref["logits"].float().cpu()[..., :logits.shape[-1]]
+    error = (logits - expected).abs().max() / expected.abs().max()
+    assert error < 3e-2, error.item()
