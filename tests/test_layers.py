@@ -5,7 +5,7 @@ import torch
 from megatron.core import tensor_parallel
 
 from compact_dist.config import LayerCompression
-from compact_dist.layers import stochastic_round_to_bf16
+from compact_dist.rounding import stochastic_round_to_bf16
 from compact_dist.memory import saved_activation_bytes
 from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
 from compact_dist.config import CompressionConfig

@@ -1,0 +1,50 @@
+"""The bf16 merge with stochastic rounding (compact_dist.rounding): torch path on CPU, the
+fused Triton kernel on CUDA. Both must round to a bf16 neighbour of the exact fp32 value,
+be unbiased, and be a function of the seed only (data-parallel replicas stay identical)."""
+
+import pytest
+import torch
+
+from compact_dist.rounding import merge_into_bf16_, triton_available
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_rounds_to_a_neighbour_unbiased_and_seeded(device):
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(20000, generator=gen)).to(torch.bfloat16).to(device)
+    delta = (torch.randn(20000, generator=gen) * 3e-3).to(device)
+    scale, decay = 0.7, 1 - 1e-4
+    exact = w.float() * decay + scale * delta.float()
+    outs = []
+    for seed in range(64):
+        base = w.clone()
+        merge_into_bf16_(base, delta, scale, decay, seed * 7919 + 1)
+        outs.append(base.float())
+    outs = torch.stack(outs)
+    # every result is the floor or the ceiling of the exact value in bf16
+    lo = exact.to(torch.bfloat16).float()
+    step = (lo.abs() * 2 ** -7).clamp_min(2 ** -133)
+    assert ((outs - exact).abs() <= step * 1.0001).all()
+    # unbiased: the mean over seeds is much closer than round-to-nearest's error
+    err_mean = (outs.mean(0) - exact).abs().mean()
+    err_nearest = (lo - exact).abs().mean()
+    assert err_mean < 0.3 * err_nearest
+    # a function of the seed only
+    again = w.clone()
+    merge_into_bf16_(again, delta, scale, decay, 1)
+    assert torch.equal(again.float(), outs[0])
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="bf16"):
+        merge_into_bf16_(torch.zeros(4), torch.zeros(4), 1.0, 1.0, 0)
+    with pytest.raises(ValueError, match="bf16"):
+        merge_into_bf16_(torch.zeros(4, dtype=torch.bfloat16), torch.zeros(3), 1.0, 1.0, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_path_is_used_on_cuda():
+    assert triton_available(torch.zeros(1, device="cuda"))
