@@ -635,7 +635,7 @@ class Bench:
 
     def prediction(self, cfg) -> Optional[dict]:
         """compact-plan's prediction for this variant (compact_dist.memory_plan), recorded
-        next to the measurement; None when the planner cannot model the setup."""
+        next to the measurement; {"error": ...} when the planner cannot model the setup."""
         from compact_dist.memory_plan import prediction_line, setup_from
 
         try:

@@ -28,7 +28,8 @@ The output feeds linear_proj. SDPA allocates its output like q ([sq, b, h, d] in
 q is a view of Megatron's [sq, b, ...] qkv), so `context.permute(2, 0, 1, 3).reshape(sq, b,
 -1)` is a view: without FP8, SDPA's saved output and an uncompressed linear_proj's saved
 input are one storage (tests/test_fp8_storage.py checks it on CPU and CUDA). Hence
-`share_output` (set by compact_dist.spec when linear_proj is not a CompAct layer): the flash
+`share_output` (set by compact_dist.spec when linear_proj keeps its exact input: Megatron's
+linear, or compression.exact_input): the flash
 path then references that bf16 tensor instead of adding an FP8 copy; with a CompAct proj
 (which keeps only X P) it keeps the FP8 copy.
 """

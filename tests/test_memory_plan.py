@@ -86,7 +86,7 @@ def test_math_backend_keeps_the_probabilities(megatron_tp1):
 
 
 def test_profiler_attributes_sources_and_layers(megatron_tp1):
-    cfg = load_train_config(None, TINY + ["compression.ratio=0.25"])
+    cfg = load_train_config(None, TINY + ["compression.ratio=0.25", "compression.exact_input=[]"])
     _, records = _measure(cfg)
     summary = summarize(records)
     sites = " ".join(row["site"] for row in summary["layer0_sites"])
