@@ -1,10 +1,10 @@
 """Pretraining convergence, Megatron baseline vs CompAct, on real text with `compact-train`.
 
-A LLaMA-style GPT is pretrained with compact_dist.train.run for a fixed token budget, then the
+A LLaMA-style GPT is pretrained with compact_dist.training.train.run for a fixed token budget, then the
 validation perplexity curves are compared. Presets (`--preset`):
 - `33m` (default): 8 layers, hidden 512, 8 heads, SwiGLU ffn 1344, seq 512, micro-batch 16,
   BPE vocabulary 8192 (~33M parameters), 3 epochs of the embedded corpus (the interpreter's
-  standard-library source, compact_dist.data), validation on the whole split every 50 steps.
+  standard-library source, compact_dist.training.data), validation on the whole split every 50 steps.
 - `110m`: 12 layers, hidden 768, 12 heads, ffn 2048, seq 1024, micro-batch 32 (one GPU),
   BPE vocabulary 16384 (110.1M parameters), 45M tokens (1373 steps), lr 1e-3 cosine to 1e-4
   after 100 warm-up steps, validation every 50 steps on 3 fixed batches (98k tokens; on an
@@ -21,7 +21,7 @@ Segments and resume. Every variant trains with `checkpoint.dir=<ckpt-root>/ckpt_
 (default ckpt-root: the output directory) and resumes from its `latest` checkpoint when run
 again. SIGTERM / SIGUSR1 (`timeout -s TERM`, or `--time-limit-s N`, which sends SIGTERM to
 the process itself after N seconds) end a segment after the current optimizer step with a
-checkpoint (compact_dist.train.GracefulStop). After each segment the curve so far (the
+checkpoint (compact_dist.training.train.GracefulStop). After each segment the curve so far (the
 previous segments' training losses and evaluations stitched by step with this one's) goes to
 `<out>/<prefix>_<slug>.part.json`; when the step count is reached, `<prefix>_<slug>.json`
 replaces it. A variant already complete is not trained again (`--fresh` starts it over); a
@@ -200,8 +200,8 @@ def model_params(layers: int, hidden: int, ffn: int, vocab_padded: int) -> int:
 
 def prepare(args) -> tuple[dict, Path]:
     """Build (or find) the tokenized dataset; returns (meta.json, directory)."""
-    from compact_dist.data import prepare_dataset
-    from compact_dist.train_config import load_train_config
+    from compact_dist.training.data import prepare_dataset
+    from compact_dist.training.train_config import load_train_config
 
     cfg = load_train_config(None, data_overrides(args))
     t = time.perf_counter()
@@ -214,9 +214,9 @@ def prepare(args) -> tuple[dict, Path]:
 
 
 def export_corpus(args, out: Path) -> None:
-    """Write the corpus documents (as compact_dist.data reads them) to a JSONL file."""
-    from compact_dist.data import read_corpus
-    from compact_dist.train_config import load_train_config
+    """Write the corpus documents (as compact_dist.training.data reads them) to a JSONL file."""
+    from compact_dist.training.data import read_corpus
+    from compact_dist.training.train_config import load_train_config
 
     docs = read_corpus(load_train_config(None, [f"data.max_bytes={args.max_bytes}"]).data)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +260,7 @@ def start_time_limit(seconds: Optional[float]) -> Optional[threading.Timer]:
 
 
 class StepTimes:
-    """Wall-clock time of every optimizer step of compact_dist.train.run, taken from its
+    """Wall-clock time of every optimizer step of compact_dist.training.train.run, taken from its
     Logger.step call (after the step, before evaluation and checkpoint): the loop time, the
     median step, and the evaluation cost (the step after an evaluation minus the median).
     signal_at_step: SIGTERM to this process at that step (tests: a stop at a known step)."""
@@ -270,7 +270,7 @@ class StepTimes:
         self.signal_at_step = signal_at_step
 
     def __enter__(self) -> "StepTimes":
-        import compact_dist.train as train
+        import compact_dist.training.train as train
 
         self._logger, self._original = train.Logger, train.Logger.step
         original, times, stop_at = self._original, self.times, self.signal_at_step
@@ -320,8 +320,8 @@ def run_variant(args, timer: Optional[threading.Timer] = None) -> dict:
     return the report. timer: the --time-limit-s timer, cancelled once training returned."""
     import torch
 
-    from compact_dist.train import padded_vocab_size, run
-    from compact_dist.train_config import load_train_config
+    from compact_dist.training.train import padded_vocab_size, run
+    from compact_dist.training.train_config import load_train_config
 
     wall_start = PROCESS_START  # a segment's wall time counts the imports too
     out_dir = Path(args.out_dir)

@@ -42,9 +42,14 @@ inv_tp1|1|100|45|1|inv_tp1.{json,md}|TP-invariance reference, TP=1, bf16
 inv_fp32|2|160|100|2|inv_fp32_tp1.{json,md}, inv_fp32_tp2.{json,md}|TP-invariance in fp32 at TP=1 then TP=2
 dp2_z1|2|110|60|1.5|mt_dp2_z1.{json,md}, mt_dp2_z1_memory_vs_time.png|DP=2 ZeRO-1 (deepspeed launcher), 1.3B
 dp2_z3|2|80|70|1|mt_dp2_z3.{json,md}, mt_dp2_z3_memory_vs_time.png|DP=2 ZeRO-3 (deepspeed launcher, bf16 W0), 1.3B
+mt_1.3b_lean|1|330|120|6|mt_1.3b_lean.{json,md}, mt_1.3b_lean_memory_vs_time.png|1.3B, micro-batch 4, one GPU: Megatron-default (fused) and unfused baselines, CompAct r1/4 with and without lean activations (issue 11)
+mt_1.3b_options|1|330|150|6|mt_1.3b_options.{json,md}, mt_1.3b_options_memory_vs_time.png|1.3B, micro-batch 4, one GPU: each activation option alone (fused CE, FP8 swiglu / attention / norm, bf16 W0)
+mt_7b_lean|1|240|150|4|mt_7b_lean.{json,md}, mt_7b_lean_mb8.{json,md}|7B on one GPU without recompute: r1/8, bf16 W0, lean activations at micro-batch 4 and 8
+profile_1.3b|1|150|60|2|profile_1.3b.json|per-kernel CUDA time of forward+backward (4 layers of 1.3B): CompAct r1/4 alone and with each FP8 option, baseline
 projection_cost|1|90|30|1|projection_cost.json|P generation, projection, merge per linear role, 1.3B shapes
 convergence33m|all|0|120|3-6 (4/2 GPUs)|convergence/convergence_*.json, convergence/convergence.{json,md}, convergence.md, convergence_ppl.png|33M on the stdlib corpus, 8 variants over the GPUs, resumable (state: .cache/gpu_suite/convergence33m)
-convergence110m|all|0|150|2 x 9 (4 GPUs)|convergence110m.{json,md}, convergence110m_ppl.png, convergence110m/|110M on the host corpus by benchmarks/convergence_gpu.sh, resumable
+convergence110m|all|0|150|2 x 9 (4 GPUs)|convergence110m.{json,md}, convergence110m_ppl.png, convergence110m/|110M on the host corpus by benchmarks/convergence_gpu.sh, resumable (unfused SwiGLU: the code before the fused default)
+convergence110m_fused|all|0|150|2 x 9 (2 GPUs)|convergence110m_fused.{json,md}, convergence110m_fused_ppl.png, convergence110m_fused/|110M with the Megatron default fusions: 2 baseline seeds, gaussian, pca r1/4 and r1/8, pca + lean activations (FP8 cost), resumable
 tp4_sp_z1|4|240|110|3|mt_tp4_sp_z1.{json,md}, mt_tp4_sp_z1_memory_vs_time.png|TP=4 + SP, ZeRO-1, 1.3B, and TP=4 invariance (20 steps, 350M, bf16)
 tp2_dp2_z1|4|150|70|2|mt_tp2_dp2_z1.{json,md}, mt_tp2_dp2_z1_memory_vs_time.png|TP=2 x DP=2 + SP, ZeRO-1, 1.3B
 tp2_dp2_z2|4|150|70|2|mt_tp2_dp2_z2.{json,md}, mt_tp2_dp2_z2_memory_vs_time.png|TP=2 x DP=2 + SP, ZeRO-2, 1.3B
@@ -153,6 +158,8 @@ mt() {  # mt <time limit s> <name> <none|torchrun|deepspeed> <nproc> memory_thro
   return $rc
 }
 VARS=(--variants "baseline,compact_r1/4,compact_r1/8")
+OPTS="baseline,compact_r1/4,compact_r1/4_fusedce,compact_r1/4_fp8swiglu,compact_r1/4_fp8attention"
+OPTS+=",compact_r1/4_fp8norm,compact_r1/4_bf16W0,compact_r1/4_bf16W0_lean,compact_r1/4_gaussian"
 INV=(--tp-invariance-steps 20 --tp-invariance-preset "$PINV"
      --tp-invariance-variants "baseline,compact_r1/4")
 INV_FP32=(--skip-throughput "${INV[@]}" --precision fp32)
@@ -219,6 +226,30 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
               --variants baseline,compact_r1/4,compact_r1/8_bf16W0 ;;
     dp2_z3) mt "$JT" mt_dp2_z3 deepspeed 2 --preset "$P13" --zero-stage 3 \
               --variants baseline,compact_r1/4_bf16W0 ;;
+    mt_1.3b_lean) mt "$JT" mt_1.3b_lean none 1 --preset "$P13" --micro-batch 4 --no-max-mbs \
+                    --variants baseline,compact_r1/4_lean,baseline_unfused,compact_r1/4,compact_r1/8_bf16W0_lean ;;
+    mt_1.3b_options) mt "$JT" mt_1.3b_options none 1 --preset "$P13" --micro-batch 4 --no-max-mbs \
+                       --warmup 3 --steps 6 --variants "$OPTS" ;;
+    mt_7b_lean)
+      t=$(( JT / 2 ))
+      mt "$t" mt_7b_lean none 1 --preset "$P7" --micro-batch 4 --no-max-mbs --warmup 2 \
+        --steps 3 --variants compact_r1/8_bf16W0_lean || rc=$?
+      mt "$(( $(jleft) - 35 ))" mt_7b_lean_mb8 none 1 --preset "$P7" --micro-batch 8 \
+        --no-max-mbs --warmup 2 --steps 3 --variants compact_r1/8_bf16W0_lean || rc=$? ;;
+    profile_1.3b)
+      x "$JT" "$PY" "$B"/profile_model.py --preset "$P13" --layers 4 --micro-batch 4 \
+        --variant "compact=compression.ratio=0.25" \
+        --variant "fp8attention=compression.ratio=0.25;activations.fp8_storage=[attention]" \
+        --variant "fp8swiglu=compression.ratio=0.25;activations.fp8_storage=[swiglu]" \
+        --variant "fp8norm=compression.ratio=0.25;activations.fp8_storage=[norm]" \
+        --variant "baseline=compression.enabled=false" --out "$JW/profile_1.3b.json" || rc=$?
+      keep profile_1.3b.json ;;
+    convergence110m_fused)
+      [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m_fused")
+      x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
+        --prefix convergence110m_fused --results-dir "$RES" \
+        --variants baseline,baseline_seed2,gaussian_r1/4,pca_r1/4,pca_r1/4_lean,pca_r1/8 \
+        ${extra[@]+"${extra[@]}"} || rc=$? ;;
     projection_cost)
       [ "$TINY" = 1 ] && extra=(--hidden 128 --ffn 352 --tokens 256)
       x "$JT" "$PY" "$B"/projection_cost.py ${extra[@]+"${extra[@]}"} \

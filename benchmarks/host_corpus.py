@@ -24,7 +24,7 @@ beyond what the machine already has. Which files:
   under its own name; symlinks to directories are not followed.
 
 Order of the documents: the walk order, then a seeded shuffle (`--seed`, default 0;
-`--no-shuffle` keeps the walk order). compact_dist.data splits train/valid by a random
+`--no-shuffle` keeps the walk order). compact_dist.training.data splits train/valid by a random
 document permutation, but its validation batches read the split's stream from the start and
 `data.max_bytes` / `data.tokenizer_train_bytes` take the corpus from the start: with shuffled
 documents every prefix is a uniform sample of the host (stdlib, packages and headers mixed),
@@ -32,7 +32,7 @@ not the alphabetically first files of the stdlib. Same host, same options: the s
 
 `--max-bytes` stops once the next document would exceed that many UTF-8 bytes of text
 (default: no limit). Each line is `{"text": <file content>, "path": "<root>/<relative path>"}`
-(compact_dist.data reads `text`, `data.jsonl_key`). Next to the output, `<out>.meta.json`:
+(compact_dist.training.data reads `text`, `data.jsonl_key`). Next to the output, `<out>.meta.json`:
 files, bytes, per-extension and per-root counts, duplicates dropped, skips by reason, the
 roots, the Python version, elapsed seconds. The output is written to a temporary file and
 renamed, so an interrupted run leaves no partial corpus.

@@ -1,7 +1,7 @@
 """Peak memory, step time, throughput, MFU and the largest micro-batch that fits, for a
 LLaMA-style GPT trained the way `compact-train` trains it: Megatron-core model built by
-compact_dist.model.build_gpt_model (SDPA attention for every variant), DeepSpeed engine with
-ZeRO (default stage 1), bf16 on CUDA, torch AdamW over compact_dist.subspace's parameter
+compact_dist.megatron.model.build_gpt_model (SDPA attention for every variant), DeepSpeed engine with
+ZeRO (default stage 1), bf16 on CUDA, torch AdamW over compact_dist.core.subspace's parameter
 groups, and the subspace merge (SubspaceStepper.after_step) after every engine.step().
 Baseline (Megatron's own linears, optionally with Megatron full/selective recompute) and
 CompAct variants run on synthetic token batches, one after another in one process, or with
@@ -19,7 +19,7 @@ TP = 1, 2, 4 with plot_results.py):
     torchrun --nproc_per_node 2 benchmarks/memory_throughput.py --preset 350m --tp 2 \
         --tp-invariance-steps 20 --skip-throughput --variants baseline,compact_r1/4
 
-Every variant records the W0 dtype it trained with (compact_dist.engine.initialize_engine
+Every variant records the W0 dtype it trained with (compact_dist.deepspeed.engine.initialize_engine
 keeps base_dtype=fp32 W0 in fp32 through DeepSpeed's bf16 cast under ZeRO 0-2).
 
 Writes <out-dir>/<name>.json (rewritten after every variant, so a killed run keeps what it
@@ -54,8 +54,8 @@ import torch
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run from a checkout, uninstalled
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from compact_dist.progress import PEAK_BF16_FLOPS as _PEAKS  # noqa: E402
-from compact_dist.progress import model_flops  # noqa: E402,F401  (used below, and by tests)
+from compact_dist.training.progress import PEAK_BF16_FLOPS as _PEAKS  # noqa: E402
+from compact_dist.training.progress import model_flops  # noqa: E402,F401  (used below, and by tests)
 
 GiB = 2**30
 PEAK_BF16_FLOPS = _PEAKS["H100"]  # H100 / H200 SXM dense bf16
@@ -74,14 +74,14 @@ PRESETS: dict[str, dict[str, int]] = {
                seq_length=2048, vocab_size=32000, micro_batch_size=1),
 }
 
-# name -> overrides of compact_dist.train_config.TrainConfig (section.key: value).
+# name -> overrides of compact_dist.training.train_config.TrainConfig (section.key: value).
 # Ordered by priority ('all' runs them in this order and --time-limit-s drops the tail);
 # the baseline comes first: ratios are taken against it.
 _LEAN = {"activations.fused_cross_entropy": True,
          "activations.fp8_storage": ["swiglu", "attention", "norm"]}
 VARIANTS: dict[str, dict[str, Any]] = {
     # Megatron-LM's default fusions without transformer-engine (fused SwiGLU and
-    # bias-dropout-add: compact_dist.activations, on with CUDA); the old, unfused baseline is
+    # bias-dropout-add: compact_dist.megatron.activations, on with CUDA); the old, unfused baseline is
     # kept as baseline_unfused so the change is visible
     "baseline": {"compression.enabled": False},
     "compact_r1/4": {"compression.ratio": 0.25},
@@ -253,7 +253,7 @@ class AllGatherCounter:
     """Counts the bytes of every all-gather output while `phase` is set, per process group
     ('tp', 'dp', 'world' or 'other'), by wrapping torch.distributed.all_gather_into_tensor /
     _all_gather_base / all_gather_single (the names looked up at call time, e.g. by
-    compact_dist.collectives) and the copies megatron-core bound at import
+    compact_dist.core.collectives) and the copies megatron-core bound at import
     (dist_all_gather_func). torch's own functions call each other through the c10d module,
     not these names, so nothing is counted twice."""
 
@@ -326,7 +326,7 @@ class AllGatherCounter:
 
 def base_weight_dtypes(model: torch.nn.Module) -> dict[str, int]:
     """{dtype name: count} of the frozen bases W0 of the subspace-mode compact layers."""
-    from compact_dist.subspace import compact_layers
+    from compact_dist.core.subspace import compact_layers
 
     out: dict[str, int] = defaultdict(int)
     for layer in compact_layers(model):
@@ -382,7 +382,7 @@ class Bench:
         return p
 
     def padded_vocab(self, shape: dict[str, int]) -> int:
-        from compact_dist.train import padded_vocab_size
+        from compact_dist.training.train import padded_vocab_size
 
         return padded_vocab_size(shape["vocab_size"], self.args.tp)
 
@@ -406,7 +406,7 @@ class Bench:
 
     def config(self, variant: dict[str, Any], micro_batch: Optional[int] = None,
                shape: Optional[dict[str, int]] = None):
-        from compact_dist.train_config import load_train_config
+        from compact_dist.training.train_config import load_train_config
 
         return load_train_config(None, self.overrides(variant, micro_batch, shape))
 
@@ -414,8 +414,8 @@ class Bench:
     def init(self) -> None:
         from megatron.core import parallel_state as ps
 
-        from compact_dist.train import init_distributed
-        from compact_dist.train_config import world_from_environment
+        from compact_dist.training.train import init_distributed
+        from compact_dist.training.train_config import world_from_environment
 
         rank, _, world = world_from_environment()
         if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" not in os.environ:
@@ -460,10 +460,10 @@ class Bench:
     # -- engine ---------------------------------------------------------------------------
     def build(self, cfg, cpu_init: bool = False, saved_bytes: bool = False,
               vocab: Optional[int] = None) -> dict:
-        """Model + DeepSpeed engine built by compact_dist.train's build_model / build_engine,
+        """Model + DeepSpeed engine built by compact_dist.training.train's build_model / build_engine,
         as compact-train builds them (constant learning rate optim.lr)."""
-        from compact_dist.memory import saved_activation_bytes
-        from compact_dist.train import build_engine, build_model
+        from compact_dist.tools.memory import saved_activation_bytes
+        from compact_dist.training.train import build_engine, build_model
 
         vocab = vocab or self.shape["vocab_size"]
         model = build_model(cfg, self.device, self.bf16, vocab, cpu_init=cpu_init)
@@ -634,9 +634,9 @@ class Bench:
         return res
 
     def prediction(self, cfg) -> Optional[dict]:
-        """compact-plan's prediction for this variant (compact_dist.memory_plan), recorded
+        """compact-plan's prediction for this variant (compact_dist.tools.memory_plan), recorded
         next to the measurement; {"error": ...} when the planner cannot model the setup."""
-        from compact_dist.memory_plan import prediction_line, setup_from
+        from compact_dist.tools.memory_plan import prediction_line, setup_from
 
         try:
             return prediction_line(setup_from(

@@ -48,7 +48,7 @@ def setup() -> torch.device:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from compact_dist.rng import model_parallel_manual_seed
+    from compact_dist.core.rng import model_parallel_manual_seed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29541")
@@ -66,8 +66,8 @@ def measure(hidden: int, ffn: int, tokens: int, ratio: float, device: torch.devi
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from compact_dist import CompactColumnParallelLinear, CompactRowParallelLinear
-    from compact_dist.config import LayerCompression
-    from compact_dist.projection import project
+    from compact_dist.core.config import LayerCompression
+    from compact_dist.core.projection import project
 
     bf16 = device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32

@@ -9,10 +9,10 @@ warnings.filterwarnings(
     "ignore", message=r"(Apex is not installed|Transformer Engine and Apex are not installed)"
 )
 
-from compact_dist.config import CompressionConfig, LayerCompression
-from compact_dist.layers import CompactColumnParallelLinear, CompactRowParallelLinear
-from compact_dist.spec import get_compact_gpt_block_spec, get_compact_gpt_layer_spec
-from compact_dist.subspace import (
+from compact_dist.core.config import CompressionConfig, LayerCompression
+from compact_dist.core.layers import CompactColumnParallelLinear, CompactRowParallelLinear
+from compact_dist.megatron.spec import get_compact_gpt_block_spec, get_compact_gpt_layer_spec
+from compact_dist.core.subspace import (
     SubspaceStepper,
     assign_layer_ids,
     compact_layers,

@@ -23,7 +23,7 @@ def megatron_tp1():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from compact_dist.rng import model_parallel_manual_seed
+    from compact_dist.core.rng import model_parallel_manual_seed
 
     if not dist.is_initialized():
         dist.init_process_group(

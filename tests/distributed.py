@@ -19,7 +19,7 @@ def _worker(rank, world_size, port, tp, fn, args):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from compact_dist.rng import model_parallel_manual_seed
+    from compact_dist.core.rng import model_parallel_manual_seed
 
     torch.set_num_threads(1)
     dist.init_process_group(

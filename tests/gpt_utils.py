@@ -2,8 +2,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from compact_dist.config import CompressionConfig
-from compact_dist.model import build_gpt_model
+from compact_dist.core.config import CompressionConfig
+from compact_dist.megatron.model import build_gpt_model
 
 VOCAB, SEQ = 128, 32
 

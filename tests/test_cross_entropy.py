@@ -1,4 +1,4 @@
-"""compact_dist.cross_entropy: the output layer fused with the vocab-parallel cross-entropy over
+"""compact_dist.megatron.cross_entropy: the output layer fused with the vocab-parallel cross-entropy over
 chunks of tokens equals Megatron's ColumnParallelLinear + vocab_parallel_cross_entropy (loss
 and the gradients of hidden and weight) at TP=1 and TP=2 (with and without sequence
 parallelism), a GPTModel with it equals one without, it keeps no [tokens, V] tensor for
@@ -51,7 +51,7 @@ def _megatron_loss(layer, hidden, labels):
 
 @pytest.mark.parametrize("chunk", [5, 27, 1000])
 def test_matches_megatron_tp1(megatron_tp1, chunk):
-    from compact_dist.cross_entropy import fused_linear_cross_entropy
+    from compact_dist.megatron.cross_entropy import fused_linear_cross_entropy
 
     hidden, weight, labels, grad = _inputs()
     layer = _megatron_output_layer(weight, 1)
@@ -75,7 +75,7 @@ def _tp2_matches(rank):
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
 
-    from compact_dist.cross_entropy import fused_linear_cross_entropy
+    from compact_dist.megatron.cross_entropy import fused_linear_cross_entropy
 
     tp, s = 2, 10  # 30 tokens, chunks of 4; the sequence splits over TP
     group = ps.get_tensor_model_parallel_group()
@@ -116,9 +116,9 @@ def test_matches_megatron_tp2():
 
 
 def _tiny(fused, chunk=50, **overrides):
-    from compact_dist.activations import ActivationConfig
-    from compact_dist.config import CompressionConfig
-    from compact_dist.model import build_gpt_model
+    from compact_dist.megatron.activations import ActivationConfig
+    from compact_dist.core.config import CompressionConfig
+    from compact_dist.megatron.model import build_gpt_model
     from gpt_utils import SEQ, VOCAB, tiny_config
 
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def _loss_and_grads(model, batch, weights):
 
 
 def test_gpt_model_fused_equals_unfused(megatron_tp1):
-    from compact_dist.cross_entropy import FusedCrossEntropyGPTModel, FusedOutputLayer
+    from compact_dist.megatron.cross_entropy import FusedCrossEntropyGPTModel, FusedOutputLayer
     from gpt_utils import text_batch
 
     batch = text_batch(batch=4)  # 128 tokens, chunks of 50
@@ -166,9 +166,9 @@ def test_gpt_model_fused_equals_unfused(megatron_tp1):
 def test_shared_embeddings(megatron_tp1):
     from megatron.core.models.gpt import GPTModel
 
-    from compact_dist.config import CompressionConfig
-    from compact_dist.cross_entropy import FusedCrossEntropyGPTModel
-    from compact_dist.spec import get_compact_gpt_block_spec
+    from compact_dist.core.config import CompressionConfig
+    from compact_dist.megatron.cross_entropy import FusedCrossEntropyGPTModel
+    from compact_dist.megatron.spec import get_compact_gpt_block_spec
     from gpt_utils import SEQ, VOCAB, text_batch, tiny_config
 
     def build(cls, **kw):
@@ -193,8 +193,8 @@ def test_shared_embeddings(megatron_tp1):
 
 
 def test_keeps_no_logits_for_backward(megatron_tp1):
-    from compact_dist.cross_entropy import fused_linear_cross_entropy
-    from compact_dist.memory import saved_activation_bytes
+    from compact_dist.megatron.cross_entropy import fused_linear_cross_entropy
+    from compact_dist.tools.memory import saved_activation_bytes
     from gpt_utils import text_batch
 
     s, b, h, v = 24, 2, 16, 512
@@ -233,8 +233,8 @@ def test_keeps_no_logits_for_backward(megatron_tp1):
 
 
 def test_bad_chunk_size_rejected():
-    from compact_dist.activations import ActivationConfig
-    from compact_dist.cross_entropy import FusedCrossEntropyGPTModel, fused_linear_cross_entropy
+    from compact_dist.megatron.activations import ActivationConfig
+    from compact_dist.megatron.cross_entropy import FusedCrossEntropyGPTModel, fused_linear_cross_entropy
 
     for bad in (0, -5):
         with pytest.raises(ValueError, match="cross_entropy_chunk_tokens"):
@@ -259,7 +259,7 @@ def _zero3_fused_equals_unfused(rank):
     from megatron.core import parallel_state as ps
 
     from compact_dist import optimizer_param_groups
-    from compact_dist.engine import MegatronMPU, deepspeed_config
+    from compact_dist.deepspeed.engine import MegatronMPU, deepspeed_config
     from gpt_utils import text_batch
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -294,7 +294,7 @@ def test_zero3_fused_equals_unfused():
 
 # ------------------------------------------------------------------------------ Triton path
 def _triton_device():
-    from compact_dist import cross_entropy
+    from compact_dist.megatron import cross_entropy
 
     if cross_entropy.triton is None:
         return None
@@ -305,7 +305,7 @@ def _triton_device():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_matches_torch(dtype):
-    from compact_dist.cross_entropy import fused_linear_cross_entropy
+    from compact_dist.megatron.cross_entropy import fused_linear_cross_entropy
 
     device = _triton_device()
     if device is None:
@@ -333,7 +333,7 @@ def test_gpu_peak_memory_far_below_unfused():
 
     import torch.nn.functional as F
 
-    from compact_dist.cross_entropy import fused_linear_cross_entropy
+    from compact_dist.megatron.cross_entropy import fused_linear_cross_entropy
 
     tokens, h, v = 8192, 2048, 32000
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from compact_dist import data as D
-from compact_dist.data import BatchIterator, DataConfig, TokenChunkDataset, build_data
+from compact_dist.training import data as D
+from compact_dist.training.data import BatchIterator, DataConfig, TokenChunkDataset, build_data
 
 SMALL = dict(max_bytes=300_000, vocab_size=512)
 

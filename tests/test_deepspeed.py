@@ -109,7 +109,7 @@ def _engine_runs(rank, runs, expected, weight_decay):
     from megatron.core import parallel_state as ps
 
     from compact_dist import SubspaceStepper, compact_layers, optimizer_param_groups
-    from compact_dist.engine import deepspeed_config, initialize_engine
+    from compact_dist.deepspeed.engine import deepspeed_config, initialize_engine
     from gpt_utils import loss_of, text_batch, tiny_gpt
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -222,7 +222,7 @@ def test_bf16_under_zero_2_and_3(subspace_reference):
                                         ("zero_quantized_nontrainable_weights", True)])
 def test_zero3_options_that_copy_w0_are_rejected(megatron_tp1, key, value):
     from compact_dist import optimizer_param_groups
-    from compact_dist.engine import deepspeed_config, initialize_engine
+    from compact_dist.deepspeed.engine import deepspeed_config, initialize_engine
     from gpt_utils import tiny_gpt
 
     model = tiny_gpt(_compression("subspace"))

@@ -200,7 +200,7 @@ def test_dockerfile_install_steps_in_a_fresh_venv(tmp_path):
     assert "usage: compact-train" in ran[1][1] and "--print-config" in ran[1][1]
 
     where = subprocess.run(
-        [str(vpython), "-c", "import torch, deepspeed, megatron.core, compact_dist.train as t; "
+        [str(vpython), "-c", "import torch, deepspeed, megatron.core, compact_dist.training.train as t; "
          "print('FILES', torch.__file__, deepspeed.__file__, megatron.core.__file__, t.__file__, "
          "deepspeed.__version__)"],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)

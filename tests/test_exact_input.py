@@ -4,8 +4,8 @@ for linear_proj (whose input SDPA keeps as the same storage) the layer saves few
 import pytest
 import torch
 
-from compact_dist.config import CompressionConfig, LayerCompression
-from compact_dist.memory import saved_activation_bytes
+from compact_dist.core.config import CompressionConfig, LayerCompression
+from compact_dist.tools.memory import saved_activation_bytes
 from gpt_utils import SEQ, tiny_gpt
 from layer_utils import build
 

@@ -27,9 +27,9 @@ def _train_then_unmerged_step(rank, overrides, ckpt, out):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    import compact_dist.train as train
-    from compact_dist.checkpoint import latest_tag, save_checkpoint
-    from compact_dist.train_config import load_train_config
+    import compact_dist.training.train as train
+    from compact_dist.deepspeed.checkpoint import latest_tag, save_checkpoint
+    from compact_dist.training.train_config import load_train_config
 
     captured = {}
     build_engine = train.build_engine
@@ -80,7 +80,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-    from compact_dist.export import export_checkpoint
+    from compact_dist.tools.export import export_checkpoint
 
     ckpt, _ = trained
     out = tmp_path_factory.mktemp("hf")
@@ -100,7 +100,7 @@ def _no_process_group(*args, **kwargs):
 def test_hf_llama_logits_match_megatron(trained, exported):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from compact_dist.data import Tokenizer
+    from compact_dist.training.data import Tokenizer
 
     ckpt, ref = trained
     out, info = exported
@@ -128,8 +128,8 @@ def test_hf_llama_logits_match_megatron(trained, exported):
 def test_hf_weights_load_into_plain_megatron(megatron_tp1, trained, exported):
     from transformers import LlamaForCausalLM
 
-    from compact_dist.export import load_megatron_from_hf
-    from compact_dist.subspace import compact_layers
+    from compact_dist.tools.export import load_megatron_from_hf
+    from compact_dist.core.subspace import compact_layers
 
     _, ref = trained
     out, _ = exported
@@ -152,10 +152,10 @@ def test_export_weight_is_the_layers_effective_weight(megatron_tp1, data_aware):
     (non-zero epoch) and for a data-aware basis."""
     from gpt_utils import tiny_gpt
 
-    from compact_dist.checkpoint import _rank_state
-    from compact_dist.config import CompressionConfig
-    from compact_dist.export import _effective_weight
-    from compact_dist.subspace import compact_layers
+    from compact_dist.deepspeed.checkpoint import _rank_state
+    from compact_dist.core.config import CompressionConfig
+    from compact_dist.tools.export import _effective_weight
+    from compact_dist.core.subspace import compact_layers
 
     model = tiny_gpt(CompressionConfig(projection="gaussian", update_scale=1.5))
     gen = torch.Generator().manual_seed(1)
@@ -205,7 +205,7 @@ def _edit_run(ckpt: Path, edit) -> None:
     ("missing_run_file", "compact_run.json' is missing"),
 ])
 def test_bad_input_gives_one_clear_error(trained, tmp_path, case, message):
-    from compact_dist.export import export_checkpoint, main
+    from compact_dist.tools.export import export_checkpoint, main
 
     ckpt, _ = trained
     source = {"missing_dir": tmp_path / "nowhere", "not_a_checkpoint": tmp_path}.get(case)
@@ -235,8 +235,8 @@ def test_bad_input_gives_one_clear_error(trained, tmp_path, case, message):
 def test_byte_tokenizer_exports_as_an_equivalent_hf_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from compact_dist.data import Tokenizer
-    from compact_dist.export import save_tokenizer
+    from compact_dist.training.data import Tokenizer
+    from compact_dist.tools.export import save_tokenizer
 
     run = {"tokenizer": {"kind": "byte", "vocab_size": 257, "eod": 256},
            "model": {"max_sequence_length": 64}}
@@ -270,7 +270,7 @@ def test_bf16_checkpoint_exports_on_gpu(tmp_path, stage):
     from transformers import LlamaForCausalLM
 
     from conftest import free_port
-    from compact_dist.export import export_checkpoint
+    from compact_dist.tools.export import export_checkpoint
 
     ckpt = tmp_path / "ckpt"
     overrides = small(tmp_path, "model.position_embedding=rope", "model.num_query_groups=2",

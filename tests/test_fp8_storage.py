@@ -1,8 +1,8 @@
-"""FP8 storage of activations kept for backward (compact_dist.fp8_storage and its users:
+"""FP8 storage of activations kept for backward (compact_dist.megatron.fp8_storage and its users:
 swiglu, attention, norm). CPU tests plus GPU-only ones (skipped without CUDA / Triton).
 
 Gradient bounds. Every stored element carries a relative error <= 2^-4 (e4m3 rounding, see
-compact_dist.fp8_storage), about 0.027 RMS on Gaussian data (test_round_trip_rms). A
+compact_dist.megatron.fp8_storage), about 0.027 RMS on Gaussian data (test_round_trip_rms). A
 gradient that depends linearly on one stored tensor (SwiGLU's dx, a norm's weight grad)
 inherits about that RMS error: the bound is 2^-4 = 0.0625. Attention's dq and dk depend on
 two stored tensors (k, and the scores q k^T through the softmax derivative), and dv on the
@@ -17,16 +17,16 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnMaskType
 
 from compact_dist import CompressionConfig, SubspaceStepper, optimizer_param_groups
-from compact_dist import fp8_storage
-from compact_dist.activations import ActivationConfig
-from compact_dist.attention import Fp8AttentionFunction, SDPACoreAttention, attend
-from compact_dist.fp8_storage import block_size, fake_quantize, pack, unpack
-from compact_dist.memory import saved_activation_bytes
-from compact_dist.norm import Fp8LayerNorm, Fp8RMSNorm, SequenceParallelTorchNorm
-from compact_dist.spec import get_compact_gpt_block_spec
-from compact_dist.swiglu import Fp8SwiGLUMLP, _glu, fp8_swiglu
-from compact_dist.subspace import assign_layer_ids
-from compact_dist.train_config import TrainConfig
+from compact_dist.megatron import fp8_storage
+from compact_dist.megatron.activations import ActivationConfig
+from compact_dist.megatron.attention import Fp8AttentionFunction, SDPACoreAttention, attend
+from compact_dist.megatron.fp8_storage import block_size, fake_quantize, pack, unpack
+from compact_dist.tools.memory import saved_activation_bytes
+from compact_dist.megatron.norm import Fp8LayerNorm, Fp8RMSNorm, SequenceParallelTorchNorm
+from compact_dist.megatron.spec import get_compact_gpt_block_spec
+from compact_dist.megatron.swiglu import Fp8SwiGLUMLP, _glu, fp8_swiglu
+from compact_dist.core.subspace import assign_layer_ids
+from compact_dist.training.train_config import TrainConfig
 from gpt_utils import SEQ, VOCAB, loss_of, text_batch, tiny_config
 
 GRAD_BOUND = 2.0**-4
@@ -362,7 +362,7 @@ def _flash_inputs(groups, s=256, b=2, h=8, d=128, quantized=False):
 @cuda
 @pytest.mark.parametrize("groups", [8, 2])
 def test_flash_path_matches_recompute(groups):
-    from compact_dist.attention import flash_eligible
+    from compact_dist.megatron.attention import flash_eligible
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     (q, k, v), g = _flash_inputs(groups, quantized=True)

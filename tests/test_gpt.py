@@ -12,7 +12,7 @@ from compact_dist import (
     compact_layers,
     optimizer_param_groups,
 )
-from compact_dist.attention import SDPACoreAttention
+from compact_dist.megatron.attention import SDPACoreAttention
 from gpt_utils import loss_of, text_batch, tiny_gpt
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")

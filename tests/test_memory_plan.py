@@ -13,15 +13,15 @@ import sys
 import pytest
 import torch
 
-from compact_dist.memory_plan import (
+from compact_dist.tools.memory_plan import (
     activation_bytes,
     main as plan_main,
     param_counts,
     predict,
     setup_from,
 )
-from compact_dist.memory_report import model_static_bytes, record_saved_tensors, static_bytes, summarize
-from compact_dist.train_config import load_train_config
+from compact_dist.tools.memory_report import model_static_bytes, record_saved_tensors, static_bytes, summarize
+from compact_dist.training.train_config import load_train_config
 
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.seq_length=32", "train.micro_batch_size=2", "data.vocab_size=512",
@@ -30,7 +30,7 @@ VOCAB = 512
 
 
 def _measure(cfg, attention: str = "flash"):
-    from compact_dist.train import build_model
+    from compact_dist.training.train import build_model
 
     model = build_model(cfg, torch.device("cpu"), False, VOCAB)
     s, b = cfg.model.seq_length, cfg.train.micro_batch_size
@@ -100,7 +100,7 @@ def test_profiler_attributes_sources_and_layers(megatron_tp1):
 
 
 def test_static_breakdown_is_the_parameter_bytes(megatron_tp1):
-    from compact_dist.train import build_model
+    from compact_dist.training.train import build_model
 
     for ratio_args in (["compression.ratio=0.25"], ["compression.ratio=0.25",
                                                     "compression.base_dtype=bf16"],
@@ -175,7 +175,7 @@ def test_compact_memory_cli_json(tmp_path):
          os.environ.get("PYTHONPATH", "")]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-m", "compact_dist.memory_report", "--json",
+    proc = subprocess.run([sys.executable, "-m", "compact_dist.tools.memory_report", "--json",
                            "--world-size", "4", "train.zero_stage=2", *TINY],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -192,7 +192,7 @@ def test_compact_memory_cli_json(tmp_path):
                                    ["compression.enabled=false", "activations.fused_swiglu=true"]])
 def test_gpu_activation_prediction_matches_profiler(megatron_tp1, extra):
     """bf16, rope, fused RMSNorm, flash SDPA: the GPU rows of the formula table."""
-    from compact_dist.train import build_model
+    from compact_dist.training.train import build_model
 
     cfg = load_train_config(None, ["model.num_layers=2", "model.hidden_size=256",
                                    "model.num_attention_heads=4", "model.seq_length=256",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from compact_dist.train_config import TrainConfig, load_train_config
+from compact_dist.training.train_config import TrainConfig, load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs" / "train").glob("*.yaml"))
@@ -26,7 +26,7 @@ LLAMA = {  # preset -> (named size, GPU world sizes it is meant for)
 
 
 def padded_vocab(cfg: TrainConfig) -> int:
-    """The tokenizer's vocabulary padded as compact_dist.train does (multiple of 64 x TP)."""
+    """The tokenizer's vocabulary padded as compact_dist.training.train does (multiple of 64 x TP)."""
     vocab = 257 if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
     step = 64 * cfg.parallel.tensor_model_parallel_size
     return -(-vocab // step) * step
@@ -119,8 +119,8 @@ def test_default_yaml_is_the_embedded_default():
 def test_parameter_formula_matches_the_built_model(name, megatron_tp1):
     """The count above is exact for the model compact-train builds (CPU: learned positions;
     Megatron baseline, whose weights are what W0 / W_eff hold in the CompAct model)."""
-    from compact_dist.model import build_gpt_model
-    from compact_dist.train import transformer_config
+    from compact_dist.megatron.model import build_gpt_model
+    from compact_dist.training.train import transformer_config
 
     cfg = load_train_config(str(ROOT / "configs" / "train" / f"{name}.yaml"),
                             ["compression.enabled=false"])
@@ -140,7 +140,7 @@ def test_parameter_formula_matches_the_built_model(name, megatron_tp1):
 
 def test_cli_prints_a_preset():
     proc = subprocess.run(
-        [sys.executable, "-m", "compact_dist.train", "--config", "configs/train/llama_1_3b.yaml",
+        [sys.executable, "-m", "compact_dist.training.train", "--config", "configs/train/llama_1_3b.yaml",
          "--print-config", "train.zero_stage=3"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
         env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})

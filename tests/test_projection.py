@@ -1,7 +1,7 @@
 import torch
 import pytest
 
-from compact_dist.projection import Projection, block_seed, project, unproject
+from compact_dist.core.projection import Projection, block_seed, project, unproject
 
 CPU = torch.device("cpu")
 

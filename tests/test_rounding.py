@@ -1,11 +1,11 @@
-"""The bf16 merge with stochastic rounding (compact_dist.rounding): torch path on CPU, the
+"""The bf16 merge with stochastic rounding (compact_dist.core.rounding): torch path on CPU, the
 fused Triton kernel on CUDA. Both must round to a bf16 neighbour of the exact fp32 value,
 be unbiased, and be a function of the seed only (data-parallel replicas stay identical)."""
 
 import pytest
 import torch
 
-from compact_dist.rounding import merge_into_bf16_, triton_available
+from compact_dist.core.rounding import merge_into_bf16_, triton_available
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -2,7 +2,7 @@
 layers and sequence-parallel norms trained at TP=2 x DP=2 matches TP=1 x DP=2.
 
 The norms' weights and biases and the row-parallel bias see only their TP rank's slice of the
-sequence; compact_dist.engine.allreduce_sequence_parallel_grads sums their gradients over the
+sequence; compact_dist.deepspeed.engine.allreduce_sequence_parallel_grads sums their gradients over the
 TP group in tensor hooks, which run before the gradient is accumulated, hence before ZeRO-3's
 post-accumulation hooks reduce-scatter it over the data-parallel group. (A tiny GPT with
 sequence parallelism needs CUDA in megatron-core 0.16.1, hence the layer stack.)
@@ -21,8 +21,8 @@ H, F, S, B, STEPS, LR, WD = 32, 64, 8, 4, 4, 1e-2, 0.1
 
 
 def _stack(config, compression, tp_group):
-    from compact_dist.layers import CompactColumnParallelLinear, CompactRowParallelLinear
-    from compact_dist.norm import SequenceParallelTorchNorm
+    from compact_dist.core.layers import CompactColumnParallelLinear, CompactRowParallelLinear
+    from compact_dist.megatron.norm import SequenceParallelTorchNorm
     from layer_utils import init_method
 
     class Stack(torch.nn.Module):
@@ -53,7 +53,7 @@ def _mpu(tp_group):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from compact_dist.engine import MegatronMPU
+    from compact_dist.deepspeed.engine import MegatronMPU
 
     if tp_group is None:
         return MegatronMPU
@@ -101,7 +101,7 @@ def _train(tp_group, grad_clip):
     from megatron.core import parallel_state as ps
 
     from compact_dist import CompressionConfig, SubspaceStepper, optimizer_param_groups
-    from compact_dist.engine import allreduce_sequence_parallel_grads, deepspeed_config
+    from compact_dist.deepspeed.engine import allreduce_sequence_parallel_grads, deepspeed_config
     from layer_utils import layer_config
 
     sp = tp_group is None

@@ -11,7 +11,7 @@ N, M, S, B = 64, 32, 8, 2
 
 def _tp_matches_tp1(rank, tp):
     import torch.distributed as dist
-    from compact_dist.config import LayerCompression
+    from compact_dist.core.config import LayerCompression
     from layer_utils import build, layer_config
 
     singles = [dist.new_group([r]) for r in range(tp)]  # a TP=1 group per rank for references
@@ -122,9 +122,9 @@ def test_gpt_losses_at_tp2_equal_tp1(megatron_tp1):
 def _sp_norm_grads(rank, tp):
     import torch.distributed as dist
 
-    from compact_dist.config import LayerCompression
-    from compact_dist.engine import allreduce_sequence_parallel_grads
-    from compact_dist.norm import SequenceParallelTorchNorm
+    from compact_dist.core.config import LayerCompression
+    from compact_dist.deepspeed.engine import allreduce_sequence_parallel_grads
+    from compact_dist.megatron.norm import SequenceParallelTorchNorm
     from layer_utils import build, layer_config
 
     comp = LayerCompression(ratio=0.25)

@@ -28,8 +28,8 @@ def small(tmp: Path, *extra: str) -> list[str]:
 
 
 def _train(rank, overrides, out):
-    from compact_dist.train import run
-    from compact_dist.train_config import load_train_config
+    from compact_dist.training.train import run
+    from compact_dist.training.train_config import load_train_config
 
     history = run(load_train_config(None, overrides))
     if rank == 0:
@@ -58,7 +58,7 @@ def test_config_errors_fail_with_one_message_before_any_process_group(
         overrides, message, monkeypatch):
     from megatron.core import parallel_state
 
-    from compact_dist.train_config import load_train_config
+    from compact_dist.training.train_config import load_train_config
 
     def no_group(*args, **kwargs):
         raise AssertionError("a process group was created before the config was validated")
@@ -73,7 +73,7 @@ def test_config_errors_fail_with_one_message_before_any_process_group(
 
 def test_cli_reports_bad_config_and_exits_nonzero(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "compact_dist.train", "compression.ratio=0"],
+        [sys.executable, "-m", "compact_dist.training.train", "compression.ratio=0"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -86,11 +86,11 @@ def _ddp_reference(rank, overrides, out):
     """The same model, data and schedule trained with torch DDP + torch AdamW."""
     from megatron.core import parallel_state as ps
 
-    from compact_dist.data import build_data
-    from compact_dist.model import build_gpt_model
-    from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
-    from compact_dist.train import init_distributed, lr_lambda, probe_loss, transformer_config
-    from compact_dist.train_config import load_train_config
+    from compact_dist.training.data import build_data
+    from compact_dist.megatron.model import build_gpt_model
+    from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
+    from compact_dist.training.train import init_distributed, lr_lambda, probe_loss, transformer_config
+    from compact_dist.training.train_config import load_train_config
 
     cfg = load_train_config(None, overrides)
     init_distributed(cfg)
@@ -183,9 +183,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def _killed_save(rank, overrides, out):
-    import compact_dist.checkpoint as ckpt_mod
-    from compact_dist.train import run
-    from compact_dist.train_config import load_train_config
+    import compact_dist.deepspeed.checkpoint as ckpt_mod
+    from compact_dist.training.train import run
+    from compact_dist.training.train_config import load_train_config
 
     original = torch.save
 
@@ -213,11 +213,11 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
 
 
 def _stopped_by_signal(rank, overrides, out, stop_rank, stop_step):
-    """compact_dist.train.run where only `stop_rank` gets SIGUSR1, at step `stop_step`."""
+    """compact_dist.training.train.run where only `stop_rank` gets SIGUSR1, at step `stop_step`."""
     import signal
 
-    import compact_dist.train as train_mod
-    from compact_dist.train_config import load_train_config
+    import compact_dist.training.train as train_mod
+    from compact_dist.training.train_config import load_train_config
 
     original = train_mod.Logger.step
 
@@ -263,7 +263,7 @@ def test_signal_stops_every_rank_after_the_step_with_a_checkpoint(tmp_path):
 def test_progress_rates_cover_the_last_interval_not_the_run():
     """A slow first interval (start-up) must not make later lines read as a speed-up: each
     line reports its own interval; MFU uses the model FLOPs and the GPU's peak."""
-    from compact_dist.progress import ThroughputMeter, model_flops, peak_flops
+    from compact_dist.training.progress import ThroughputMeter, model_flops, peak_flops
 
     now = [0.0]
     meter = ThroughputMeter(tokens_per_step=1000, flops_per_token=6e9, peak=1e15, gpus=2,

@@ -19,10 +19,10 @@ def _full_then_resumed(rank, common, ckpt, out):
     from megatron.core import parallel_state
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from compact_dist.moments import SUBSPACE_GROUP_KEY
-    from compact_dist.subspace import SubspaceStepper
-    from compact_dist.train import run
-    from compact_dist.train_config import load_train_config
+    from compact_dist.core.moments import SUBSPACE_GROUP_KEY
+    from compact_dist.core.subspace import SubspaceStepper
+    from compact_dist.training.train import run
+    from compact_dist.training.train_config import load_train_config
 
     stepped, merged = [], []  # A's rate in each optimizer step / the rate each merge got
 

@@ -41,8 +41,8 @@ def _zero_run(rank, stage, moments, projection, expected):
     from megatron.core import parallel_state as ps
 
     from compact_dist import SubspaceStepper, compact_layers, optimizer_param_groups
-    from compact_dist.engine import MegatronMPU, deepspeed_config
-    from compact_dist.moments import subspace_step_count
+    from compact_dist.deepspeed.engine import MegatronMPU, deepspeed_config
+    from compact_dist.core.moments import subspace_step_count
     from gpt_utils import text_batch, tiny_gpt
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -105,7 +105,7 @@ def _bf16_engine(rank):
     import logging
 
     from compact_dist import CompressionConfig, compact_layers, optimizer_param_groups
-    from compact_dist.engine import deepspeed_config, initialize_engine
+    from compact_dist.deepspeed.engine import deepspeed_config, initialize_engine
     from gpt_utils import loss_of, text_batch, tiny_gpt
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -151,7 +151,7 @@ def test_bf16_engine_keeps_fp32_base_weights(megatron_tp1):
 
 
 def test_zero3_bf16_with_fp32_base_is_rejected_before_any_process_group():
-    from compact_dist.train_config import load_train_config
+    from compact_dist.training.train_config import load_train_config
 
     cfg = load_train_config(None, ["train.zero_stage=3", "train.precision=bf16"])
     with pytest.raises(ValueError, match="base_dtype=bf16"):

@@ -4,7 +4,7 @@ The training contract in subspace mode: after every optimizer step call
 `SubspaceStepper.after_step()` (or `merge_subspace_factors`), which folds each A into its
 frozen W0 (applying the decoupled weight decay to W_eff) and zeroes A, and every
 `resample_interval` steps moves to a new projection (seeded Gaussian or estimated from data,
-compact_dist.basis), handling A's Adam moments (compact_dist.moments).
+compact_dist.core.basis), handling A's Adam moments (compact_dist.core.moments).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Callable, Optional
 
 import torch
 
-from compact_dist.basis import top_eigenvectors, transport_map
-from compact_dist.config import ALL_ROLES, CompressionConfig
-from compact_dist.layers import CompactLinearMixin
-from compact_dist.moments import SUBSPACE_GROUP_KEY, reset_moments, transport_moments
+from compact_dist.core.basis import top_eigenvectors, transport_map
+from compact_dist.core.config import ALL_ROLES, CompressionConfig
+from compact_dist.core.layers import CompactLinearMixin
+from compact_dist.core.moments import SUBSPACE_GROUP_KEY, reset_moments, transport_moments
 
 
 def compact_layers(model: torch.nn.Module) -> list[CompactLinearMixin]:

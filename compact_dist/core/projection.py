@@ -1,6 +1,6 @@
 """Seeded Gaussian random projection P (n x r): a pure function of its seeds, which a layer
 draws once per projection epoch and keeps until the next resample (CompactLinearMixin
-.projection_blocks); data-aware projections are in compact_dist.basis.
+.projection_blocks); data-aware projections are in compact_dist.core.basis.
 
 P is block-diagonal: `num_blocks` blocks of shape (n / num_blocks, r / num_blocks) with entries
 N(0, 1 / (r / num_blocks)), so E[P P^T] = I. A dense P (the paper's) is the one-block case and

@@ -82,7 +82,7 @@ class CompressionConfig(BaseModel):
     projection: 'gaussian' (seeded, the paper's), 'pca' (top-r principal directions of the
         layer's input, estimated in the forward passes of the resample step) or 'gradient'
         (top-r right singular vectors of the weight gradient, from one extra probe micro-batch
-        with uncompressed inputs at each resample); see compact_dist.basis. Data-aware P is
+        with uncompressed inputs at each resample); see compact_dist.core.basis. Data-aware P is
         first estimated in step 1 and re-estimated every `resample_interval` steps.
     update_scale: alpha in W <- W - lr * alpha * rho(G P) P^T (W_eff = W0 + alpha A P^T).
         With an orthonormal (data-aware) P, 1.0 moves W along each kept direction by the
@@ -91,7 +91,7 @@ class CompressionConfig(BaseModel):
     moments_on_resample: what happens to Adam moments of A when P changes: 'keep' (the
         paper's), 'reset' (zero moments and step count, so bias correction restarts) or
         'transport' (first moment mapped into the new basis, M <- M R with
-        R = P_old^+ P_new; second moment V <- V (R o R), see compact_dist.moments).
+        R = P_old^+ P_new; second moment V <- V (R o R), see compact_dist.core.moments).
     exact_input: roles whose layer saves its exact input X for backward instead of Z = X P
         (same gradients, Z is formed in backward). Default ['proj']: linear_proj's input is
         SDPA's output, which SDPA keeps anyway as the same storage, so saving X costs nothing

@@ -83,7 +83,7 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
     """
     import deepspeed
 
-    from compact_dist.subspace import compact_layers
+    from compact_dist.core.subspace import compact_layers
 
     zero = config.get("zero_optimization", {}) if isinstance(config, dict) else {}
     if any(layer.subspace_factor is not None for layer in compact_layers(model)):

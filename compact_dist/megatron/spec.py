@@ -8,8 +8,8 @@ same function build the uncompressed baseline. Megatron's torch fallback norm (u
 apex / transformer-engine, and always for RMSNorm) refuses sequence parallelism, so it is
 swapped for SequenceParallelTorchNorm (same math, SP-aware).
 
-`activations.fp8_storage` (compact_dist.activations) selects the FP8-storing variants:
-'swiglu' -> the MLP becomes compact_dist.swiglu.Fp8SwiGLUMLP; 'attention' ->
+`activations.fp8_storage` (compact_dist.megatron.activations) selects the FP8-storing variants:
+'swiglu' -> the MLP becomes compact_dist.megatron.swiglu.Fp8SwiGLUMLP; 'attention' ->
 SDPACoreAttention(fp8_storage=True) (sharing its output with linear_proj's saved input when
 proj is uncompressed); 'norm' -> SequenceParallelTorchNorm(fp8_storage=True), for the two
 layer norms and the final norm.
@@ -29,12 +29,12 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from compact_dist.activations import ActivationConfig
-from compact_dist.attention import SDPACoreAttention
-from compact_dist.config import CompressionConfig
-from compact_dist.layers import CompactColumnParallelLinear, CompactRowParallelLinear
-from compact_dist.norm import SequenceParallelTorchNorm
-from compact_dist.swiglu import Fp8SwiGLUMLP
+from compact_dist.megatron.activations import ActivationConfig
+from compact_dist.megatron.attention import SDPACoreAttention
+from compact_dist.core.config import CompressionConfig
+from compact_dist.core.layers import CompactColumnParallelLinear, CompactRowParallelLinear
+from compact_dist.megatron.norm import SequenceParallelTorchNorm
+from compact_dist.megatron.swiglu import Fp8SwiGLUMLP
 
 
 def _linear(role: str, compression: CompressionConfig, megatron_linear, compact_cls):

@@ -38,12 +38,12 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from compact_dist.autograd import SUBSPACE, compressed_linear
-from compact_dist.basis import SubspaceSketch
-from compact_dist.collectives import reduce_scatter_to_sequence_parallel_region
-from compact_dist.config import LayerCompression
-from compact_dist.projection import Projection, block_seed, unproject
-from compact_dist.rounding import merge_into_bf16_
+from compact_dist.core.autograd import SUBSPACE, compressed_linear
+from compact_dist.core.basis import SubspaceSketch
+from compact_dist.core.collectives import reduce_scatter_to_sequence_parallel_region
+from compact_dist.core.config import LayerCompression
+from compact_dist.core.projection import Projection, block_seed, unproject
+from compact_dist.core.rounding import merge_into_bf16_
 
 _BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -67,7 +67,7 @@ class _OptimizerSteps:
 
 register_optimizer_step_pre_hook(_OptimizerSteps.hook)
 # Default layer ids in construction order (the same on every rank that builds the same model);
-# compact_dist.subspace.assign_layer_ids() replaces them with ids from the model structure.
+# compact_dist.core.subspace.assign_layer_ids() replaces them with ids from the model structure.
 _construction_counter = itertools.count()
 
 

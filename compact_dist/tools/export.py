@@ -9,7 +9,7 @@ and `AutoTokenizer.from_pretrained`. Everything runs on the CPU from the checkpo
 process group, no GPU, no Megatron model. `load_megatron_from_hf` goes the other way (HF
 safetensors -> a plain Megatron GPTModel, compression disabled).
 
-What is read (one checkpoint tag, `compact_dist.checkpoint` layout):
+What is read (one checkpoint tag, `compact_dist.deepspeed.checkpoint` layout):
 - compact_run.json (the resolved TrainConfig and the model facts Megatron chose: position
   embedding, rotary base, norm epsilon, padded vocabulary, tied embeddings) and tokenizer.json,
   written by compact-train next to DeepSpeed's files;
@@ -49,7 +49,7 @@ over the padded rows, whose trained logits are very negative).
 `load_megatron_from_hf` pads them back (with zeros) to the Megatron model's size.
 
 Position embeddings: LLaMA is a rotary model. Runs with `position_embedding: rope` (the default
-on GPUs; on CPU set it explicitly: compact_dist.rope makes Megatron's RoPE run without CUDA)
+on GPUs; on CPU set it explicitly: compact_dist.megatron.rope makes Megatron's RoPE run without CUDA)
 export; a learned-absolute-position model is refused with one ValueError.
 """
 
@@ -72,7 +72,7 @@ import torch
 RUN_FILE = "compact_run.json"
 TOKENIZER_FILE = "tokenizer.json"
 RUN_FORMAT = 1
-LATEST = "latest"  # compact_dist.checkpoint.LATEST (that module imports Megatron; this one not)
+LATEST = "latest"  # compact_dist.deepspeed.checkpoint.LATEST (that module imports Megatron; this one not)
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -80,7 +80,7 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 def write_run_files(directory: Path, cfg, tokenizer, model: torch.nn.Module) -> None:
     """compact_run.json (+ tokenizer.json for BPE) in a checkpoint tag directory (rank 0, from
-    compact_dist.checkpoint.save_checkpoint). `model`: the Megatron GPTModel being trained."""
+    compact_dist.deepspeed.checkpoint.save_checkpoint). `model`: the Megatron GPTModel being trained."""
     directory = Path(directory)
     run = {
         "format": RUN_FORMAT,
@@ -194,7 +194,7 @@ def _compact_layers_by_tp_rank(tag_dir: Path, tp: int) -> list[dict[str, dict]]:
 @torch.no_grad()
 def _effective_weight(state: dict, name: str, layer: Optional[dict]) -> torch.Tensor:
     """fp32 W_eff of one TP shard of `name` (a linear's module name): W0 + s A P^T."""
-    from compact_dist.projection import Projection, unproject
+    from compact_dist.core.projection import Projection, unproject
 
     weight = state[f"{name}.weight"].float()
     factor = state.get(f"{name}.subspace_factor")
@@ -343,11 +343,11 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _byte_tokenizer():
-    """compact_dist.data's byte tokenizer (ids 0..255 = bytes, 256 = end of document) as an HF
+    """compact_dist.training.data's byte tokenizer (ids 0..255 = bytes, 256 = end of document) as an HF
     `tokenizers` byte-level BPE without merges."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from compact_dist.data import EOD_TEXT
+    from compact_dist.training.data import EOD_TEXT
 
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
     vocab[EOD_TEXT] = 256
@@ -362,7 +362,7 @@ def save_tokenizer(tag_dir: Path, run: dict, out_dir: Path) -> None:
     """The run's tokenizer as HF files (tokenizer.json, tokenizer_config.json, ...)."""
     from transformers import PreTrainedTokenizerFast
 
-    from compact_dist.data import EOD_TEXT
+    from compact_dist.training.data import EOD_TEXT
 
     kind = run["tokenizer"]["kind"]
     if kind == "bpe":
@@ -469,7 +469,7 @@ def hf_to_megatron_state_dict(hf_dir: str | Path, tensor_model_parallel_size: in
 def load_megatron_from_hf(hf_dir: str | Path, padded_vocab_size: Optional[int] = None,
                           sequence_length: Optional[int] = None) -> torch.nn.Module:
     """A plain Megatron-core GPTModel (the compact spec with compression disabled: Megatron's
-    own linears, RMSNorm, SwiGLU, RoPE with the HF rope_theta; as compact_dist.model builds
+    own linears, RMSNorm, SwiGLU, RoPE with the HF rope_theta; as compact_dist.megatron.model builds
     it, plus the rotary base) on the CPU holding the HF model's weights, fp32, in eval mode.
     Needs Megatron's parallel state (its TP size and rank shard the weights)."""
     import torch.nn.functional as F
@@ -479,9 +479,9 @@ def load_megatron_from_hf(hf_dir: str | Path, padded_vocab_size: Optional[int] =
 
     from megatron.core.models.gpt import GPTModel
 
-    from compact_dist.config import CompressionConfig
-    from compact_dist.rope import install_host_rotary
-    from compact_dist.spec import get_compact_gpt_block_spec
+    from compact_dist.core.config import CompressionConfig
+    from compact_dist.megatron.rope import install_host_rotary
+    from compact_dist.megatron.spec import get_compact_gpt_block_spec
 
     c = LlamaConfig.from_pretrained(str(hf_dir))
     tp = ps.get_tensor_model_parallel_world_size()

@@ -1,7 +1,7 @@
 """Typed settings of what the model keeps for backward beyond the CompAct linears.
 
 `ActivationConfig` is the `activations:` section of a run (and an argument of
-`compact_dist.model.build_gpt_model`). Each option is independent of CompAct (the baseline
+`compact_dist.megatron.model.build_gpt_model`). Each option is independent of CompAct (the baseline
 can use it too) and of the others:
 - fused_swiglu: Megatron's fused SwiGLU and bias-dropout-add (`bias_activation_fusion`,
   `bias_dropout_fusion`; both on by default in Megatron-LM, `--no-bias-swiglu-fusion` turns
@@ -10,10 +10,10 @@ can use it too) and of the others:
   and gain nothing.
 - fused_cross_entropy / cross_entropy_chunk_tokens: the output layer and vocab-parallel
   cross-entropy computed over chunks of tokens, never holding the micro-batch's logits
-  (exact; compact_dist.cross_entropy).
+  (exact; compact_dist.megatron.cross_entropy).
 - fp8_storage: tensors kept for backward in FP8 (e4m3, a power-of-two fp32 scale per 128
   elements; lossy): 'swiglu' (the SwiGLU input), 'attention' (SDPA's q, k, v and output),
-  'norm' (the RMSNorm / LayerNorm inputs); compact_dist.fp8_storage. Each entry at most
+  'norm' (the RMSNorm / LayerNorm inputs); compact_dist.megatron.fp8_storage. Each entry at most
   once; 'attention' rejects attention dropout > 0 (its recompute backward cannot replay
   SDPA's dropout mask) and selective recompute (the core attention is recomputed: nothing
   to store), checked by `check_model` from TrainConfig.

@@ -1,8 +1,8 @@
 """Blockwise-scaled FP8 (e4m3) storage of activations kept for backward (lossy).
 
 `pack(x)` -> (payload, scales), `unpack(payload, scales, dtype)` -> x_hat. Used by the
-'swiglu' (compact_dist.swiglu), 'attention' (compact_dist.attention) and 'norm'
-(compact_dist.norm) options of `ActivationConfig.fp8_storage`: forward computes with the
+'swiglu' (compact_dist.megatron.swiglu), 'attention' (compact_dist.megatron.attention) and 'norm'
+(compact_dist.megatron.norm) options of `ActivationConfig.fp8_storage`: forward computes with the
 original tensor, only what backward sees is x_hat.
 
 Format. x [..., n] (bf16, fp16 or fp32, any device) is cut along its last dimension into

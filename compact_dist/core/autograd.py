@@ -9,7 +9,7 @@ estimated from data; P is never derived from anything this call saves). Backward
     no grad for W0;
   - unbiased mode: dL/dW = (dY^T Z) P^T (= G P P^T, unbiased as E[P P^T] = I for a Gaussian
     P; the projection of G onto span(P) for an orthonormal P).
-With an open sketch (compact_dist.basis) the call also feeds the estimate of the next P:
+With an open sketch (compact_dist.core.basis) the call also feeds the estimate of the next P:
 'pca' adds X^T (X Q0) in forward; 'gradient' (a probe micro-batch) keeps the uncompressed
 input and adds G^T (G Q0) in backward.
 save_input (a layer's `exact_input`): save X itself instead of Z and project it in backward;
@@ -29,9 +29,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from compact_dist.basis import SubspaceSketch
-from compact_dist.collectives import all_gather_first_dim, reduce_scatter_first_dim
-from compact_dist.projection import project, unproject
+from compact_dist.core.basis import SubspaceSketch
+from compact_dist.core.collectives import all_gather_first_dim, reduce_scatter_first_dim
+from compact_dist.core.projection import project, unproject
 
 SUBSPACE = "subspace"
 UNBIASED = "unbiased"

@@ -14,9 +14,9 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from compact_dist.activations import ActivationConfig
-from compact_dist.config import CompressionConfig
-from compact_dist.data import DataConfig
+from compact_dist.megatron.activations import ActivationConfig
+from compact_dist.core.config import CompressionConfig
+from compact_dist.training.data import DataConfig
 
 
 class _Section(BaseModel):

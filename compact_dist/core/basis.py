@@ -35,7 +35,7 @@ from typing import Literal, Optional
 
 import torch
 
-from compact_dist.projection import block_seed
+from compact_dist.core.projection import block_seed
 
 Kind = Literal["pca", "gradient"]
 # seeds of the sketch's random columns: an epoch range the projections never use

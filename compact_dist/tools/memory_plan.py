@@ -7,7 +7,7 @@ Prediction (bytes per GPU, this TP rank), every term a short formula below:
 
     peak = persistent + max(forward/backward phase, optimizer phase)
     persistent = static (W0, trainable params, fp32 masters, Adam moments; as the ZeRO stage
-                 partitions them, `compact_dist.memory_report.static_bytes`) + P (cached
+                 partitions them, `compact_dist.tools.memory_report.static_bytes`) + P (cached
                  blocks, data-aware basis, the estimating step's sketch)
     forward/backward = saved activations of one micro-batch (`layer_activations`: one row per
                  tensor a transformer layer keeps, `head_activations`: embedding, final norm,
@@ -22,7 +22,7 @@ against the profiler on CPU). The bf16 GPU case was checked against the 1.3B mea
 benchmarks/results (docs/MEMORY.md); the transient and allocator terms are estimates.
 
 Step time is a FLOP model, not a measurement: 6 x matmul FLOPs + causal attention per token
-(compact_dist.progress.model_flops), plus recompute's extra forward, minus the weight-gradient
+(compact_dist.training.progress.model_flops), plus recompute's extra forward, minus the weight-gradient
 FLOPs CompAct replaces by dY^T Z, plus its projection X P, plus the fused loss's logits
 recomputed in backward; over ASSUMED_FLOPS; plus a fixed cost per layer and micro-batch
 (favours larger micro-batches), FP8 pack / unpack traffic, the optimizer step and the
@@ -43,9 +43,9 @@ from typing import Optional
 
 import yaml
 
-from compact_dist.config import ALL_ROLES, COLUMN_ROLES
-from compact_dist.memory_report import static_bytes
-from compact_dist.train_config import TrainConfig, load_train_config
+from compact_dist.core.config import ALL_ROLES, COLUMN_ROLES
+from compact_dist.tools.memory_report import static_bytes
+from compact_dist.training.train_config import TrainConfig, load_train_config
 
 GiB = 2 ** 30
 FRAGMENTATION = 0.05         # reserved / allocated - 1 of the caching allocator (measured 0-5%)
@@ -175,7 +175,7 @@ def param_counts(setup: Setup) -> dict[str, int]:
 
 
 def _fp8(elems: float, last_dim: int) -> float:
-    """Bytes of compact_dist.fp8_storage: 1 per element + a fp32 scale per block of 128
+    """Bytes of compact_dist.megatron.fp8_storage: 1 per element + a fp32 scale per block of 128
     (the whole row when the last dim is not a multiple of 128)."""
     block = 128 if last_dim % 128 == 0 else last_dim
     return elems * (1 + 4 / block)
@@ -389,7 +389,7 @@ def predict(setup: Setup) -> dict:
 
 def step_time(setup: Setup, counts: Optional[dict] = None) -> float:
     """FLOP-model seconds of one optimizer step (all micro-batches of it) on one GPU."""
-    from compact_dist.progress import model_flops
+    from compact_dist.training.progress import model_flops
 
     cfg, m = setup.cfg, setup.cfg.model
     counts = counts or param_counts(setup)
@@ -430,7 +430,7 @@ def step_time(setup: Setup, counts: Optional[dict] = None) -> float:
 
 def setup_from(cfg: TrainConfig, world_size: int, device: str, attention: str,
                vocab: Optional[int] = None) -> Setup:
-    from compact_dist.train import padded_vocab_size
+    from compact_dist.training.train import padded_vocab_size
 
     if vocab is None:
         vocab = cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 257

@@ -13,7 +13,7 @@ Layout under `dir`:
                             rank saves and restores (ZeRO-3: its partitions)
     step_00000100/compact_run.json, tokenizer.json
                             the resolved run config and the tokenizer (compact-train writes
-                            them; compact_dist.export reads them)
+                            them; compact_dist.tools.export reads them)
     latest                  name of the newest *complete* checkpoint, replaced atomically
                             (os.replace) after every rank finished writing; a save killed
                             midway leaves `latest` on the previous checkpoint.
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import random as mpu_random
 
-from compact_dist.subspace import compact_layers
+from compact_dist.core.subspace import compact_layers
 
 LATEST = "latest"
 
@@ -52,7 +52,7 @@ def _rank_state(model: torch.nn.Module) -> dict[str, Any]:
     layers = []
     for layer in compact_layers(model):
         # name, projection (the fields of projection.Projection), mode and scale let
-        # compact_dist.export rebuild W_eff = W0 + scale A P^T without building the model
+        # compact_dist.tools.export rebuild W_eff = W0 + scale A P^T without building the model
         layers.append({"epoch": layer.projection_epoch, "merges": layer.merge_count,
                        "factor_zero": layer.subspace_factor is not None and layer.factor_is_zero,
                        "name": names.get(id(layer)), "mode": layer.compression.mode,
@@ -103,7 +103,7 @@ def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep_
                     write_run_files: Optional[Callable[[Path], None]] = None) -> str:
     """Collective: every rank calls. Returns the tag written. write_run_files(tag directory):
     called on rank 0 before `latest` moves, for files that describe the run (the resolved
-    config and the tokenizer, compact_dist.export.write_run_files)."""
+    config and the tokenizer, compact_dist.tools.export.write_run_files)."""
     root = Path(directory)
     tag = f"step_{step:08d}"
     if dist.get_rank() == 0:

@@ -3,7 +3,7 @@
 The SwiGLU input is the fc1 output, x [s, b, 2 * ffn / tp] (gate half, then linear half;
 plus fc1's bias when there is one). Megatron's MLP keeps it in the activation dtype (its
 fused path: x only; its unfused path: x, silu(gate) and the halves, 1.5x x). Here x is kept
-as `compact_dist.fp8_storage.pack(x)`: 1 byte per element plus a fp32 scale per 128, i.e.
+as `compact_dist.megatron.fp8_storage.pack(x)`: 1 byte per element plus a fp32 scale per 128, i.e.
 0.516x of Megatron's fused path in bf16.
 
 Why not Megatron's `config.activation_func_fp8_input_store`: (1) it only acts on Megatron's
@@ -19,7 +19,7 @@ more memory (one fp32 scale per 128 elements). It is used, one format for all th
 (test_scaled_beats_unscaled asserts the sigma = 0.005 and > 448 cases).
 
 `Fp8SwiGLUMLP` is Megatron's MLP with the activation step replaced, selected by
-`compact_dist.spec` for the 'swiglu' option. Its forward output is bit-identical to the MLP's
+`compact_dist.megatron.spec` for the 'swiglu' option. Its forward output is bit-identical to the MLP's
 (the same functions compute it: Megatron's fused `bias_swiglu`/`swiglu` when
 `config.bias_activation_fusion`, else the eager silu(gate) * linear); backward uses
 Megatron's fused `swiglu_back` (fused) or autograd on the eager expression (unfused), on the
@@ -37,7 +37,7 @@ from megatron.core.fusions import fused_bias_swiglu
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from compact_dist.fp8_storage import needs_storage, pack, unpack
+from compact_dist.megatron.fp8_storage import needs_storage, pack, unpack
 
 
 def _glu(x: torch.Tensor) -> torch.Tensor:

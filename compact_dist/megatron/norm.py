@@ -4,12 +4,12 @@ Megatron-core's fallback norm without apex or transformer-engine (`WrappedTorchN
 `sequence_parallel=True`. Under sequence parallelism a norm sees only its TP rank's slice of
 the sequence, so its weight gradient is partial; like Megatron's FusedLayerNorm, this norm tags
 its parameters `sequence_parallel=True` so that the gradient is summed over the TP group
-(`compact_dist.engine.allreduce_sequence_parallel_grads` under DeepSpeed, Megatron's
+(`compact_dist.deepspeed.engine.allreduce_sequence_parallel_grads` under DeepSpeed, Megatron's
 finalize_model_grads under Megatron's DDP). Input [s(/tp), b, h] -> output of the same shape.
 
 With fp8_storage=True (`activations.fp8_storage: [norm]`) the factory builds Fp8RMSNorm /
 Fp8LayerNorm: subclasses of torch's norms (same parameters, state-dict keys and forward
-output) whose backward sees the input as `compact_dist.fp8_storage.pack` kept it (1 byte per
+output) whose backward sees the input as `compact_dist.megatron.fp8_storage.pack` kept it (1 byte per
 element + one fp32 scale per 128); backward recomputes the norm from the dequantized input
 under autograd (torch's own norm backward) to get the input, weight and bias gradients.
 """
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from compact_dist.fp8_storage import needs_storage, pack, unpack
+from compact_dist.megatron.fp8_storage import needs_storage, pack, unpack
 
 
 def _norm(x: torch.Tensor, shape: tuple[int, ...], weight: Optional[torch.Tensor],

@@ -13,7 +13,7 @@ at TP=1, or every rank under torchrun) and reports
     trainable parameters, their gradients, fp32 masters and Adam moments as the config's ZeRO
     stage partitions them over the data-parallel size, from the model's actual parameters.
 
-`compact_dist.memory_plan` predicts the same two quantities from formulas (`compact-plan`).
+`compact_dist.tools.memory_plan` predicts the same two quantities from formulas (`compact-plan`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def static_bytes(*, w0_bytes: float, w0_elems: float, a: float, other: float, ze
 def model_static_bytes(model: torch.nn.Module, zero_stage: int, dp: int,
                        bf16: bool) -> dict[str, float]:
     """`static_bytes` from a built model's parameters (before any ZeRO partitioning)."""
-    from compact_dist.subspace import compact_layers
+    from compact_dist.core.subspace import compact_layers
 
     bases = {id(layer.weight) for layer in compact_layers(model)
              if layer.subspace_factor is not None}
@@ -108,7 +108,7 @@ def record_saved_tensors(fn: Callable[[], object], module: torch.nn.Module) -> l
     """Run `fn()` and return one record per storage autograd saved for backward, excluding
     `module`'s parameters. The transformer layer is tracked with forward hooks on
     `module.decoder.layers` (when present). The hook keeps detached aliases (see
-    compact_dist.memory.saved_activation_bytes: returning the tensor itself leaks the graph)."""
+    compact_dist.tools.memory.saved_activation_bytes: returning the tensor itself leaks the graph)."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: set[int] = set()
     records: list[SavedTensor] = []
@@ -201,7 +201,7 @@ def format_report(report: dict) -> str:
 
 def profile(cfg, device: torch.device, bf16: bool, vocab_size: int, dp: int) -> dict:
     """Build cfg's model on `device` (needs Megatron's parallel state) and measure (a), (b)."""
-    from compact_dist.train import build_model
+    from compact_dist.training.train import build_model
 
     model = build_model(cfg, device, bf16, vocab_size)
     model.train()
@@ -222,7 +222,7 @@ def profile(cfg, device: torch.device, bf16: bool, vocab_size: int, dp: int) -> 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from compact_dist.train_config import load_train_config, world_from_environment
+    from compact_dist.training.train_config import load_train_config, world_from_environment
 
     parser = argparse.ArgumentParser(prog="compact-memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="compact-train YAML (default: the embedded default job)")
@@ -240,7 +240,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise ValueError(f"world size {world} is not divisible by the TP size")
     except ValueError as err:
         sys.exit(f"compact-memory: invalid configuration: {err}")
-    from compact_dist.train import init_distributed, padded_vocab_size
+    from compact_dist.training.train import init_distributed, padded_vocab_size
 
     if "WORLD_SIZE" not in os.environ:
         import socket

@@ -6,11 +6,11 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from compact_dist.activations import ActivationConfig
-from compact_dist.config import CompressionConfig
-from compact_dist.cross_entropy import FusedCrossEntropyGPTModel
-from compact_dist.spec import get_compact_gpt_block_spec
-from compact_dist.subspace import assign_layer_ids
+from compact_dist.megatron.activations import ActivationConfig
+from compact_dist.core.config import CompressionConfig
+from compact_dist.megatron.cross_entropy import FusedCrossEntropyGPTModel
+from compact_dist.megatron.spec import get_compact_gpt_block_spec
+from compact_dist.core.subspace import assign_layer_ids
 
 
 def build_gpt_model(
@@ -27,7 +27,7 @@ def build_gpt_model(
     Rotary embeddings are the default on GPUs; megatron-core 0.16.1 moves RoPE frequencies to
     torch.cuda.current_device() in forward, so on CPU the default is learned positions.
     With `activations.fused_cross_entropy` the model is a `FusedCrossEntropyGPTModel`: its loss
-    never materialises the logits (compact_dist.cross_entropy).
+    never materialises the logits (compact_dist.megatron.cross_entropy).
     """
     compression.check_parallel(config.tensor_model_parallel_size)
     if position_embedding_type is None:

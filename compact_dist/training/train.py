@@ -1,4 +1,4 @@
-"""`compact-train` / `python -m compact_dist.train`: pretrain a Megatron-core GPT with CompAct
+"""`compact-train` / `python -m compact_dist.training.train`: pretrain a Megatron-core GPT with CompAct
 layers under DeepSpeed ZeRO.
 
     compact-train [--config configs/train/tiny.yaml] [section.key=value ...]
@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from compact_dist.train_config import TrainConfig, load_train_config, world_from_environment
+from compact_dist.training.train_config import TrainConfig, load_train_config, world_from_environment
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from compact_dist.rng import model_parallel_manual_seed
+    from compact_dist.core.rng import model_parallel_manual_seed
 
     rank, local_rank, world = world_from_environment()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -223,9 +223,9 @@ def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, vocab_size: 
     with the TP all-reduce hooks of sequence-parallel gradients. Needs the parallel state.
     cpu_init: Megatron initialises each full matrix on CPU and slices it (the same weights at
     any TP size)."""
-    from compact_dist.engine import allreduce_sequence_parallel_grads
-    from compact_dist.model import build_gpt_model
-    from compact_dist.rope import install_host_rotary
+    from compact_dist.deepspeed.engine import allreduce_sequence_parallel_grads
+    from compact_dist.megatron.model import build_gpt_model
+    from compact_dist.megatron.rope import install_host_rotary
 
     mcfg = transformer_config(cfg, bf16)
     if cpu_init:
@@ -247,7 +247,7 @@ def throughput_meter(cfg: TrainConfig, tokens_per_step: int, bf16: bool, device:
     bf16 on a known GPU), every rank's GPU sharing the tokens."""
     import torch.distributed as dist
 
-    from compact_dist.progress import ThroughputMeter, model_flops, peak_flops
+    from compact_dist.training.progress import ThroughputMeter, model_flops, peak_flops
 
     m = cfg.model
     kv = (m.num_query_groups or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)
@@ -273,8 +273,8 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_para
     """DeepSpeed engine (AdamW over Megatron's groups + the subspace group, ZeRO per cfg) and
     the SubspaceStepper that merges after each step. schedule: warm-up + cosine learning
     rate (else constant optim.lr)."""
-    from compact_dist.engine import deepspeed_config, initialize_engine
-    from compact_dist.subspace import SubspaceStepper, optimizer_param_groups
+    from compact_dist.deepspeed.engine import deepspeed_config, initialize_engine
+    from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
 
     optimizer = torch.optim.AdamW(
         optimizer_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -306,11 +306,11 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from compact_dist.checkpoint import load_checkpoint, save_checkpoint
-    from compact_dist.data import build_data
-    from compact_dist.engine import use_deepspeed_checkpointing
-    from compact_dist.export import write_run_files
-    from compact_dist.memory import linear_memory_table
+    from compact_dist.deepspeed.checkpoint import load_checkpoint, save_checkpoint
+    from compact_dist.training.data import build_data
+    from compact_dist.deepspeed.engine import use_deepspeed_checkpointing
+    from compact_dist.tools.export import write_run_files
+    from compact_dist.tools.memory import linear_memory_table
 
     rank, _, world = world_from_environment()
     cfg.check_environment(world, torch.cuda.is_available())

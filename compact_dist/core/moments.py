@@ -7,7 +7,7 @@ P', per diagonal block (A's columns j r_b ... (j+1) r_b belong to block j):
   Adam's bias correction restarts (keeping the count made the first updates after a reset up
   to 5x the normal step);
 - transport: exp_avg <- exp_avg R and exp_avg_sq <- exp_avg_sq (R o R), with
-  R = (P^T P)^{-1} P^T P' (compact_dist.basis.transport_map), the step count kept. For G in
+  R = (P^T P)^{-1} P^T P' (compact_dist.core.basis.transport_map), the step count kept. For G in
   span(P), G P' = (G P) R exactly, so the first moment is the old average seen in the new
   basis. The second moment is a per-coordinate variance: if the old coordinates are
   uncorrelated with variances v, coordinate k of (G P) R has variance sum_j v_j R_jk^2, a
@@ -17,7 +17,7 @@ P', per diagonal block (A's columns j r_b ... (j+1) r_b belong to block j):
 
 Works with a torch optimizer and with DeepSpeed's ZeRO 0-3 optimizers (pass
 `engine.optimizer`). A's states are found through the optimizer param group flagged
-`compact_subspace` (compact_dist.subspace.optimizer_param_groups): DeepSpeed flattens each
+`compact_subspace` (compact_dist.core.subspace.optimizer_param_groups): DeepSpeed flattens each
 param group into its own fp32 partitions, so that group's states are exactly A's.
 """
 

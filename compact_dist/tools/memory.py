@@ -41,7 +41,7 @@ def linear_memory_table(model: torch.nn.Module, seq_length: int, micro_batch: in
     """Per linear role of the first transformer layer: bytes its backward keeps for one
     micro-batch, measured, next to what Megatron's layer keeps (its whole input). Collective
     under tensor parallelism (every TP rank must call); run it before ZeRO-3 partitions."""
-    from compact_dist.layers import CompactLinearMixin
+    from compact_dist.core.layers import CompactLinearMixin
 
     layer = model.decoder.layers[0]
     dtype = next(p for p in model.parameters() if p.requires_grad).dtype

@@ -7,7 +7,7 @@ memory-efficient kernels.
 
 FP8 storage (`activations.fp8_storage: [attention]`, `SDPACoreAttention(fp8_storage=True)`):
 `Fp8AttentionFunction` runs attention without keeping bf16 q, k, v or output for backward;
-it keeps `compact_dist.fp8_storage.pack` of each (1 byte per element plus one fp32 scale per
+it keeps `compact_dist.megatron.fp8_storage.pack` of each (1 byte per element plus one fp32 scale per
 head row of head_dim elements, or per 128 when head_dim is a multiple of 128), with k and v
 in their GQA group form [sk, b, groups, d] (SDPA's own backward keeps them repeated to the
 head count). Two backward paths:
@@ -28,7 +28,7 @@ The output feeds linear_proj. SDPA allocates its output like q ([sq, b, h, d] in
 q is a view of Megatron's [sq, b, ...] qkv), so `context.permute(2, 0, 1, 3).reshape(sq, b,
 -1)` is a view: without FP8, SDPA's saved output and an uncompressed linear_proj's saved
 input are one storage (tests/test_fp8_storage.py checks it on CPU and CUDA). Hence
-`share_output` (set by compact_dist.spec when linear_proj keeps its exact input: Megatron's
+`share_output` (set by compact_dist.megatron.spec when linear_proj keeps its exact input: Megatron's
 linear, or compression.exact_input): the flash
 path then references that bf16 tensor instead of adding an FP8 copy; with a CompAct proj
 (which keeps only X P) it keeps the FP8 copy.
@@ -48,7 +48,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from compact_dist.fp8_storage import needs_storage, pack, unpack
+from compact_dist.megatron.fp8_storage import needs_storage, pack, unpack
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

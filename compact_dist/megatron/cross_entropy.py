@@ -32,7 +32,7 @@ and one that turns the recomputed logits into d in place; the torch path is the 
 runs everywhere else.
 
 `FusedCrossEntropyGPTModel` is Megatron's GPTModel with that path for `labels` (built by
-`compact_dist.model.build_gpt_model` when `activations.fused_cross_entropy` is set).
+`compact_dist.megatron.model.build_gpt_model` when `activations.fused_cross_entropy` is set).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
-from compact_dist.collectives import all_gather_first_dim, reduce_scatter_first_dim
+from compact_dist.core.collectives import all_gather_first_dim, reduce_scatter_first_dim
 
 try:  # the GPU image has triton; CPU machines (CI) do not
     import triton

@@ -1,0 +1,1 @@
+"""The CompAct method: projections, the compressed autograd function, the compact linear layers, the subspace merge / resample and data-aware bases, Adam-moment handling, stochastic rounding, collectives and RNG, and the compression config."""

@@ -1,0 +1,1 @@
+"""DeepSpeed glue: engine set-up (ZeRO 0-3, parameter groups, persistence) and checkpoints."""

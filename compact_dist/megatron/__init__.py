@@ -1,0 +1,1 @@
+"""Megatron-core glue: the GPT layer spec and model builder, SDPA core attention, norms, SwiGLU MLP, RoPE on CPU, the fused output layer + cross-entropy, FP8 activation storage and the activations config."""
