@@ -278,15 +278,22 @@ def test_sbatch_torchrun_mode_tp2_dp2(cluster, tmp_path, cache):
     assert_tp2_dp2_checkpoint(ckpt, 3)
 
 
-def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(cluster, tmp_path, cache):
+@pytest.mark.parametrize("mode", ["srun", "torchrun"])
+def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(cluster, tmp_path, cache, mode):
     """SIGUSR1 to the batch shell (what --signal=B:USR1@300 sends before the time limit) ->
-    scontrol requeue -> the same job id runs again and resumes from CKPT_DIR/latest."""
+    scontrol requeue -> the same job id runs again and resumes from CKPT_DIR/latest. In
+    torchrun mode the requeue's SIGTERM reaches the ranks through torchrun."""
     ckpt = tmp_path / "ckpt"
     out = tmp_path / "job-%j.out"
     steps = 300
+    layout, env = _layout(cluster, 2), {}
+    if mode == "torchrun":
+        layout = [f"--nodes={cluster.nodes}", "--ntasks-per-node=1", "--cpus-per-task=1",
+                  "--gpus-per-node=0", "--time=10"]
+        env = {"LAUNCH_MODE": "torchrun", "GPUS_PER_NODE": str(2 // cluster.nodes)}
     job = cluster.submit(
-        [*_layout(cluster, 2), f"--output={out}"],
-        {"CONFIG": TINY, "CKPT_DIR": str(ckpt), "MASTER_PORT": str(free_port())},
+        [*layout, f"--output={out}"],
+        {"CONFIG": TINY, "CKPT_DIR": str(ckpt), "MASTER_PORT": str(free_port()), **env},
         quick(cache, steps, "checkpoint.save_interval=50", "train.log_interval=50",
               "checkpoint.keep_last=10"))
     deadline = time.monotonic() + 300
@@ -303,6 +310,7 @@ def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(cluster, tmp_pa
     first, _, second = log.partition(f"job {job} restart 1:")
     assert second, log[-4000:]  # the requeued run appended to the same log (--open-mode=append)
     assert "received SIGUSR1" in first and f"requeueing job {job}" in first
+    assert f"mode {mode}" in first
     assert "done:" not in first  # interrupted before the end
     # the requeue's SIGTERM made compact-train finish its step and checkpoint there
     # (GracefulStop), so the next run starts from that step, not the last periodic checkpoint
