@@ -325,3 +325,37 @@ def test_checkpoint_restores_data_aware_p_bit_exactly_and_resume_reproduces_loss
     again = _saved_bases(ckpt / "step_00000006")
     assert [k for k, _ in again] == [k for k, _ in final]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(final, again))
+
+
+def test_cholesky_nystrom_equals_the_eigendecomposition_fallback(monkeypatch):
+    """Full-rank C: the Cholesky path (B = L L^T) and the eigh fallback (a numerically
+    singular B) give the same top subspace; a rank-deficient C still gives an orthonormal P
+    spanning its range (the fallback)."""
+    gen = torch.Generator().manual_seed(0)
+    n, r = 48, 6
+    prev = torch.linalg.qr(torch.randn(2, n, r, generator=gen))[0]
+    scales = torch.logspace(0, -3, n)
+    x = torch.randn(400, 2 * n, generator=gen) * scales.repeat(2)
+    sketch = SubspaceSketch(prev, "pca", seed=1, layer_id=0, epoch=0, first_block=0)
+    sketch.add_input(x)
+    chol = sketch.top()
+    real = torch.linalg.cholesky_ex
+    calls = []
+
+    def failing(b):
+        calls.append(1)
+        out, info = real(b)
+        return out, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    fallback = sketch.top()
+    assert calls  # the fallback ran
+    for a, b in zip(chol, fallback):  # the same subspace: projectors agree
+        torch.testing.assert_close(a @ a.T, b @ b.T, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.T @ a, torch.eye(r), atol=1e-5, rtol=0)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", real)
+    low = SubspaceSketch(prev, "pca", seed=1, layer_id=0, epoch=0, first_block=0)
+    low.add_input(torch.randn(400, 3, generator=gen) @ torch.randn(3, 2 * n, generator=gen))
+    p = low.top()
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p[0].T @ p[0], torch.eye(r), atol=1e-4, rtol=0)

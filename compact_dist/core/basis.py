@@ -102,14 +102,21 @@ def top_eigenvectors(sketches: list[SubspaceSketch]) -> list[Optional[torch.Tens
     """`top()` of many sketches; those of one shape are computed as one batch (a few batched
     k x k eigendecompositions instead of a dozen small calls per layer).
 
-    Nystrom in fp64 with a tiny shift nu: Y = S + nu Q0, B = Q0^T Y, F = Y B^{-1/2}
-    (C ~ F F^T); the top eigenvectors of F F^T are F W Lambda^{-1/2} with (W, Lambda) the top
-    eigenpairs of the k x k matrix F^T F: no SVD of the tall F, and orthonormal to fp64
-    rounding times the kept spectrum's condition number before the cast to fp32."""
+    Nystrom in fp64 with a tiny shift nu: Y = S + nu Q0, B = Q0^T Y = L L^T (Cholesky),
+    F = Y L^{-T} (C ~ Y B^{-1} Y^T = F F^T); the top eigenvectors of F F^T are
+    F W Lambda^{-1/2} with (W, Lambda) the top eigenpairs of the k x k matrix F^T F: no SVD of
+    the tall F, one k x k eigendecomposition per layer, and orthonormal to fp64 rounding times
+    the kept spectrum's condition number before the cast to fp32. When B is numerically not
+    positive definite (a rank-deficient C), F = Y B^{-1/2} from B's clamped eigenpairs instead.
+    One host sync per call (which sketches saw data) and one per shape (Cholesky status)."""
     out: list[Optional[torch.Tensor]] = [None] * len(sketches)
     groups: dict[tuple, list[int]] = {}
+    if not sketches:
+        return out
+    seen = torch.stack([(torch.isfinite(sk.sums).all() & (sk.sums.abs().amax() > 0)).cpu()
+                        for sk in sketches]).tolist()
     for i, sk in enumerate(sketches):
-        if torch.isfinite(sk.sums).all() and sk.sums.abs().amax() > 0:
+        if seen[i]:
             key = (tuple(sk.sums.shape[1:]), sk.rank, sk.sums.device)
             groups.setdefault(key, []).append(i)
     for members in groups.values():
@@ -118,9 +125,14 @@ def top_eigenvectors(sketches: list[SubspaceSketch]) -> list[Optional[torch.Tens
         q0 = torch.cat([sketches[i].test_basis for i in members]).double()
         shift = 1e-10 * torch.linalg.matrix_norm(s, keepdim=True)
         y = s + shift * q0
-        evals, evecs = torch.linalg.eigh(_symmetric(q0.transpose(1, 2) @ y))
-        evals = evals.clamp_min(evals.amax(dim=-1, keepdim=True) * 1e-12)
-        f = y @ ((evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.transpose(1, 2))
+        b = _symmetric(q0.transpose(1, 2) @ y)
+        chol, info = torch.linalg.cholesky_ex(b)
+        if bool((info == 0).all()):
+            f = torch.linalg.solve_triangular(chol, y.transpose(1, 2), upper=False).transpose(1, 2)
+        else:
+            evals, evecs = torch.linalg.eigh(b)
+            evals = evals.clamp_min(evals.amax(dim=-1, keepdim=True) * 1e-12)
+            f = y @ ((evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.transpose(1, 2))
         lam, w = torch.linalg.eigh(_symmetric(f.transpose(1, 2) @ f))  # ascending
         lam = lam[..., -rank:].flip(-1).clamp_min(lam.amax(dim=-1, keepdim=True) * 1e-24)
         u = ((f @ w[..., -rank:].flip(-1)) * lam.rsqrt().unsqueeze(-2)).float()
