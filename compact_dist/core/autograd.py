@@ -58,9 +58,10 @@ class CompressedLinearFunction(torch.autograd.Function):
         total_x = all_gather_first_dim(x, tp_group)[0] if sequence_parallel else x
         out = torch.matmul(total_x, weight.to(x.dtype).t())
         use_factor = mode == SUBSPACE and not factor_is_zero
-        # Z: local shard only, all backward keeps of the input (unless save_input keeps X)
-        z = None if save_input and not (use_factor and not sequence_parallel) else project(
-            x, blocks)
+        # Z = X P of the local shard: what backward keeps of the input (save_input keeps X
+        # instead), and the factor term's input without sequence parallelism
+        needs_z = not save_input or (use_factor and not sequence_parallel)
+        z = project(x, blocks) if needs_z else None
         if use_factor:
             z_total = project(total_x, blocks) if sequence_parallel else z
             out = out + factor_scale * torch.matmul(z_total, factor.to(x.dtype).t())
