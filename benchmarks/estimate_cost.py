@@ -1,0 +1,173 @@
+"""What re-estimating a data-aware P costs: the estimating step vs a normal step.
+
+    python benchmarks/estimate_cost.py --preset 110m --preset 1.3b --out estimate_cost.json
+
+For each preset a model + DeepSpeed engine is built as compact-train builds them (ZeRO-1,
+bf16, projection pca with the defaults, constant learning rate, synthetic tokens) with
+`compression.resample_interval = --interval` so that estimates come every few steps. Each
+step is timed on the host around a device synchronisation (forward + backward + DeepSpeed
+step + SubspaceStepper.after_step). Reported:
+  - normal_step_ms: median of the steps that neither sketch nor resample;
+  - estimate_step_ms: median of the estimating steps after the first (warm-start sketches);
+  - breakdown of the estimating step (each synchronised): arming the sketches for the next
+    estimate (`arm_ms`: the orthonormal test bases), `resample_ms` (estimate_bases + moving
+    every layer to its P + moment transport) and within it `eig_ms` (top_eigenvectors);
+  - amortised overhead at the default interval T (200) and at T = 50:
+    (estimate_step + arm - normal_step) / T / normal_step.
+The host-timed steps include one synchronisation per step that training does not have, so
+absolute step times are slightly above memory_throughput.py's; the difference of the two kinds
+is what the estimate costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.memory_throughput import synthetic_batch  # noqa: E402
+from benchmarks.projection_cost import setup  # noqa: E402
+
+SHAPES = {
+    # benchmarks/convergence.py's 110m (vocabulary 16384), micro-batch 32 x seq 1024
+    "110m": dict(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=2048,
+                 seq_length=1024, vocab_size=16384, micro_batch_size=32),
+    # memory_throughput.py's 1.3b, micro-batch 4 x seq 2048
+    "1.3b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5504,
+                 seq_length=2048, vocab_size=32000, micro_batch_size=4),
+    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=352,
+                 seq_length=128, vocab_size=2048, micro_batch_size=2),
+}
+
+
+class _Timer:
+    """Accumulates synchronised host milliseconds of wrapped functions, per name."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            sync()
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t) * 1e3
+        return timed
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(preset: str, steps: int, interval: int, extra: list[str]) -> dict:
+    import compact_dist.core.basis as basis
+    import compact_dist.core.subspace as subspace
+    from compact_dist.training.train import build_engine, build_model
+    from compact_dist.training.train_config import load_train_config
+
+    s = SHAPES[preset]
+    overrides = [f"model.{k}={v}" for k, v in s.items() if k not in ("vocab_size",
+                                                                      "micro_batch_size")]
+    overrides += [f"train.micro_batch_size={s['micro_batch_size']}", "logging.progress=false",
+                  "compression.projection=pca", f"compression.resample_interval={interval}",
+                  *extra]
+    cfg = load_train_config(None, overrides)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model = build_model(cfg, device, cuda, s["vocab_size"])
+    engine, stepper = build_engine(cfg, model, cuda, 1, schedule=False)
+    batch = synthetic_batch(s["micro_batch_size"], s["seq_length"], s["vocab_size"], 7, device)
+
+    timer = _Timer()
+    originals = (subspace.top_eigenvectors, subspace.resample_projections, stepper._arm)
+    subspace.top_eigenvectors = timer.wrap("eig_ms", basis.top_eigenvectors)
+    subspace.resample_projections = timer.wrap("resample_ms", subspace.resample_projections)
+    stepper._arm = timer.wrap("arm_ms", stepper._arm)
+    records = []
+    try:
+        for step in range(steps):
+            estimating = stepper._estimating(stepper.steps)
+            timer.ms.clear()
+            sync()
+            t = time.perf_counter()
+            loss = engine(batch["tokens"], batch["position_ids"], None,
+                          labels=batch["labels"]).float().mean()
+            engine.backward(loss)
+            engine.step()
+            stepper.after_step(engine.get_lr()[0], cfg.optim.weight_decay, engine.optimizer)
+            sync()
+            ms = (time.perf_counter() - t) * 1e3
+            records.append({"step": step, "estimating": estimating, "ms": ms,
+                            "arm_ms": timer.ms.get("arm_ms", 0.0),
+                            "resample_ms": timer.ms.get("resample_ms", 0.0),
+                            "eig_ms": timer.ms.get("eig_ms", 0.0), "loss": loss.item()})
+    finally:
+        subspace.top_eigenvectors, subspace.resample_projections, stepper._arm = originals
+
+    warm = records[2:]  # the first steps compile / allocate
+    normal = [r for r in warm if not r["estimating"] and r["resample_ms"] == 0.0
+              and r["arm_ms"] < 0.05 * r["ms"]]
+    est = [r for r in warm if r["estimating"] and r["step"] > 0]
+    out = {"preset": preset, "shape": s, "overrides": overrides, "interval": interval,
+           "steps": records}
+    if normal and est:
+        # arming happens at the end of the step before an estimating step
+        arm = statistics.median(r["arm_ms"] for r in warm if r["arm_ms"] >= 0.05 * r["ms"]) \
+            if any(r["arm_ms"] >= 0.05 * r["ms"] for r in warm) else 0.0
+        n_ms = statistics.median(r["ms"] for r in normal)
+        e_ms = statistics.median(r["ms"] for r in est)
+        extra_ms = e_ms - n_ms + arm
+        out.update({
+            "normal_step_ms": n_ms, "estimate_step_ms": e_ms, "arm_ms": arm,
+            "resample_ms": statistics.median(r["resample_ms"] for r in est),
+            "eig_ms": statistics.median(r["eig_ms"] for r in est),
+            "extra_ms_per_estimate": extra_ms,
+            "amortised_T200": extra_ms / 200 / n_ms, "amortised_T50": extra_ms / 50 / n_ms,
+        })
+    del engine, stepper, model
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", action="append", choices=list(SHAPES))
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--interval", type=int, default=5)
+    parser.add_argument("--override", action="append", default=[],
+                        help="extra TrainConfig overrides (section.key=value)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    for key, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)  # DeepSpeed's engine asks for a launcher's variables
+    setup()
+    report = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "presets": {}}
+    for preset in args.preset or ["110m"]:
+        r = measure(preset, args.steps, args.interval, args.override)
+        report["presets"][preset] = r
+        keys = ("normal_step_ms", "estimate_step_ms", "arm_ms", "resample_ms", "eig_ms",
+                "extra_ms_per_estimate", "amortised_T200", "amortised_T50")
+        print(f"== {preset}: " + ", ".join(f"{k} {r[k]:.4g}" for k in keys if k in r),
+              flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
