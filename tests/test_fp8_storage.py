@@ -210,7 +210,7 @@ def test_attention_saved_bytes(dtype, ratio):
     q, k, v = (torch.randn(s, b, h, d, dtype=dtype, requires_grad=True) for _ in range(3))
     full = saved_activation_bytes(lambda: attend(q, k, v, None, True, 0.125), NO_MODULE)
     ours = saved_activation_bytes(
-        lambda: Fp8AttentionFunction.apply(q, k, v, None, True, 0.125, False), NO_MODULE)
+        lambda: Fp8AttentionFunction.apply(q, k, v, None, True, 0.125, "recompute"), NO_MODULE)
     assert full >= 4 * q.numel() * q.element_size()
     assert ours == 3 * (q.numel() + 4 * q.numel() // d)
     assert ours <= ratio * full
@@ -359,41 +359,73 @@ def _flash_inputs(groups, s=256, b=2, h=8, d=128, quantized=False):
     return [t.requires_grad_() for t in (q, k, v)], g
 
 
+_SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION"}
+
+
 @cuda
+@pytest.mark.parametrize("backend", ["flash", "cudnn"])
 @pytest.mark.parametrize("groups", [8, 2])
-def test_flash_path_matches_recompute(groups):
-    from compact_dist.megatron.attention import flash_eligible
+def test_fused_path_matches_recompute(groups, backend):
+    from compact_dist.megatron.attention import _heads_first, sdpa_backend
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     (q, k, v), g = _flash_inputs(groups, quantized=True)
-    assert flash_eligible(q, None)
     scale = q.shape[-1] ** -0.5
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    rep = q.shape[2] // k.shape[2]
+    with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[backend])):
+        heads = (_heads_first(q), _heads_first(k, rep), _heads_first(v, rep))
+        if sdpa_backend(*heads, None, True, scale) != backend:
+            pytest.skip(f"SDPA cannot run {backend} on this GPU / build")
         ref = attend(q, k, v, None, True, scale)
         grads_ref = torch.autograd.grad(ref, (q, k, v), g)
         results = {}
-        for flash, share in ((True, True), (True, False), (False, False)):
-            out = Fp8AttentionFunction.apply(q, k, v, None, True, scale, flash, share)
-            results[flash, share] = out, torch.autograd.grad(out, (q, k, v), g)
+        for path, share in ((None, True), (None, False), ("recompute", False)):
+            out = Fp8AttentionFunction.apply(q, k, v, None, True, scale, path, share)
+            results[path, share] = out, torch.autograd.grad(out, (q, k, v), g)
     for out, _ in results.values():
-        assert torch.equal(out, ref)                      # forward: the same flash kernel
-    # lossless q, k, v and the exact output: flash path == recompute path (up to the flash
-    # backward's atomic accumulation order)
-    for a, b in zip(results[True, True][1], results[False, False][1]):
+        assert torch.equal(out, ref)                      # forward: the same fused kernel
+    # lossless q, k, v and the exact output: fused path == recompute path (up to the fused
+    # backward's accumulation order)
+    for a, b in zip(results[None, True][1], results["recompute", False][1]):
         assert _rel(a, b) < 1e-2
-    for a, b in zip(results[False, False][1], grads_ref):
+    for a, b in zip(results["recompute", False][1], grads_ref):
         assert _rel(a, b) < 1e-2
-    # with its output in FP8 the flash path stays within the attention bound
-    for a, b in zip(results[True, False][1], grads_ref):
+    # with its output in FP8 the fused path stays within the attention bound
+    for a, b in zip(results[None, False][1], grads_ref):
         assert _rel(a, b) < ATTENTION_GRAD_BOUND
     # and on unquantized inputs both paths are within the bound of the exact gradients
     (q, k, v), g = _flash_inputs(groups)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    with sdpa_kernel(getattr(SDPBackend, _SDPA_BACKENDS[backend])):
         grads_ref = torch.autograd.grad(attend(q, k, v, None, True, scale), (q, k, v), g)
-        for flash in (True, False):
-            out = Fp8AttentionFunction.apply(q, k, v, None, True, scale, flash, False)
+        for path in (backend, "recompute"):
+            out = Fp8AttentionFunction.apply(q, k, v, None, True, scale, path, False)
             for a, b in zip(torch.autograd.grad(out, (q, k, v), g), grads_ref):
                 assert _rel(a, b) < ATTENTION_GRAD_BOUND
+
+
+@cuda
+def test_default_backend_is_sdpas_choice():
+    """Without a forced path the FP8 function runs what SDPA itself would run here."""
+    from compact_dist.megatron.attention import _heads_first, sdpa_backend
+
+    (q, k, v), _ = _flash_inputs(8)
+    scale = q.shape[-1] ** -0.5
+    chosen = sdpa_backend(_heads_first(q), _heads_first(k), _heads_first(v), None, True, scale)
+    captured = {}
+    original = Fp8AttentionFunction.backward
+
+    def spy(ctx, grad):
+        captured["backend"] = ctx.backend
+        return original(ctx, grad)
+
+    Fp8AttentionFunction.backward = staticmethod(spy)
+    try:
+        out = Fp8AttentionFunction.apply(q, k, v, None, True, scale, None, False)
+        out.float().sum().backward()
+    finally:
+        Fp8AttentionFunction.backward = staticmethod(original)
+    assert captured["backend"] == chosen
+    assert torch.equal(out, attend(q, k, v, None, True, scale))
 
 
 @cuda
@@ -402,7 +434,7 @@ def test_flash_saved_bytes_and_output_sharing():
     scale = q.shape[-1] ** -0.5
     full = saved_activation_bytes(lambda: attend(q, k, v, None, True, scale), NO_MODULE)
     fp8 = saved_activation_bytes(
-        lambda: Fp8AttentionFunction.apply(q, k, v, None, True, scale, True, False), NO_MODULE)
+        lambda: Fp8AttentionFunction.apply(q, k, v, None, True, scale, None, False), NO_MODULE)
     assert fp8 <= 0.55 * full                        # q, k, v, out in FP8 + logsumexp
     saved = []
 
