@@ -1,22 +1,26 @@
-"""What re-estimating a data-aware P costs: the estimating step vs a normal step.
+"""What re-estimating a data-aware P costs: steps of a whole resample cycle vs quiet steps.
 
-    python benchmarks/estimate_cost.py --preset 110m --preset 1.3b --out estimate_cost.json
+    python benchmarks/estimate_cost.py --preset 110m --preset 1.3b --interval 40 \
+        --steps 90 [--override compression.estimate_lag=0] --out estimate_cost.json
 
 For each preset a model + DeepSpeed engine is built as compact-train builds them (ZeRO-1,
 bf16, projection pca with the defaults, constant learning rate, synthetic tokens) with
-`compression.resample_interval = --interval` so that estimates come every few steps. Each
-step is timed on the host around a device synchronisation (forward + backward + DeepSpeed
-step + SubspaceStepper.after_step). Reported:
-  - normal_step_ms: median of the steps that neither sketch nor resample;
-  - estimate_step_ms: median of the estimating steps after the first (warm-start sketches);
-  - breakdown of the estimating step (each synchronised): arming the sketches for the next
-    estimate (`arm_ms`: the orthonormal test bases), `resample_ms` (estimate_bases + moving
-    every layer to its P + moment transport) and within it `eig_ms` (top_eigenvectors);
-  - amortised overhead at the default interval T (200) and at T = 50:
-    (estimate_step + arm - normal_step) / T / normal_step.
+`compression.resample_interval = --interval` so that estimates come every few steps (the
+default estimate_lag is then min(16, interval // 4)). Each step is timed on the host around a
+training-stream synchronisation (forward + backward + DeepSpeed step +
+SubspaceStepper.after_step).
+Reported:
+  - normal_step_ms: median of the quiet steps (no sketch, no arming, no switch of P, no
+    estimate running in the background);
+  - per step: whether it sketched, armed the next sketches (`arm_ms`), switched P
+    (`resample_ms`, and `eig_ms` when the eigen-solves ran on the critical path);
+  - extra_ms_per_estimate: over each complete cycle (from one sketching step to the next,
+    the first cycle excluded), the sum of (step - normal_step): the sketch in forward, the
+    reduction, the background solves' interference, the switch and the arming;
+  - amortised overhead at T = 200 and T = 50: extra_ms_per_estimate / T / normal_step.
 The host-timed steps include one synchronisation per step that training does not have, so
-absolute step times are slightly above memory_throughput.py's; the difference of the two kinds
-is what the estimate costs.
+absolute step times are slightly above memory_throughput.py's; the differences are what the
+estimate costs.
 """
 
 from __future__ import annotations
@@ -68,8 +72,10 @@ class _Timer:
 
 
 def sync() -> None:
+    """Wait for the training stream only: a device-wide synchronize would also wait for the
+    background eigen-solves (compact_dist.core.background), which training never does."""
     if torch.cuda.is_available():
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
 
 
 def measure(preset: str, steps: int, interval: int, extra: list[str]) -> dict:
@@ -117,24 +123,25 @@ def measure(preset: str, steps: int, interval: int, extra: list[str]) -> dict:
     finally:
         subspace.top_eigenvectors, subspace.resample_projections, stepper._arm = originals
 
-    warm = records[2:]  # the first steps compile / allocate
-    normal = [r for r in warm if not r["estimating"] and r["resample_ms"] == 0.0
-              and r["arm_ms"] < 0.05 * r["ms"]]
-    est = [r for r in warm if r["estimating"] and r["step"] > 0]
+    lag = cfg.compression.estimate_lag
+    sketching = [r["step"] for r in records if r["estimating"]]
+    busy = set()
+    for e in sketching:
+        busy.update(range(e - 1, e + lag + 1))  # arming, sketching, background, switch
+    quiet = [r["ms"] for r in records[2:] if r["step"] not in busy]
     out = {"preset": preset, "shape": s, "overrides": overrides, "interval": interval,
-           "steps": records}
-    if normal and est:
-        # arming happens at the end of the step before an estimating step
-        arm = statistics.median(r["arm_ms"] for r in warm if r["arm_ms"] >= 0.05 * r["ms"]) \
-            if any(r["arm_ms"] >= 0.05 * r["ms"] for r in warm) else 0.0
-        n_ms = statistics.median(r["ms"] for r in normal)
-        e_ms = statistics.median(r["ms"] for r in est)
-        extra_ms = e_ms - n_ms + arm
+           "estimate_lag": lag, "steps": records}
+    cycles = [(a, b) for a, b in zip(sketching[1:], sketching[2:])]
+    if quiet and cycles:
+        n_ms = statistics.median(quiet)
+        extra = [sum(r["ms"] - n_ms for r in records[a:b]) for a, b in cycles]
+        extra_ms = statistics.mean(extra)
         out.update({
-            "normal_step_ms": n_ms, "estimate_step_ms": e_ms, "arm_ms": arm,
-            "resample_ms": statistics.median(r["resample_ms"] for r in est),
-            "eig_ms": statistics.median(r["eig_ms"] for r in est),
+            "normal_step_ms": n_ms, "cycles": cycles, "extra_ms_per_cycle": extra,
             "extra_ms_per_estimate": extra_ms,
+            "arm_ms": max(r["arm_ms"] for r in records[2:]),
+            "resample_ms": max(r["resample_ms"] for r in records[2:]),
+            "eig_ms": max(r["eig_ms"] for r in records[2:]),
             "amortised_T200": extra_ms / 200 / n_ms, "amortised_T50": extra_ms / 50 / n_ms,
         })
     del engine, stepper, model
@@ -145,8 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", choices=list(SHAPES))
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--interval", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=90)
+    parser.add_argument("--interval", type=int, default=40)
     parser.add_argument("--override", action="append", default=[],
                         help="extra TrainConfig overrides (section.key=value)")
     parser.add_argument("--out", default=None)
@@ -159,7 +166,7 @@ def main() -> None:
     for preset in args.preset or ["110m"]:
         r = measure(preset, args.steps, args.interval, args.override)
         report["presets"][preset] = r
-        keys = ("normal_step_ms", "estimate_step_ms", "arm_ms", "resample_ms", "eig_ms",
+        keys = ("estimate_lag", "normal_step_ms", "arm_ms", "resample_ms", "eig_ms",
                 "extra_ms_per_estimate", "amortised_T200", "amortised_T50")
         print(f"== {preset}: " + ", ".join(f"{k} {r[k]:.4g}" for k in keys if k in r),
               flush=True)

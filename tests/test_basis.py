@@ -61,7 +61,7 @@ def test_pca_captures_the_dominant_subspace_and_gaussian_does_not(kind, blocks):
     gauss = build(kind, N, M, LayerCompression(**comp))
     pca = build(kind, N, M, LayerCompression(**comp))
     cfg = CompressionConfig(projection="pca", resample_interval=50, moments_on_resample="keep",
-                            **comp)
+                            estimate_lag=0, **comp)
     _train_steps(pca, cfg, [x])  # step 0 sketches X, P switches after it
     assert pca.projection_epoch == 1 and pca.basis is not None
     p = pca.projection_blocks()
@@ -89,7 +89,8 @@ def test_gradient_probe_finds_gradient_row_space_and_leaves_grads_alone():
         return (y * (x @ target.t())).mean()
 
     model = torch.nn.ModuleList([layer])
-    cfg = CompressionConfig(ratio=RATIO, projection="gradient", moments_on_resample="keep")
+    cfg = CompressionConfig(ratio=RATIO, projection="gradient", moments_on_resample="keep",
+                            estimate_lag=0)
     stepper = SubspaceStepper(model, cfg)
     assert stepper.before_step(probe)
     assert layer.subspace_factor.grad is None and layer.bias.grad is None
@@ -243,7 +244,7 @@ def _projector(blocks: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*[b @ b.t() for b in blocks.double()])
 
 
-def _estimates_agree(rank, tp):
+def _estimates_agree(rank, tp, lag):
     """DP=2 (tp=1: each rank sketches its half of the batch) or TP=2 (column-parallel with
     and without sequence parallelism, row-parallel with 8 blocks): every rank ends with
     bit-identical P where P is replicated, and P spans what a single process finds on the
@@ -274,9 +275,12 @@ def _estimates_agree(rank, tp):
             x_in = x_full.chunk(tp, -1)[rank]
             p_ref = p_ref.chunk(tp, 0)[rank]
         stepper = SubspaceStepper(torch.nn.ModuleList([ours]), CompressionConfig(
-            ratio=RATIO, projection="pca", row_parallel_blocks=8, moments_on_resample="keep"))
+            ratio=RATIO, projection="pca", row_parallel_blocks=8, moments_on_resample="keep",
+            estimate_lag=lag))
         ours(x_in)
-        stepper.after_step(0.0, 0.0)
+        for _ in range(lag + 1):  # P switches after the sketching step + lag
+            assert ours.basis is None
+            stepper.after_step(0.0, 0.0)
         p = ours.projection_blocks()
         gathered = [torch.empty_like(p) for _ in range(world)]
         dist.all_gather(gathered, p)
@@ -286,11 +290,12 @@ def _estimates_agree(rank, tp):
                                    msg=f"{kind} sp={sp} tp={tp}")
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_pca_estimate_is_identical_across_ranks_and_matches_one_process(tp):
+@pytest.mark.parametrize("tp, lag", [(1, 0), (2, 0), (2, 1)])
+def test_pca_estimate_is_identical_across_ranks_and_matches_one_process(tp, lag):
+    """lag 1: the solves ran in the background and the bases were shared a step later."""
     from distributed import run_distributed
 
-    run_distributed(_estimates_agree, 2, tp, tp=tp)
+    run_distributed(_estimates_agree, 2, tp, lag, tp=tp)
 
 
 def _saved_bases(tag_dir):
@@ -303,26 +308,32 @@ def _saved_bases(tag_dir):
             if k.endswith("_extra_state") and isinstance(v, dict) and "basis" in v]
 
 
-@pytest.mark.parametrize("stage", [3])
+@pytest.mark.parametrize("stage, extra, total, resume_at", [
+    (3, ["compression.resample_interval=2"], 6, 3),
+    # lag 2: sketched in step 4, switching after step 6; the checkpoint after step 5 holds the
+    # pending estimate (the stepper's state in the client state)
+    (1, ["compression.resample_interval=4", "compression.estimate_lag=2"], 8, 5),
+])
 def test_checkpoint_restores_data_aware_p_bit_exactly_and_resume_reproduces_losses(
-        tmp_path, stage):
-    """compact-train with pca + transport (T=2: estimates in steps 1, 2, 4, 6), checkpoint at
-    step 3, resumed: the next losses and the final P equal the uninterrupted run's."""
+        tmp_path, stage, extra, total, resume_at):
+    """compact-train with pca + transport, checkpoint mid-run, resumed: the next losses and
+    the final P equal the uninterrupted run's (T=2: estimates in steps 1, 2, 4, 6, resumed
+    after 3; T=4 with estimate_lag 2: resumed between a sketch and its switch)."""
     from test_train import small, train
 
     ckpt = tmp_path / "ckpt"
-    common = small(tmp_path, "train.train_steps=6", "compression.projection=pca",
+    common = small(tmp_path, f"train.train_steps={total}", "compression.projection=pca",
                    f"train.zero_stage={stage}", "compression.moments_on_resample=transport",
-                   f"checkpoint.dir={ckpt}", "checkpoint.save_interval=3",
-                   "checkpoint.keep_last=5")
+                   f"checkpoint.dir={ckpt}", f"checkpoint.save_interval={resume_at}",
+                   "checkpoint.keep_last=5", *extra)
     full = train(2, common, tmp_path, "full")["losses"]
-    final = _saved_bases(ckpt / "step_00000006")
-    (ckpt / "latest").write_text("step_00000003")  # as if the job died after step 3
-    saved = _saved_bases(ckpt / "step_00000003")
+    final = _saved_bases(ckpt / f"step_{total:08d}")
+    (ckpt / "latest").write_text(f"step_{resume_at:08d}")  # as if the job died there
+    saved = _saved_bases(ckpt / f"step_{resume_at:08d}")
     assert len(saved) == 8 and all(basis is not None for _, basis in saved)
     resumed = train(2, common, tmp_path, "resumed")["losses"]
-    assert resumed == pytest.approx(full[3:], rel=1e-6, abs=1e-6)
-    again = _saved_bases(ckpt / "step_00000006")
+    assert resumed == pytest.approx(full[resume_at:], rel=1e-6, abs=1e-6)
+    again = _saved_bases(ckpt / f"step_{total:08d}")
     assert [k for k, _ in again] == [k for k, _ in final]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(final, again))
 
@@ -359,3 +370,92 @@ def test_cholesky_nystrom_equals_the_eigendecomposition_fallback(monkeypatch):
     p = low.top()
     assert torch.isfinite(p).all()
     torch.testing.assert_close(p[0].T @ p[0], torch.eye(r), atol=1e-4, rtol=0)
+
+
+def _lagged_run(lag: int, steps: int, state: dict | None = None, stop: int | None = None):
+    """A pca layer trained `steps` steps on fixed low-rank inputs (T = 8, estimate_lag `lag`);
+    returns (layer, optimizer, stepper, projection epoch after each step). With `state`
+    (a previous run's stop point) it resumes from there; with `stop` it stops after that many
+    steps."""
+    torch.manual_seed(0)
+    layer = build("row", N, M, LayerCompression(ratio=RATIO, row_parallel_blocks=4))
+    model = torch.nn.ModuleList([layer])
+    opt = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=1e-3)
+    cfg = CompressionConfig(ratio=RATIO, projection="pca", row_parallel_blocks=4,
+                            resample_interval=8, estimate_lag=lag)
+    stepper = SubspaceStepper(model, cfg)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        stepper.load_state_dict(state["stepper"])
+        start = state["stepper"]["steps"]
+    epochs = []
+    for i in range(start, stop if stop is not None else steps):
+        x, _ = low_rank_input(32, N, 6, seed=i)
+        y, _ = layer(x)
+        opt.zero_grad()
+        y.pow(2).mean().backward()
+        opt.step()
+        stepper.after_step(1e-3, 0.0, opt)
+        epochs.append(layer.projection_epoch)
+    return layer, opt, stepper, epochs
+
+
+def test_estimate_lag_switches_later_to_the_same_basis():
+    """lag 3: P switches after steps 0 + 3 and 7 + 3 (T = 8), to exactly the basis a lag-0 run
+    computes from the same step-0 sketch; a lag >= T is rejected at load."""
+    sync, _, _, sync_epochs = _lagged_run(0, 1)
+    lagged, _, _, epochs = _lagged_run(3, 12)
+    assert sync_epochs == [1]
+    assert epochs == [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 2, 2]
+    lagged_first, _, _, _ = _lagged_run(3, 4)
+    assert torch.equal(lagged_first.basis, sync.basis)
+    with pytest.raises(ValueError, match="estimate_lag=8 must be smaller"):
+        CompressionConfig(projection="pca", resample_interval=8, estimate_lag=8)
+    assert CompressionConfig().estimate_lag == 16
+    assert CompressionConfig(resample_interval=20).estimate_lag == 5
+
+
+def test_stepper_state_restores_a_pending_estimate():
+    """A checkpoint taken while an estimate is pending (after 9 steps: sketched in the 8th,
+    switching after the 11th) restores it: the resumed run switches at the same step to the
+    same bits and ends equal to the uninterrupted one."""
+    full, _, _, full_epochs = _lagged_run(3, 12)
+    layer, opt, stepper, _ = _lagged_run(3, 12, stop=9)
+    state = {"model": torch.nn.ModuleList([layer]).state_dict(), "opt": opt.state_dict(),
+             "stepper": stepper.state_dict()}
+    assert state["stepper"]["pending"]["apply_at"] == 11
+    resumed, _, _, epochs = _lagged_run(3, 12, state=state)
+    assert epochs == full_epochs[9:]
+    assert torch.equal(resumed.basis, full.basis)
+    assert torch.equal(resumed.weight, full.weight)
+    # without the stepper state the pending estimate is lost: P would not switch
+    dropped, _, _, _ = _lagged_run(3, 12, stop=9)
+    plain = SubspaceStepper(torch.nn.ModuleList([dropped]), stepper.config)
+    plain.steps = 9
+    assert plain.state_dict()["pending"] is None
+
+
+def test_background_eigensolve_equals_the_direct_solve():
+    """On CPU it solves at once; on CUDA (when present) in its worker thread on a side
+    stream. Either way the bases equal top_eigenvectors' bits."""
+    from compact_dist.core.background import BackgroundEigensolve
+    from compact_dist.core.basis import top_eigenvectors
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        gen = torch.Generator().manual_seed(3)
+        sketches = []
+        for shape, rank in (((2, N, 8), 8), ((1, N, 16), 16), ((4, N // 4, 4), 4)):
+            prev = torch.linalg.qr(torch.randn(*shape, generator=gen))[0].to(device)
+            sk = SubspaceSketch(prev, "pca", seed=1, layer_id=len(sketches), epoch=0,
+                                first_block=0)
+            sk.add_input(torch.randn(200, shape[0] * shape[1], generator=gen).to(device))
+            sketches.append(sk)
+        idle = SubspaceSketch(prev, "pca", seed=1, layer_id=9, epoch=0, first_block=0)
+        direct = top_eigenvectors(sketches + [idle])
+        background = BackgroundEigensolve(sketches + [idle]).result()
+        assert background[-1] is None and direct[-1] is None
+        for a, b in zip(direct[:-1], background[:-1]):
+            assert torch.equal(a, b), device

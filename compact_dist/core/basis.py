@@ -51,13 +51,15 @@ class SubspaceSketch:
     """Accumulates S = C Q0 for one layer's blocks; `top(r)` returns the new orthonormal P.
 
     previous: the current P blocks [kb, b, r_b] (any scale; only their span is used).
+    orthonormal: whether `previous` has orthonormal columns (a data-aware P); None = test it
+        (one host sync).
     seed, layer_id, epoch, first_block: identify the seeded extra columns (global block
         index, so every rank that owns a block draws the same columns for it).
     kind: 'pca' (add_input in forward) or 'gradient' (add_gradient in a probe's backward).
     """
 
     def __init__(self, previous: torch.Tensor, kind: Kind, seed: int, layer_id: int,
-                 epoch: int, first_block: int):
+                 epoch: int, first_block: int, orthonormal: Optional[bool] = None):
         kb, b, rb = previous.shape
         extra = oversampling(b, rb)
         omega = torch.empty(kb, b, extra, dtype=torch.float32, device=previous.device)
@@ -66,7 +68,8 @@ class SubspaceSketch:
             gen.manual_seed(block_seed(seed, layer_id, _SKETCH_EPOCH_OFFSET + epoch,
                                        first_block + i))
             torch.randn(b, extra, generator=gen, device=previous.device, out=omega[i])
-        self.test_basis = _orthonormal_extension(previous.double(), omega.double()).float()
+        self.test_basis = _orthonormal_extension(previous.double(), omega.double(),
+                                                 orthonormal).float()
         self.sums = torch.zeros_like(self.test_basis)  # C Q0
         self.kind: Kind = kind
         self.rank = rb
@@ -108,12 +111,13 @@ def top_eigenvectors(sketches: list[SubspaceSketch]) -> list[Optional[torch.Tens
     the tall F, one k x k eigendecomposition per layer, and orthonormal to fp64 rounding times
     the kept spectrum's condition number before the cast to fp32. When B is numerically not
     positive definite (a rank-deficient C), F = Y B^{-1/2} from B's clamped eigenpairs instead.
-    One host sync per call (which sketches saw data) and one per shape (Cholesky status)."""
+    One host sync per call (which sketches saw data) and one per shape (Cholesky status);
+    compact_dist.core.background runs it off the training stream."""
     out: list[Optional[torch.Tensor]] = [None] * len(sketches)
     groups: dict[tuple, list[int]] = {}
     if not sketches:
         return out
-    seen = torch.stack([(torch.isfinite(sk.sums).all() & (sk.sums.abs().amax() > 0)).cpu()
+    seen = torch.stack([torch.isfinite(sk.sums).all() & (sk.sums.abs().amax() > 0)
                         for sk in sketches]).tolist()
     for i, sk in enumerate(sketches):
         if seen[i]:
@@ -145,22 +149,37 @@ def _symmetric(a: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a + a.transpose(-1, -2))
 
 
-def _orthonormal_extension(previous: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+def _orthonormal_extension(previous: torch.Tensor, extra: torch.Tensor,
+                           orthonormal: Optional[bool] = None) -> torch.Tensor:
     """Q0 [kb, b, r_b + p]: orthonormal, spanning [previous, extra]. An orthonormal previous
     P (data-aware) is kept as the first columns and only the extra columns are
-    orthogonalised (a thin QR of b x p); a Gaussian one goes through one QR of b x k."""
-    gram = previous.transpose(1, 2) @ previous
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    if torch.allclose(gram, eye.expand_as(gram), atol=1e-6):
-        for _ in range(2):  # classical Gram-Schmidt, twice is enough
-            extra = extra - previous @ (previous.transpose(1, 2) @ extra)
-        return torch.cat([previous, torch.linalg.qr(extra)[0]], dim=-1)
-    return torch.linalg.qr(torch.cat([previous, extra], dim=-1))[0]
+    orthogonalised: Gram-Schmidt against P twice, then Cholesky-QR twice on the b x p block
+    (batched GEMMs and p x p Cholesky factors, no host sync: the Gaussian block is
+    well-conditioned, b >= p + r_b). A Gaussian one goes through one QR of b x k."""
+    if orthonormal is None:
+        gram = previous.transpose(1, 2) @ previous
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        orthonormal = torch.allclose(gram, eye.expand_as(gram), atol=1e-6)
+    if not orthonormal:
+        return torch.linalg.qr(torch.cat([previous, extra], dim=-1))[0]
+    if extra.shape[-1] == 0:
+        return previous
+    for _ in range(2):  # classical Gram-Schmidt, twice is enough
+        extra = extra - previous @ (previous.transpose(1, 2) @ extra)
+    for _ in range(2):  # Cholesky-QR2: E <- E L^{-T} with L L^T = E^T E
+        chol, _ = torch.linalg.cholesky_ex(extra.transpose(1, 2) @ extra)
+        extra = torch.linalg.solve_triangular(chol, extra.transpose(1, 2),
+                                              upper=False).transpose(1, 2)
+    return torch.cat([previous, extra], dim=-1)
 
 
-def transport_map(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+def transport_map(old: torch.Tensor, new: torch.Tensor,
+                  orthonormal_old: bool = False) -> torch.Tensor:
     """R [kb, r_b, r_b] with G P_new ~ (G P_old) R for G in the span of P_old, per block:
-    R = (P_old^T P_old)^{-1} P_old^T P_new (= P_old^T P_new for an orthonormal P_old)."""
+    R = (P_old^T P_old)^{-1} P_old^T P_new, or P_old^T P_new when P_old is orthonormal
+    (orthonormal_old: no solve, no host sync)."""
     old, new = old.double(), new.double()
-    gram = old.transpose(1, 2) @ old
-    return torch.linalg.solve(gram, old.transpose(1, 2) @ new).float()
+    cross = old.transpose(1, 2) @ new
+    if orthonormal_old:
+        return cross.float()
+    return torch.linalg.solve(old.transpose(1, 2) @ old, cross).float()

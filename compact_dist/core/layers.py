@@ -304,7 +304,7 @@ class CompactLinearMixin:
         p = self.projection
         self.sketch = SubspaceSketch(
             self.projection_blocks(torch.float32), kind, self.compression.seed, self.layer_id,
-            self.projection_epoch, p.first_block)
+            self.projection_epoch, p.first_block, orthonormal=self.basis is not None)
         return self.sketch
 
     def _compressed(self, x, bias, sequence_parallel, allreduce_dgrad):

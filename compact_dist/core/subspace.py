@@ -198,42 +198,56 @@ def _flat_collective(tensors: list[torch.Tensor], group, src: Optional[int] = No
         offset += t.numel()
 
 
-@torch.no_grad()
-def estimate_bases(layers: list[CompactLinearMixin]) -> list[Optional[torch.Tensor]]:
-    """Finish every layer's sketch: sum it over the data-parallel group (and the TP group where
-    the layer's sketched input or gradient is sharded over TP), take the top-r_b directions
-    per block, and make them bit-identical on all ranks (broadcast from the source rank of the
-    data-parallel group, and of the TP group for column-parallel layers, whose P is the same
-    on every TP rank). Collective over the whole world; a constant number of collectives.
-    Returns one basis per layer (None where the sketch saw nothing); sketches are cleared."""
+def _reduce_sketches(layers: list[CompactLinearMixin]) -> None:
+    """Sum every layer's sketch over the data-parallel group, and over the TP group where the
+    sketched input or gradient is sharded over TP (one collective per group for all)."""
+    dp, _, tp, _ = _groups()
+    _flat_collective([layer.sketch.sums for layer in layers], dp)
+    _flat_collective([layer.sketch.sums for layer in layers if layer.sketch_sum_over_tp], tp)
+
+
+def _share_bases(layers: list[CompactLinearMixin], bases: list[Optional[torch.Tensor]]) -> None:
+    """Make the bases bit-identical on all ranks: broadcast from the data-parallel group's
+    source rank, and from the TP group's for column-parallel layers (whose P is the same on
+    every TP rank)."""
     dp, dp_src, tp, tp_src = _groups()
-    sketches = [layer.sketch for layer in layers]
-    _flat_collective([s.sums for s in sketches], dp)
-    _flat_collective([s.sums for layer, s in zip(layers, sketches) if layer.sketch_sum_over_tp],
-                     tp)
-    bases = top_eigenvectors(sketches)
     _flat_collective([b for b in bases if b is not None], dp, src=dp_src)
     _flat_collective([b for layer, b in zip(layers, bases)
                       if b is not None and layer.replicated_over_tp], tp, src=tp_src)
+
+
+@torch.no_grad()
+def estimate_bases(layers: list[CompactLinearMixin]) -> list[Optional[torch.Tensor]]:
+    """Finish every layer's sketch now: reduce it, take the top-r_b directions per block and
+    share them (see _reduce_sketches / _share_bases). Collective over the whole world; a
+    constant number of collectives. Returns one basis per layer (None where the sketch saw
+    nothing); sketches are cleared."""
+    _reduce_sketches(layers)
+    bases = top_eigenvectors([layer.sketch for layer in layers])
+    _share_bases(layers, bases)
     for layer in layers:
         layer.sketch = None
     return bases
 
 
 def resample_projections(model: torch.nn.Module, config: Optional[CompressionConfig] = None,
-                         optimizer=None) -> None:
+                         optimizer=None,
+                         bases: Optional[dict[int, Optional[torch.Tensor]]] = None) -> None:
     """Move every compact layer to its next P and apply `config.moments_on_resample` to A's
-    Adam state. A layer with a pending sketch takes the estimated P, or keeps its P when the
-    sketch saw no data (no training forward since it was armed); one without takes the next
-    seeded Gaussian P. Every rank calls (collective when sketches are pending or moments
-    move under ZeRO)."""
+    Adam state. bases: {id(layer): estimated basis or None} computed beforehand (a background
+    estimate); without it the layers' pending sketches are estimated now. A layer with an
+    estimate takes it, or keeps its P when its sketch saw no data (no training forward since
+    it was armed); any other layer takes the next seeded Gaussian P. Every rank calls
+    (collective when sketches are pending or moments move under ZeRO)."""
     layers = compact_layers(model)
-    sketched = [layer for layer in layers if layer.sketch is not None]
-    bases = dict(zip(map(id, sketched), estimate_bases(sketched))) if sketched else {}
+    if bases is None:
+        sketched = [layer for layer in layers if layer.sketch is not None]
+        bases = dict(zip(map(id, sketched), estimate_bases(sketched))) if sketched else {}
     moving = [layer for layer in layers
               if id(layer) not in bases or bases[id(layer)] is not None]
     policy = config.moments_on_resample if config is not None else "keep"
-    olds = [layer.projection_blocks(torch.float32) for layer in moving]
+    olds = [(layer.projection_blocks(torch.float32), layer.basis is not None)
+            for layer in moving]
     for layer in moving:
         layer.resample_projection(bases.get(id(layer)))
     moved = [(layer, old) for layer, old in zip(moving, olds)
@@ -244,36 +258,56 @@ def resample_projections(model: torch.nn.Module, config: Optional[CompressionCon
         reset_moments(optimizer)
         return
     transport_moments(optimizer, [layer.subspace_factor for layer, _ in moved],
-                      [transport_map(old, layer.projection_blocks(torch.float32))
-                       for layer, old in moved])
+                      [transport_map(old, layer.projection_blocks(torch.float32), orthonormal)
+                       for layer, (old, orthonormal) in moved])
+
+
+class _Solved:
+    """A finished estimate (restored from a checkpoint): BackgroundEigensolve's interface."""
+
+    def __init__(self, bases: list[Optional[torch.Tensor]]):
+        self._bases = bases
+
+    def result(self) -> list[Optional[torch.Tensor]]:
+        return list(self._bases)
 
 
 class SubspaceStepper:
     """Runs the merge after each optimizer step and the resample of P every T steps.
 
     Gaussian P: a new seeded P every `resample_interval` steps. Data-aware P
-    (projection 'pca' / 'gradient'): estimated in step 1's forward (from the initial Gaussian
-    P), then re-estimated in the last step of every `resample_interval` steps, warm-started
-    from the current P. 'pca' sketches inside the training forwards of that step (nothing to
-    call); 'gradient' needs `before_step(probe_loss)` at the start of every step, which runs
-    one probe forward/backward when an estimate is due. `moments_on_resample` applies to A's
-    Adam state at each change of P (pass the torch optimizer, or `engine.optimizer`).
+    (projection 'pca' / 'gradient'): sketched in step 1's forward (from the initial Gaussian
+    P), then in the last step of every `resample_interval` steps, warm-started from the
+    current P. 'pca' sketches inside the training forwards of that step (nothing to call);
+    'gradient' needs `before_step(probe_loss)` at the start of every step, which runs one
+    probe forward/backward when an estimate is due. After the sketching step the sketches are
+    summed over the data-parallel group at once; with `estimate_lag` L > 0 their eigen-solves
+    then run in the background (compact_dist.core.background) while training goes on, and P
+    switches after step (sketching step + L), on every rank at the same step; with L = 0 it
+    switches right after the sketching step. `moments_on_resample` applies to A's Adam state
+    at each change of P (pass the torch optimizer, or `engine.optimizer`).
+    Checkpoints: save `state_dict()` (steps, and a pending estimate's bases) with the model and
+    restore it with `load_state_dict()`, so a resumed run switches P at the same step to the
+    same bits.
     """
 
     def __init__(self, model: torch.nn.Module, config: CompressionConfig):
         self.model = model
         self.config = config
         self._steps = 0
+        # (estimate, its layers in compact_layers order, the step count after which P switches)
+        self._pending: Optional[tuple] = None
         self._arm()
 
     @property
     def steps(self) -> int:
-        """Optimizer steps taken; settable (resume), which re-arms the sketches."""
+        """Optimizer steps taken; settable (resume: drops a pending estimate, re-arms)."""
         return self._steps
 
     @steps.setter
     def steps(self, value: int) -> None:
         self._steps = int(value)
+        self._pending = None
         self._arm()
 
     @property
@@ -321,7 +355,7 @@ class SubspaceStepper:
     def after_step(
         self, lr: float, weight_decay: float, optimizer: Optional[torch.optim.Optimizer] = None
     ) -> bool:
-        """Merge; returns True when this step also resampled the projections."""
+        """Merge; returns True when P changed after this step."""
         merge_subspace_factors(self.model, lr=lr, weight_decay=weight_decay)
         estimated = self._estimating(self._steps)
         self._steps += 1
@@ -333,9 +367,58 @@ class SubspaceStepper:
                                    "stepper.before_step(probe_loss) before the micro-batches")
             for layer in layers:
                 layer.sketch.open = False
+            if self.config.estimate_lag > 0:
+                self._start_estimate(layers)
+                self._arm()
+                return False
+        elif self._pending is not None and self._steps == self._pending[2]:
+            self._finish_estimate(optimizer)
+            self._arm()
+            return True
         elif self.data_aware or self._steps % self.config.resample_interval:
             self._arm()
             return False
         resample_projections(self.model, self.config, optimizer)
         self._arm()
         return True
+
+    def _start_estimate(self, layers: list[CompactLinearMixin]) -> None:
+        from compact_dist.core.background import BackgroundEigensolve
+
+        sketched = [layer for layer in layers if layer.sketch is not None]
+        _reduce_sketches(sketched)
+        estimate = BackgroundEigensolve([layer.sketch for layer in sketched])
+        self._pending = (estimate, sketched, self._steps + self.config.estimate_lag)
+        for layer in sketched:
+            layer.sketch = None
+
+    def _finish_estimate(self, optimizer) -> None:
+        estimate, layers, _ = self._pending
+        self._pending = None
+        bases = estimate.result()
+        _share_bases(layers, bases)
+        resample_projections(self.model, self.config, optimizer,
+                             bases=dict(zip(map(id, layers), bases)))
+
+    def state_dict(self) -> dict:
+        """{'steps', 'pending'}: pending is None or {'apply_at', 'layers' (indices into
+        compact_layers), 'bases' (CPU tensors or None)}; waits for a running estimate."""
+        pending = None
+        if self._pending is not None:
+            estimate, layers, apply_at = self._pending
+            bases = estimate.result()
+            self._pending = (_Solved(bases), layers, apply_at)
+            index = {id(layer): i for i, layer in enumerate(compact_layers(self.model))}
+            pending = {"apply_at": apply_at, "layers": [index[id(layer)] for layer in layers],
+                       "bases": [None if b is None else b.detach().cpu() for b in bases]}
+        return {"steps": self._steps, "pending": pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        pending = state.get("pending")
+        if pending is not None:
+            all_layers = compact_layers(self.model)
+            layers = [all_layers[i] for i in pending["layers"]]
+            bases = [None if b is None else b.to(layer.weight.device, torch.float32)
+                     for layer, b in zip(layers, pending["bases"])]
+            self._pending = (_Solved(bases), layers, int(pending["apply_at"]))
