@@ -44,6 +44,7 @@ dp2_z1|2|110|60|1.5|mt_dp2_z1.{json,md}, mt_dp2_z1_memory_vs_time.png|DP=2 ZeRO-
 dp2_z3|2|80|70|1|mt_dp2_z3.{json,md}, mt_dp2_z3_memory_vs_time.png|DP=2 ZeRO-3 (deepspeed launcher, bf16 W0), 1.3B
 mt_1.3b_lean|1|330|120|6|mt_1.3b_lean.{json,md}, mt_1.3b_lean_memory_vs_time.png|1.3B, micro-batch 4, one GPU: Megatron-default (fused) and unfused baselines, CompAct r1/4 with and without lean activations (issue 11)
 mt_1.3b_options|1|330|150|6|mt_1.3b_options.{json,md}, mt_1.3b_options_memory_vs_time.png|1.3B, micro-batch 4, one GPU: each activation option alone (fused CE, FP8 swiglu / attention / norm, bf16 W0)
+steptime_1.3b|1|420|150|7|steptime_1.3b.{json,md}|1.3B, micro-batch 4, one GPU: step-time ratios to the baseline of r1/4, lean, bf16 W0 lean, FP8 attention, measured interleaved (step_time.py: 6 rounds of 5 steps, rotated order)
 mt_7b_lean|1|240|150|4|mt_7b_lean.{json,md}, mt_7b_lean_mb8.{json,md}|7B on one GPU without recompute: r1/8, bf16 W0, lean activations at micro-batch 4 and 8
 profile_1.3b|1|150|60|2|profile_1.3b.json|per-kernel CUDA time of forward+backward (4 layers of 1.3B): CompAct r1/4 alone and with each FP8 option, baseline
 projection_cost|1|90|30|1|projection_cost.json|P generation, projection, merge per linear role, 1.3B shapes
@@ -160,6 +161,8 @@ mt() {  # mt <time limit s> <name> <none|torchrun|deepspeed> <nproc> memory_thro
 VARS=(--variants "baseline,compact_r1/4,compact_r1/8")
 OPTS="baseline,compact_r1/4,compact_r1/4_fusedce,compact_r1/4_fp8swiglu,compact_r1/4_fp8attention"
 OPTS+=",compact_r1/4_fp8norm,compact_r1/4_bf16W0,compact_r1/4_bf16W0_lean,compact_r1/4_gaussian"
+STEPTIME="baseline,compact_r1/4,compact_r1/4_lean,compact_r1/4_bf16W0_lean"
+STEPTIME+=",compact_r1/4_fp8attention"
 INV=(--tp-invariance-steps 20 --tp-invariance-preset "$PINV"
      --tp-invariance-variants "baseline,compact_r1/4")
 INV_FP32=(--skip-throughput "${INV[@]}" --precision fp32)
@@ -230,6 +233,11 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
                     --variants baseline,compact_r1/4_lean,baseline_unfused,compact_r1/4,compact_r1/8_bf16W0_lean ;;
     mt_1.3b_options) mt "$JT" mt_1.3b_options none 1 --preset "$P13" --micro-batch 4 --no-max-mbs \
                        --warmup 3 --steps 6 --variants "$OPTS" ;;
+    steptime_1.3b)
+      OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} x $(( JT + 30 )) "$PY" "$B"/step_time.py \
+        --preset "$P13" --micro-batch 4 --variants "$STEPTIME" --rounds 6 --steps-per-round 5 \
+        --warmup 20 --time-limit-s "$JT" --out-dir "$JW" --name steptime_1.3b || rc=$?
+      keep steptime_1.3b.json steptime_1.3b.md ;;
     mt_7b_lean)
       t=$(( JT / 2 ))
       mt "$t" mt_7b_lean none 1 --preset "$P7" --micro-batch 4 --no-max-mbs --warmup 2 \

