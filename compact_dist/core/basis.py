@@ -31,6 +31,7 @@ shard), blocks [kb, b, r_b] (P's diagonal blocks of this TP rank), sums [kb, b, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -100,49 +101,151 @@ class SubspaceSketch:
         return top_eigenvectors([self])[0]
 
 
-@torch.no_grad()
-def top_eigenvectors(sketches: list[SubspaceSketch]) -> list[Optional[torch.Tensor]]:
-    """`top()` of many sketches; those of one shape are computed as one batch (a few batched
-    k x k eigendecompositions instead of a dozen small calls per layer).
+# fp64 elements per chunk of a tall [blocks, b, k] tensor (64 MiB): bounds the transient
+# memory of a group of many layers of one shape
+CHUNK_ELEMENTS = 8 * 2**20
 
-    Nystrom in fp64 with a tiny shift nu: Y = S + nu Q0, B = Q0^T Y = L L^T (Cholesky),
-    F = Y L^{-T} (C ~ Y B^{-1} Y^T = F F^T); the top eigenvectors of F F^T are
-    F W Lambda^{-1/2} with (W, Lambda) the top eigenpairs of the k x k matrix F^T F: no SVD of
-    the tall F, one k x k eigendecomposition per layer, and orthonormal to fp64 rounding times
-    the kept spectrum's condition number before the cast to fp32. When B is numerically not
-    positive definite (a rank-deficient C), F = Y B^{-1/2} from B's clamped eigenpairs instead.
-    One host sync per call (which sketches saw data) and one per shape (Cholesky status);
-    compact_dist.core.background runs it off the training stream."""
-    out: list[Optional[torch.Tensor]] = [None] * len(sketches)
+
+@dataclass
+class NystromGroup:
+    """The sketches of one shape, reduced to what the solve needs (see `nystrom_factors`).
+
+    members: indices into the sketch list; blocks: each member's block count; rank: r_b.
+    y [B, b, k] = S + nu Q0, gram_b [B, k, k] = Q0^T Y, gram_y [B, k, k] = Y^T Y (all fp64,
+    B = sum(blocks)); transform [B, k, r_b] (fp64) once solved. On the sketches' device, or
+    in pinned host memory (`host=True`: nothing of the estimate stays on the GPU while its
+    solve waits in the background)."""
+
+    members: list[int]
+    blocks: list[int]
+    rank: int
+    y: torch.Tensor
+    gram_b: torch.Tensor
+    gram_y: torch.Tensor
+    transform: Optional[torch.Tensor] = None
+
+
+def _chunks(total: int, per_item: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(1, per_item))
+    return [slice(i, min(total, i + step)) for i in range(0, total, step)]
+
+
+def _buffer(like: torch.Tensor, shape: tuple, host: bool) -> torch.Tensor:
+    if host:
+        return torch.empty(shape, dtype=torch.float64, pin_memory=True)
+    return torch.empty(shape, dtype=torch.float64, device=like.device)
+
+
+@torch.no_grad()
+def nystrom_factors(sketches: list[SubspaceSketch], host: bool = False) -> list[NystromGroup]:
+    """Step 1 of `top_eigenvectors` (on the sketches' stream, chunked): which sketches saw
+    data (one host sync), then per shape Y, Q0^T Y and Y^T Y in fp64 (the only tall products;
+    the rest is k x k). Sketches that saw nothing are in no group."""
     groups: dict[tuple, list[int]] = {}
     if not sketches:
-        return out
+        return []
     seen = torch.stack([torch.isfinite(sk.sums).all() & (sk.sums.abs().amax() > 0)
                         for sk in sketches]).tolist()
     for i, sk in enumerate(sketches):
         if seen[i]:
             key = (tuple(sk.sums.shape[1:]), sk.rank, sk.sums.device)
             groups.setdefault(key, []).append(i)
-    for members in groups.values():
-        rank = sketches[members[0]].rank
-        s = torch.cat([sketches[i].sums for i in members]).double()
-        q0 = torch.cat([sketches[i].test_basis for i in members]).double()
-        shift = 1e-10 * torch.linalg.matrix_norm(s, keepdim=True)
-        y = s + shift * q0
-        b = _symmetric(q0.transpose(1, 2) @ y)
-        chol, info = torch.linalg.cholesky_ex(b)
-        if bool((info == 0).all()):
-            f = torch.linalg.solve_triangular(chol, y.transpose(1, 2), upper=False).transpose(1, 2)
-        else:
-            evals, evecs = torch.linalg.eigh(b)
-            evals = evals.clamp_min(evals.amax(dim=-1, keepdim=True) * 1e-12)
-            f = y @ ((evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.transpose(1, 2))
-        lam, w = torch.linalg.eigh(_symmetric(f.transpose(1, 2) @ f))  # ascending
-        lam = lam[..., -rank:].flip(-1).clamp_min(lam.amax(dim=-1, keepdim=True) * 1e-24)
-        u = ((f @ w[..., -rank:].flip(-1)) * lam.rsqrt().unsqueeze(-2)).float()
-        for i, part in zip(members, u.split([sketches[i].num_blocks for i in members])):
-            out[i] = part.contiguous()
+    out = []
+    for (shape, rank, _), members in groups.items():
+        sums = torch.cat([sketches[i].sums for i in members])
+        basis = torch.cat([sketches[i].test_basis for i in members])
+        n, (b, k) = sums.shape[0], shape
+        group = NystromGroup(members, [sketches[i].num_blocks for i in members], rank,
+                             _buffer(sums, (n, b, k), host), _buffer(sums, (n, k, k), host),
+                             _buffer(sums, (n, k, k), host))
+        for part in _chunks(n, b * k):
+            s, q0 = sums[part].double(), basis[part].double()
+            y = s + 1e-10 * torch.linalg.matrix_norm(s, keepdim=True) * q0
+            group.y[part].copy_(y, non_blocking=host)
+            group.gram_b[part].copy_(_symmetric(q0.transpose(1, 2) @ y), non_blocking=host)
+            group.gram_y[part].copy_(_symmetric(y.transpose(1, 2) @ y), non_blocking=host)
+        out.append(group)
     return out
+
+
+@torch.no_grad()
+def solve_factors(groups: list[NystromGroup], device: torch.device) -> None:
+    """Step 2 (k x k only, on `device`'s current stream): per block the transform T with
+    P = Y T. B = Q0^T Y = L L^T, F = Y L^{-T} (C ~ Y B^{-1} Y^T = F F^T), F^T F =
+    L^{-1} (Y^T Y) L^{-T} = W Lambda W^T, P = F W_r Lambda_r^{-1/2}, so T = L^{-T} W_r
+    Lambda_r^{-1/2}. Where B is numerically not positive definite (a rank-deficient C),
+    B^{-1/2} from B's clamped eigenpairs replaces L^{-T}. One host sync per chunk (the
+    Cholesky status)."""
+    for group in groups:
+        n, k = group.gram_b.shape[0], group.gram_b.shape[-1]
+        host = not group.gram_b.is_cuda and device.type == "cuda"
+        transform = torch.empty((n, k, group.rank), dtype=torch.float64,
+                                pin_memory=host, device="cpu" if host else device)
+        for part in _chunks(n, k * k):
+            gram_b = group.gram_b[part].to(device, non_blocking=True)
+            gram_y = group.gram_y[part].to(device, non_blocking=True)
+            chol, info = torch.linalg.cholesky_ex(gram_b)
+            if bool((info == 0).all()):
+                eye = torch.eye(k, dtype=gram_b.dtype, device=device).expand_as(gram_b)
+                inv_t = torch.linalg.solve_triangular(chol, eye, upper=False).transpose(1, 2)
+            else:
+                evals, evecs = torch.linalg.eigh(gram_b)
+                evals = evals.clamp_min(evals.amax(dim=-1, keepdim=True) * 1e-12)
+                inv_t = (evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.transpose(1, 2)
+            m = _symmetric(inv_t.transpose(1, 2) @ gram_y @ inv_t)
+            lam, w = torch.linalg.eigh(m)  # ascending
+            lam = lam[..., -group.rank:].flip(-1)
+            lam = lam.clamp_min(lam.amax(dim=-1, keepdim=True) * 1e-24)
+            t = inv_t @ (w[..., -group.rank:].flip(-1) * lam.rsqrt().unsqueeze(-2))
+            transform[part].copy_(t, non_blocking=host)
+        group.transform = transform
+
+
+@torch.no_grad()
+def bases_from_factors(groups: list[NystromGroup], count: int,
+                       device: torch.device) -> list[Optional[torch.Tensor]]:
+    """Step 3 (on `device`'s current stream): P = Y T per block, fp32 [kb, b, r_b] per sketch
+    (None for the `count` - grouped ones that saw nothing). Y T is orthonormal up to rounding
+    amplified by the kept spectrum's condition number (1e-2 for a rank-deficient C), so it is
+    re-orthonormalised (Cholesky-QR twice: column j keeps the span of columns 1..j)."""
+    out: list[Optional[torch.Tensor]] = [None] * count
+    for group in groups:
+        n, b, _ = group.y.shape
+        bases = torch.empty((n, b, group.rank), dtype=torch.float32, device=device)
+        for part in _chunks(n, b * group.rank):
+            y = group.y[part].to(device, non_blocking=True)
+            bases[part] = _orthonormalised(y @ group.transform[part].to(device,
+                                                                        non_blocking=True))
+        for i, part in zip(group.members, bases.split(group.blocks)):
+            out[i] = part
+    return out
+
+
+@torch.no_grad()
+def top_eigenvectors(sketches: list[SubspaceSketch]) -> list[Optional[torch.Tensor]]:
+    """`top()` of many sketches; those of one shape are computed as one batch. Nystrom in
+    fp64 with a tiny shift nu (Y = S + nu Q0): `nystrom_factors`, `solve_factors`,
+    `bases_from_factors` (no SVD of a tall matrix, one k x k eigendecomposition per block;
+    orthonormal to fp64 rounding times the kept spectrum's condition number before the cast
+    to fp32). compact_dist.core.background runs the middle step off the training stream."""
+    if not sketches:
+        return []
+    device = sketches[0].sums.device
+    groups = nystrom_factors(sketches)
+    solve_factors(groups, device)
+    return bases_from_factors(groups, len(sketches), device)
+
+
+def _orthonormalised(p: torch.Tensor) -> torch.Tensor:
+    """[B, b, r] fp64 -> the same column spans (1..j for every j), orthonormal: Cholesky-QR
+    twice, or Householder QR where the Gram matrix is numerically singular (one host sync)."""
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(p.transpose(1, 2) @ p)
+        if not bool((info == 0).all()):
+            q, r = torch.linalg.qr(p)
+            return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+        p = torch.linalg.solve_triangular(chol, p.transpose(1, 2), upper=False).transpose(1, 2)
+    return p
 
 
 def _symmetric(a: torch.Tensor) -> torch.Tensor:
