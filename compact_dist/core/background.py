@@ -1,23 +1,23 @@
-"""The k x k eigen-solves of a data-aware re-estimate, off the training stream.
+"""The k x k eigen-solves of a data-aware re-estimate, off the training stream and the GPU.
 
 `compact_dist.core.basis.top_eigenvectors` turns the reduced sketches S = C Q0 into the next
 P. Its cost is latency, not FLOPs: torch loops cusolver's syevd over every matrix of a batch
 (k > 32), e.g. 48 x (640 x 640) + 384 smaller ones per estimate at 1.3B, ~1.7 s on an H200
-(the step is ~0.18 s), with host syncs for the solver status. `BackgroundEigensolve` splits it:
+(the step is ~0.18 s), with host syncs for the solver status. Run on a side CUDA stream in a
+thread, the same solves still stalled training by ~1.5 s per estimate at 1.3B (H200; most
+likely cusolver's internal synchronous copies, which order against the training stream), so
+`BackgroundEigensolve` splits the work three ways:
   1. now, on the training stream: the tall products Y = S + nu Q0, Q0^T Y, Y^T Y (chunked
      fp64 GEMMs, ms), copied to pinned host memory; the sketches are freed at once, so the
      estimate holds no GPU memory while it waits (sketches + factors at 1.3B: ~1.2 GB, which
      would otherwise sit on top of the next steps' activation peak);
-  2. in a worker thread on its own CUDA stream: the k x k Cholesky / eigen-solves, chunk by
-     chunk (64 MiB), giving T (k x r) per block, back to pinned memory;
+  2. in a worker thread, on the CPU (LAPACK; the GIL is released inside each op): the k x k
+     Cholesky / eigen-solves, giving T (k x r) per block; the GPU is not touched;
   3. at `result()`, on the training stream: P = Y T, re-orthonormalised.
 The caller decides when to collect (compact_dist.core.subspace: `estimate_lag` steps later,
 the same step on every rank), so the switch of P stays deterministic. Without CUDA all three
-run at once (nothing to overlap on CPU).
-
-The thread only computes: no collectives (those stay on the main thread, in the same order on
-every rank) and no autograd. The worker's stream waits for the training stream before reading
-the factors; the training stream waits for the worker's before using the transforms.
+run at once. The thread only computes: no collectives (those stay on the main thread, in the
+same order on every rank), no autograd, no CUDA calls beyond waiting for step 1's copies.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from compact_dist.core.basis import (SubspaceSketch, bases_from_factors, nystrom
 
 
 class BackgroundEigensolve:
-    """`top_eigenvectors(sketches)` with its k x k solves in a worker thread on a side CUDA
-    stream (steps 1-3 of the module docstring).
+    """`top_eigenvectors(sketches)` with its k x k solves in a worker thread on the CPU
+    (steps 1-3 of the module docstring).
 
     sketches: closed, already reduced over the data-parallel (and TP) groups; they are not
         needed after construction (step 1 has read them).
@@ -51,16 +51,16 @@ class BackgroundEigensolve:
             solve_factors(self._groups, self._device)
             self._bases = bases_from_factors(self._groups, self._count, self._device)
             return
-        self._stream = torch.cuda.Stream(self._device)
-        self._stream.wait_stream(torch.cuda.current_stream(self._device))
+        self._copied = torch.cuda.Event()
+        self._copied.record(torch.cuda.current_stream(self._device))
         self._thread = threading.Thread(target=self._run, name="compact-eigensolve",
                                         daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
-                solve_factors(self._groups, self._device)
+            self._copied.synchronize()  # step 1's copies into pinned memory are complete
+            solve_factors(self._groups, torch.device("cpu"))
         except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
             self._error = err
 
@@ -75,7 +75,6 @@ class BackgroundEigensolve:
             self._thread.join()
             self._thread = None
             if self._error is None:
-                torch.cuda.current_stream(self._device).wait_stream(self._stream)
                 self._bases = bases_from_factors(self._groups, self._count, self._device)
         if self._error is not None:
             raise RuntimeError("the background estimate of the projections failed") \

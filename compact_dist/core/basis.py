@@ -101,9 +101,9 @@ class SubspaceSketch:
         return top_eigenvectors([self])[0]
 
 
-# fp64 elements per chunk of a tall [blocks, b, k] tensor (64 MiB): bounds the transient
+# fp64 elements per chunk of a tall [blocks, b, k] tensor (16 MiB): bounds the transient
 # memory of a group of many layers of one shape
-CHUNK_ELEMENTS = 8 * 2**20
+CHUNK_ELEMENTS = 2 * 2**20
 
 
 @dataclass
