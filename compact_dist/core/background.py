@@ -11,8 +11,9 @@ likely cusolver's internal synchronous copies, which order against the training 
      fp64 GEMMs, ms), copied to pinned host memory; the sketches are freed at once, so the
      estimate holds no GPU memory while it waits (sketches + factors at 1.3B: ~1.2 GB, which
      would otherwise sit on top of the next steps' activation peak);
-  2. in a worker thread, on the CPU (LAPACK; the GIL is released inside each op): the k x k
-     Cholesky / eigen-solves, giving T (k x r) per block; the GPU is not touched;
+  2. in a worker thread, on a quarter of the host cores (single-threaded LAPACK calls from a
+     small thread pool; the GIL is released inside each op): the k x k Cholesky /
+     eigen-solves, giving T (k x r) per block; the GPU is not touched;
   3. at `result()`, on the training stream: P = Y T, re-orthonormalised.
 The caller decides when to collect (compact_dist.core.subspace: `estimate_lag` steps later,
 the same step on every rank), so the switch of P stays deterministic. Without CUDA all three
@@ -28,7 +29,7 @@ from typing import Optional
 import torch
 
 from compact_dist.core.basis import (SubspaceSketch, bases_from_factors, nystrom_factors,
-                                     solve_factors)
+                                     solve_factors, solver_threads)
 
 
 class BackgroundEigensolve:
@@ -39,7 +40,9 @@ class BackgroundEigensolve:
         needed after construction (step 1 has read them).
     """
 
-    def __init__(self, sketches: list[SubspaceSketch]):
+    def __init__(self, sketches: list[SubspaceSketch], threads: Optional[int] = None):
+        # a quarter of this process's cores by default: the training thread keeps the rest
+        self.threads = threads or max(1, solver_threads() // 4)
         self._count = len(sketches)
         self._bases: Optional[list[Optional[torch.Tensor]]] = None
         self._error: Optional[BaseException] = None
@@ -60,7 +63,7 @@ class BackgroundEigensolve:
     def _run(self) -> None:
         try:
             self._copied.synchronize()  # step 1's copies into pinned memory are complete
-            solve_factors(self._groups, torch.device("cpu"))
+            solve_factors(self._groups, torch.device("cpu"), self.threads)
         except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
             self._error = err
 
