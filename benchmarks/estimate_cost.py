@@ -1,22 +1,19 @@
 """What re-estimating a data-aware P costs: steps of a whole resample cycle vs quiet steps.
 
     python benchmarks/estimate_cost.py --preset 110m --preset 1.3b --interval 40 \
-        --steps 90 [--override compression.estimate_lag=0] --out estimate_cost.json
+        --steps 90 --out estimate_cost.json
 
 For each preset a model + DeepSpeed engine is built as compact-train builds them (ZeRO-1,
 bf16, projection pca with the defaults, constant learning rate, synthetic tokens) with
-`compression.resample_interval = --interval` so that estimates come every few steps (the
-default estimate_lag is then min(16, interval // 4)). Each step is timed on the host around a
-training-stream synchronisation (forward + backward + DeepSpeed step +
-SubspaceStepper.after_step).
-Reported:
-  - normal_step_ms: median of the quiet steps (no sketch, no arming, no switch of P, no
-    estimate running in the background);
+`compression.resample_interval = --interval` so that estimates come every few steps. Each
+step is timed on the host around a training-stream synchronisation (forward + backward +
+DeepSpeed step + SubspaceStepper.after_step). Reported:
+  - normal_step_ms: median of the quiet steps (no sketch, no arming, no switch of P);
   - per step: whether it sketched, armed the next sketches (`arm_ms`), switched P
-    (`resample_ms`, and `eig_ms` when the eigen-solves ran on the critical path);
+    (`resample_ms`, of which `eig_ms` in top_eigenvectors);
   - extra_ms_per_estimate: over each complete cycle (from one sketching step to the next,
     the first cycle excluded), the sum of (step - normal_step): the sketch in forward, the
-    reduction, the background solves' interference, the switch and the arming;
+    reduction, the solves, the switch and the arming;
   - amortised overhead at T = 200 and T = 50: extra_ms_per_estimate / T / normal_step.
 The host-timed steps include one synchronisation per step that training does not have, so
 absolute step times are slightly above memory_throughput.py's; the differences are what the
@@ -72,8 +69,7 @@ class _Timer:
 
 
 def sync() -> None:
-    """Wait for the training stream only: a device-wide synchronize would also wait for the
-    background eigen-solves (compact_dist.core.background), which training never does."""
+    """Wait for the training stream (as training's loss.item() does)."""
     if torch.cuda.is_available():
         torch.cuda.current_stream().synchronize()
 
@@ -123,14 +119,13 @@ def measure(preset: str, steps: int, interval: int, extra: list[str]) -> dict:
     finally:
         subspace.top_eigenvectors, subspace.resample_projections, stepper._arm = originals
 
-    lag = cfg.compression.estimate_lag
     sketching = [r["step"] for r in records if r["estimating"]]
     busy = set()
     for e in sketching:
-        busy.update(range(e - 1, e + lag + 1))  # arming, sketching, background, switch
+        busy.update(range(e - 1, e + 1))  # arming, sketching and switching
     quiet = [r["ms"] for r in records[2:] if r["step"] not in busy]
     out = {"preset": preset, "shape": s, "overrides": overrides, "interval": interval,
-           "estimate_lag": lag, "steps": records}
+           "steps": records}
     cycles = [(a, b) for a, b in zip(sketching[1:], sketching[2:])]
     if quiet and cycles:
         n_ms = statistics.median(quiet)
@@ -166,7 +161,7 @@ def main() -> None:
     for preset in args.preset or ["110m"]:
         r = measure(preset, args.steps, args.interval, args.override)
         report["presets"][preset] = r
-        keys = ("estimate_lag", "normal_step_ms", "arm_ms", "resample_ms", "eig_ms",
+        keys = ("normal_step_ms", "arm_ms", "resample_ms", "eig_ms",
                 "extra_ms_per_estimate", "amortised_T200", "amortised_T50")
         print(f"== {preset}: " + ", ".join(f"{k} {r[k]:.4g}" for k in keys if k in r),
               flush=True)

@@ -61,7 +61,7 @@ def test_pca_captures_the_dominant_subspace_and_gaussian_does_not(kind, blocks):
     gauss = build(kind, N, M, LayerCompression(**comp))
     pca = build(kind, N, M, LayerCompression(**comp))
     cfg = CompressionConfig(projection="pca", resample_interval=50, moments_on_resample="keep",
-                            estimate_lag=0, **comp)
+                            **comp)
     _train_steps(pca, cfg, [x])  # step 0 sketches X, P switches after it
     assert pca.projection_epoch == 1 and pca.basis is not None
     p = pca.projection_blocks()
@@ -89,8 +89,7 @@ def test_gradient_probe_finds_gradient_row_space_and_leaves_grads_alone():
         return (y * (x @ target.t())).mean()
 
     model = torch.nn.ModuleList([layer])
-    cfg = CompressionConfig(ratio=RATIO, projection="gradient", moments_on_resample="keep",
-                            estimate_lag=0)
+    cfg = CompressionConfig(ratio=RATIO, projection="gradient", moments_on_resample="keep")
     stepper = SubspaceStepper(model, cfg)
     assert stepper.before_step(probe)
     assert layer.subspace_factor.grad is None and layer.bias.grad is None
@@ -244,7 +243,7 @@ def _projector(blocks: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*[b @ b.t() for b in blocks.double()])
 
 
-def _estimates_agree(rank, tp, lag):
+def _estimates_agree(rank, tp):
     """DP=2 (tp=1: each rank sketches its half of the batch) or TP=2 (column-parallel with
     and without sequence parallelism, row-parallel with 8 blocks): every rank ends with
     bit-identical P where P is replicated, and P spans what a single process finds on the
@@ -275,12 +274,9 @@ def _estimates_agree(rank, tp, lag):
             x_in = x_full.chunk(tp, -1)[rank]
             p_ref = p_ref.chunk(tp, 0)[rank]
         stepper = SubspaceStepper(torch.nn.ModuleList([ours]), CompressionConfig(
-            ratio=RATIO, projection="pca", row_parallel_blocks=8, moments_on_resample="keep",
-            estimate_lag=lag))
+            ratio=RATIO, projection="pca", row_parallel_blocks=8, moments_on_resample="keep"))
         ours(x_in)
-        for _ in range(lag + 1):  # P switches after the sketching step + lag
-            assert ours.basis is None
-            stepper.after_step(0.0, 0.0)
+        stepper.after_step(0.0, 0.0)
         p = ours.projection_blocks()
         gathered = [torch.empty_like(p) for _ in range(world)]
         dist.all_gather(gathered, p)
@@ -290,12 +286,11 @@ def _estimates_agree(rank, tp, lag):
                                    msg=f"{kind} sp={sp} tp={tp}")
 
 
-@pytest.mark.parametrize("tp, lag", [(1, 0), (2, 0), (2, 1)])
-def test_pca_estimate_is_identical_across_ranks_and_matches_one_process(tp, lag):
-    """lag 1: the solves ran in the background and the bases were shared a step later."""
+@pytest.mark.parametrize("tp", [1, 2])
+def test_pca_estimate_is_identical_across_ranks_and_matches_one_process(tp):
     from distributed import run_distributed
 
-    run_distributed(_estimates_agree, 2, tp, lag, tp=tp)
+    run_distributed(_estimates_agree, 2, tp, tp=tp)
 
 
 def _saved_bases(tag_dir):
@@ -310,15 +305,12 @@ def _saved_bases(tag_dir):
 
 @pytest.mark.parametrize("stage, extra, total, resume_at", [
     (3, ["compression.resample_interval=2"], 6, 3),
-    # lag 2: sketched in step 4, switching after step 6; the checkpoint after step 5 holds the
-    # pending estimate (the stepper's state in the client state)
-    (1, ["compression.resample_interval=4", "compression.estimate_lag=2"], 8, 5),
 ])
 def test_checkpoint_restores_data_aware_p_bit_exactly_and_resume_reproduces_losses(
         tmp_path, stage, extra, total, resume_at):
     """compact-train with pca + transport, checkpoint mid-run, resumed: the next losses and
     the final P equal the uninterrupted run's (T=2: estimates in steps 1, 2, 4, 6, resumed
-    after 3; T=4 with estimate_lag 2: resumed between a sketch and its switch)."""
+    after 3)."""
     from test_train import small, train
 
     ckpt = tmp_path / "ckpt"
@@ -372,97 +364,28 @@ def test_cholesky_nystrom_equals_the_eigendecomposition_fallback(monkeypatch):
     torch.testing.assert_close(p[0].T @ p[0], torch.eye(r), atol=1e-4, rtol=0)
 
 
-def _lagged_run(lag: int, steps: int, state: dict | None = None, stop: int | None = None):
-    """A pca layer trained `steps` steps on fixed low-rank inputs (T = 8, estimate_lag `lag`);
-    returns (layer, optimizer, stepper, projection epoch after each step). With `state`
-    (a previous run's stop point) it resumes from there; with `stop` it stops after that many
-    steps."""
-    torch.manual_seed(0)
-    layer = build("row", N, M, LayerCompression(ratio=RATIO, row_parallel_blocks=4))
-    model = torch.nn.ModuleList([layer])
-    opt = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=1e-3)
-    cfg = CompressionConfig(ratio=RATIO, projection="pca", row_parallel_blocks=4,
-                            resample_interval=8, estimate_lag=lag)
-    stepper = SubspaceStepper(model, cfg)
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        stepper.load_state_dict(state["stepper"])
-        start = state["stepper"]["steps"]
-    epochs = []
-    for i in range(start, stop if stop is not None else steps):
-        x, _ = low_rank_input(32, N, 6, seed=i)
-        y, _ = layer(x)
-        opt.zero_grad()
-        y.pow(2).mean().backward()
-        opt.step()
-        stepper.after_step(1e-3, 0.0, opt)
-        epochs.append(layer.projection_epoch)
-    return layer, opt, stepper, epochs
+def test_host_solve_is_thread_count_invariant_and_matches_a_direct_eigendecomposition():
+    """The k x k solves spread over a thread pool give the same bits with 1 or 3 threads,
+    and the same subspace as an eigendecomposition of the explicit Nystrom approximation."""
+    from compact_dist.core.basis import bases_from_factors, nystrom_factors, solve_factors
 
-
-def test_estimate_lag_switches_later_to_the_same_basis():
-    """lag 3: P switches after steps 0 + 3 and 7 + 3 (T = 8), to exactly the basis a lag-0 run
-    computes from the same step-0 sketch; a lag >= T is rejected at load."""
-    sync, _, _, sync_epochs = _lagged_run(0, 1)
-    lagged, _, _, epochs = _lagged_run(3, 12)
-    assert sync_epochs == [1]
-    assert epochs == [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 2, 2]
-    lagged_first, _, _, _ = _lagged_run(3, 4)
-    assert torch.equal(lagged_first.basis, sync.basis)
-    with pytest.raises(ValueError, match="estimate_lag=8 must be smaller"):
-        CompressionConfig(projection="pca", resample_interval=8, estimate_lag=8)
-    assert CompressionConfig().estimate_lag == 16
-    assert CompressionConfig(resample_interval=20).estimate_lag == 5
-
-
-def test_stepper_state_restores_a_pending_estimate():
-    """A checkpoint taken while an estimate is pending (after 9 steps: sketched in the 8th,
-    switching after the 11th) restores it: the resumed run switches at the same step to the
-    same bits and ends equal to the uninterrupted one."""
-    full, _, _, full_epochs = _lagged_run(3, 12)
-    layer, opt, stepper, _ = _lagged_run(3, 12, stop=9)
-    state = {"model": torch.nn.ModuleList([layer]).state_dict(), "opt": opt.state_dict(),
-             "stepper": stepper.state_dict()}
-    assert state["stepper"]["pending"]["apply_at"] == 11
-    resumed, _, _, epochs = _lagged_run(3, 12, state=state)
-    assert epochs == full_epochs[9:]
-    assert torch.equal(resumed.basis, full.basis)
-    assert torch.equal(resumed.weight, full.weight)
-    # without the stepper state the pending estimate is lost: P would not switch
-    dropped, _, _, _ = _lagged_run(3, 12, stop=9)
-    plain = SubspaceStepper(torch.nn.ModuleList([dropped]), stepper.config)
-    plain.steps = 9
-    assert plain.state_dict()["pending"] is None
-
-
-def test_background_eigensolve_equals_the_direct_solve():
-    """On CPU it solves at once: the bases equal top_eigenvectors' bits. On CUDA (when
-    present) the k x k solves run on the CPU in its worker thread: the same subspaces, and
-    orthonormal, to fp64 rounding."""
-    from compact_dist.core.background import BackgroundEigensolve
-    from compact_dist.core.basis import top_eigenvectors
-
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        gen = torch.Generator().manual_seed(3)
-        sketches = []
-        for shape, rank in (((2, N, 8), 8), ((1, N, 16), 16), ((4, N // 4, 4), 4)):
-            prev = torch.linalg.qr(torch.randn(*shape, generator=gen))[0].to(device)
-            sk = SubspaceSketch(prev, "pca", seed=1, layer_id=len(sketches), epoch=0,
-                                first_block=0)
-            sk.add_input(torch.randn(200, shape[0] * shape[1], generator=gen).to(device))
-            sketches.append(sk)
-        idle = SubspaceSketch(prev, "pca", seed=1, layer_id=9, epoch=0, first_block=0)
-        direct = top_eigenvectors(sketches + [idle])
-        background = BackgroundEigensolve(sketches + [idle]).result()
-        assert background[-1] is None and direct[-1] is None
-        for a, b in zip(direct[:-1], background[:-1]):
-            if device == "cpu":
-                assert torch.equal(a, b)
-                continue
-            assert b.device == a.device
-            torch.testing.assert_close(_projector(b), _projector(a), atol=1e-5, rtol=0)
-            eye = torch.eye(b.shape[-1], device=device).expand(b.shape[0], -1, -1)
-            torch.testing.assert_close(b.transpose(1, 2) @ b, eye, atol=1e-5, rtol=0)
+    gen = torch.Generator().manual_seed(3)
+    sketches = []
+    for shape in ((2, N, 8), (1, N, 16), (4, N // 4, 4), (5, N // 4, 4)):
+        prev = torch.linalg.qr(torch.randn(*shape, generator=gen))[0]
+        sk = SubspaceSketch(prev, "pca", seed=1, layer_id=len(sketches), epoch=0,
+                            first_block=0)
+        sk.add_input(torch.randn(200, shape[0] * shape[1], generator=gen))
+        sketches.append(sk)
+    results = []
+    for threads in (1, 3):
+        groups = nystrom_factors(sketches)
+        solve_factors(groups, threads=threads)
+        results.append(bases_from_factors(groups, len(sketches), torch.device("cpu")))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    for sk, p in zip(sketches, results[0]):
+        s, q0 = sk.sums.double(), sk.test_basis.double()
+        approx = s @ torch.linalg.solve(q0.transpose(1, 2) @ s, s.transpose(1, 2))
+        top = torch.linalg.eigh(0.5 * (approx + approx.transpose(1, 2)))[1][..., -sk.rank:]
+        torch.testing.assert_close(_projector(p), _projector(top), atol=1e-6, rtol=0)

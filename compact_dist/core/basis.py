@@ -113,10 +113,9 @@ class NystromGroup:
     """The sketches of one shape, reduced to what the solve needs (see `nystrom_factors`).
 
     members: indices into the sketch list; blocks: each member's block count; rank: r_b.
-    y [B, b, k] = S + nu Q0, gram_b [B, k, k] = Q0^T Y, gram_y [B, k, k] = Y^T Y (all fp64,
-    B = sum(blocks)); transform [B, k, r_b] (fp64) once solved. On the sketches' device, or
-    in pinned host memory (`host=True`: nothing of the estimate stays on the GPU while its
-    solve waits in the background)."""
+    y [B, b, k] = S + nu Q0 (fp64, on the sketches' device; B = sum(blocks));
+    gram_b [B, k, k] = Q0^T Y and gram_y [B, k, k] = Y^T Y (fp64, in host memory, pinned
+    with CUDA); transform [B, k, r_b] (fp64, host) once solved."""
 
     members: list[int]
     blocks: list[int]
@@ -132,17 +131,12 @@ def _chunks(total: int, per_item: int) -> list[slice]:
     return [slice(i, min(total, i + step)) for i in range(0, total, step)]
 
 
-def _buffer(like: torch.Tensor, shape: tuple, host: bool) -> torch.Tensor:
-    if host:
-        return torch.empty(shape, dtype=torch.float64, pin_memory=True)
-    return torch.empty(shape, dtype=torch.float64, device=like.device)
-
-
 @torch.no_grad()
-def nystrom_factors(sketches: list[SubspaceSketch], host: bool = False) -> list[NystromGroup]:
+def nystrom_factors(sketches: list[SubspaceSketch]) -> list[NystromGroup]:
     """Step 1 of `top_eigenvectors` (on the sketches' stream, chunked): which sketches saw
     data (one host sync), then per shape Y, Q0^T Y and Y^T Y in fp64 (the only tall products;
-    the rest is k x k). Sketches that saw nothing are in no group."""
+    the rest is k x k), the latter two copied to host memory (asynchronously with CUDA: wait
+    for the stream before reading them). Sketches that saw nothing are in no group."""
     groups: dict[tuple, list[int]] = {}
     if not sketches:
         return []
@@ -153,19 +147,22 @@ def nystrom_factors(sketches: list[SubspaceSketch], host: bool = False) -> list[
             key = (tuple(sk.sums.shape[1:]), sk.rank, sk.sums.device)
             groups.setdefault(key, []).append(i)
     out = []
-    for (shape, rank, _), members in groups.items():
+    for (shape, rank, device), members in groups.items():
         sums = torch.cat([sketches[i].sums for i in members])
         basis = torch.cat([sketches[i].test_basis for i in members])
         n, (b, k) = sums.shape[0], shape
-        group = NystromGroup(members, [sketches[i].num_blocks for i in members], rank,
-                             _buffer(sums, (n, b, k), host), _buffer(sums, (n, k, k), host),
-                             _buffer(sums, (n, k, k), host))
+        cuda = device.type == "cuda"
+        group = NystromGroup(
+            members, [sketches[i].num_blocks for i in members], rank,
+            torch.empty((n, b, k), dtype=torch.float64, device=device),
+            torch.empty((n, k, k), dtype=torch.float64, pin_memory=cuda),
+            torch.empty((n, k, k), dtype=torch.float64, pin_memory=cuda))
         for part in _chunks(n, b * k):
             s, q0 = sums[part].double(), basis[part].double()
-            y = s + 1e-10 * torch.linalg.matrix_norm(s, keepdim=True) * q0
-            group.y[part].copy_(y, non_blocking=host)
-            group.gram_b[part].copy_(_symmetric(q0.transpose(1, 2) @ y), non_blocking=host)
-            group.gram_y[part].copy_(_symmetric(y.transpose(1, 2) @ y), non_blocking=host)
+            y = group.y[part]
+            torch.add(s, 1e-10 * torch.linalg.matrix_norm(s, keepdim=True) * q0, out=y)
+            group.gram_b[part].copy_(_symmetric(q0.transpose(1, 2) @ y), non_blocking=cuda)
+            group.gram_y[part].copy_(_symmetric(y.transpose(1, 2) @ y), non_blocking=cuda)
         out.append(group)
     return out
 
@@ -199,28 +196,18 @@ def _solve_chunk(gram_b: torch.Tensor, gram_y: torch.Tensor, rank: int) -> torch
 
 
 @torch.no_grad()
-def solve_factors(groups: list[NystromGroup], device: torch.device,
-                  threads: Optional[int] = None) -> None:
-    """Step 2 (k x k only): per block the transform T with P = Y T. B = Q0^T Y = L L^T,
-    F = Y L^{-T} (C ~ Y B^{-1} Y^T = F F^T), F^T F = L^{-1} (Y^T Y) L^{-T} = W Lambda W^T,
-    P = F W_r Lambda_r^{-1/2}, so T = L^{-T} W_r Lambda_r^{-1/2}. Where B is numerically not
-    positive definite (a rank-deficient C), B^{-1/2} from B's clamped eigenpairs replaces
-    L^{-T}.
-    device 'cuda': on its current stream, chunk after chunk (torch loops cusolver's syevd
-    over every matrix: ~0.9 s for the 432 matrices of a 1.3B estimate on an H200). 'cpu':
-    the matrices are spread over `threads` Python threads (default `solver_threads()`), each
-    running single-threaded LAPACK calls (torch's intra-op threads are set to 1 meanwhile, a
-    process-wide setting, restored after): 0.39 s on 16 host cores for the same matrices."""
-    if device.type == "cuda":
-        for group in groups:
-            transform = torch.empty((*group.gram_b.shape[:2], group.rank),
-                                    dtype=torch.float64, device=device)
-            k = group.gram_b.shape[-1]
-            for part in _chunks(group.gram_b.shape[0], k * k):
-                transform[part] = _solve_chunk(group.gram_b[part].to(device),
-                                               group.gram_y[part].to(device), group.rank)
-            group.transform = transform
-        return
+def solve_factors(groups: list[NystromGroup], threads: Optional[int] = None) -> None:
+    """Step 2 (k x k only, on host cores): per block the transform T with P = Y T.
+    B = Q0^T Y = L L^T, F = Y L^{-T} (C ~ Y B^{-1} Y^T = F F^T), F^T F = L^{-1} (Y^T Y)
+    L^{-T} = W Lambda W^T, P = F W_r Lambda_r^{-1/2}, so T = L^{-T} W_r Lambda_r^{-1/2}.
+    Where B is numerically not positive definite (a rank-deficient C), B^{-1/2} from B's
+    clamped eigenpairs replaces L^{-T}.
+    Why the host: the cost is latency, not FLOPs. On CUDA torch loops cusolver's syevd over
+    every matrix of a batch (k > 32): 0.87 s for the 432 eigendecompositions of a 1.3B
+    estimate on an H200, where `threads` Python threads (default `solver_threads()`) each
+    running single-threaded LAPACK calls take 0.39 s on its 16 host cores
+    (benchmarks/eigh_cost.py). torch's intra-op threads are set to 1 meanwhile (a
+    process-wide setting, restored after)."""
     tasks = []
     for group in groups:
         n = group.gram_b.shape[0]
@@ -230,18 +217,19 @@ def solve_factors(groups: list[NystromGroup], device: torch.device,
 
     def run(task) -> None:
         group, part = task
-        group.transform[part] = _solve_chunk(group.gram_b[part].cpu(), group.gram_y[part].cpu(),
+        group.transform[part] = _solve_chunk(group.gram_b[part], group.gram_y[part],
                                              group.rank)
 
     threads = threads or solver_threads()
-    if threads == 1:
+    if threads == 1 or len(tasks) <= 1:
         for task in tasks:
             run(task)
         return
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(threads, thread_name_prefix="compact-solve") as pool:
+        with ThreadPoolExecutor(min(threads, len(tasks)),
+                                thread_name_prefix="compact-solve") as pool:
             list(pool.map(run, tasks))
     finally:
         torch.set_num_threads(previous)
@@ -259,9 +247,7 @@ def bases_from_factors(groups: list[NystromGroup], count: int,
         n, b, _ = group.y.shape
         bases = torch.empty((n, b, group.rank), dtype=torch.float32, device=device)
         for part in _chunks(n, b * group.rank):
-            y = group.y[part].to(device, non_blocking=True)
-            bases[part] = _orthonormalised(y @ group.transform[part].to(device,
-                                                                        non_blocking=True))
+            bases[part] = _orthonormalised(group.y[part] @ group.transform[part].to(device))
         for i, part in zip(group.members, bases.split(group.blocks)):
             out[i] = part
     return out
@@ -273,16 +259,14 @@ def top_eigenvectors(sketches: list[SubspaceSketch]) -> list[Optional[torch.Tens
     fp64 with a tiny shift nu (Y = S + nu Q0): `nystrom_factors`, `solve_factors`,
     `bases_from_factors` (no SVD of a tall matrix, one k x k eigendecomposition per block;
     orthonormal to fp64 rounding times the kept spectrum's condition number before the cast
-    to fp32). With CUDA the factors go to pinned host memory and the k x k solves run on the
-    host's cores (`solve_factors`); compact_dist.core.background runs them in the background."""
+    to fp32); the k x k solves run on the host's cores (`solve_factors`)."""
     if not sketches:
         return []
     device = sketches[0].sums.device
-    cuda = device.type == "cuda"
-    groups = nystrom_factors(sketches, host=cuda)
-    if cuda:  # the k x k solves on host cores: less than half cusolver's latency (H200 host)
+    groups = nystrom_factors(sketches)
+    if device.type == "cuda":  # the Gram matrices' copies to host memory are done
         torch.cuda.current_stream(device).synchronize()
-    solve_factors(groups, torch.device("cpu"))
+    solve_factors(groups)
     return bases_from_factors(groups, len(sketches), device)
 
 

@@ -36,7 +36,6 @@ class LayerCompression(BaseModel):
     base_dtype: Literal["fp32", "bf16"] = "fp32"
     row_parallel_blocks: int = Field(default=8, ge=1)
     update_scale: float = Field(default=1.0, gt=0.0)
-    estimate_lag: int = Field(default=16, ge=0)
     exact_input: bool = False
 
     @model_validator(mode="after")
@@ -93,10 +92,6 @@ class CompressionConfig(BaseModel):
         paper's), 'reset' (zero moments and step count, so bias correction restarts) or
         'transport' (first moment mapped into the new basis, M <- M R with
         R = P_old^+ P_new; second moment V <- V (R o R), see compact_dist.core.moments).
-    estimate_lag: L, data-aware P only: P estimated from step t's sketches takes effect
-        after step t + L; the eigen-solves run in the background meanwhile, off the step's
-        critical path (0: right after step t, the solves block that step). Default
-        min(16, resample_interval // 4); it must be < resample_interval.
     exact_input: roles whose layer saves its exact input X for backward instead of Z = X P
         (same gradients, Z is formed in backward). Default ['proj']: linear_proj's input is
         SDPA's output, which SDPA keeps anyway as the same storage, so saving X costs nothing
@@ -123,7 +118,6 @@ class CompressionConfig(BaseModel):
     moments_on_resample: Literal["keep", "reset", "transport"] = "transport"
     projection: Projection = "pca"
     update_scale: float = Field(default=1.0, gt=0.0)
-    estimate_lag: int = Field(default=16, ge=0)
     exact_input: list[LinearRole] = Field(default_factory=lambda: ["proj"])
 
     @model_validator(mode="after")
@@ -144,12 +138,6 @@ class CompressionConfig(BaseModel):
             self.projection = "gaussian"  # unbiased needs E[P P^T] = I: a random P
         if self.projection == "gaussian" and "moments_on_resample" not in given:
             self.moments_on_resample = "keep"  # independent draws: nothing to transport
-        if "estimate_lag" not in given:
-            self.estimate_lag = min(self.estimate_lag, self.resample_interval // 4)
-        elif self.projection != "gaussian" and self.estimate_lag >= self.resample_interval:
-            raise ValueError(f"estimate_lag={self.estimate_lag} must be smaller than "
-                             f"resample_interval={self.resample_interval}: an estimate must "
-                             "take effect before the next one is sketched")
         return self
 
     @classmethod

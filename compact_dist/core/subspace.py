@@ -262,16 +262,6 @@ def resample_projections(model: torch.nn.Module, config: Optional[CompressionCon
                        for layer, (old, orthonormal) in moved])
 
 
-class _Solved:
-    """A finished estimate (restored from a checkpoint): BackgroundEigensolve's interface."""
-
-    def __init__(self, bases: list[Optional[torch.Tensor]]):
-        self._bases = bases
-
-    def result(self) -> list[Optional[torch.Tensor]]:
-        return list(self._bases)
-
-
 class SubspaceStepper:
     """Runs the merge after each optimizer step and the resample of P every T steps.
 
@@ -280,34 +270,25 @@ class SubspaceStepper:
     P), then in the last step of every `resample_interval` steps, warm-started from the
     current P. 'pca' sketches inside the training forwards of that step (nothing to call);
     'gradient' needs `before_step(probe_loss)` at the start of every step, which runs one
-    probe forward/backward when an estimate is due. After the sketching step the sketches are
-    summed over the data-parallel group at once; with `estimate_lag` L > 0 their eigen-solves
-    then run in the background (compact_dist.core.background) while training goes on, and P
-    switches after step (sketching step + L), on every rank at the same step; with L = 0 it
-    switches right after the sketching step. `moments_on_resample` applies to A's Adam state
-    at each change of P (pass the torch optimizer, or `engine.optimizer`).
-    Checkpoints: save `state_dict()` (steps, and a pending estimate's bases) with the model and
-    restore it with `load_state_dict()`, so a resumed run switches P at the same step to the
-    same bits.
+    probe forward/backward when an estimate is due. P switches right after the sketching
+    step. `moments_on_resample` applies to A's Adam state at each change of P (pass the torch
+    optimizer, or `engine.optimizer`).
     """
 
     def __init__(self, model: torch.nn.Module, config: CompressionConfig):
         self.model = model
         self.config = config
         self._steps = 0
-        # (estimate, its layers in compact_layers order, the step count after which P switches)
-        self._pending: Optional[tuple] = None
         self._arm()
 
     @property
     def steps(self) -> int:
-        """Optimizer steps taken; settable (resume: drops a pending estimate, re-arms)."""
+        """Optimizer steps taken; settable (resume), which re-arms the sketches."""
         return self._steps
 
     @steps.setter
     def steps(self, value: int) -> None:
         self._steps = int(value)
-        self._pending = None
         self._arm()
 
     @property
@@ -355,7 +336,7 @@ class SubspaceStepper:
     def after_step(
         self, lr: float, weight_decay: float, optimizer: Optional[torch.optim.Optimizer] = None
     ) -> bool:
-        """Merge; returns True when P changed after this step."""
+        """Merge; returns True when this step also resampled the projections."""
         merge_subspace_factors(self.model, lr=lr, weight_decay=weight_decay)
         estimated = self._estimating(self._steps)
         self._steps += 1
@@ -367,58 +348,9 @@ class SubspaceStepper:
                                    "stepper.before_step(probe_loss) before the micro-batches")
             for layer in layers:
                 layer.sketch.open = False
-            if self.config.estimate_lag > 0:
-                self._start_estimate(layers)
-                self._arm()
-                return False
-        elif self._pending is not None and self._steps == self._pending[2]:
-            self._finish_estimate(optimizer)
-            self._arm()
-            return True
         elif self.data_aware or self._steps % self.config.resample_interval:
             self._arm()
             return False
         resample_projections(self.model, self.config, optimizer)
         self._arm()
         return True
-
-    def _start_estimate(self, layers: list[CompactLinearMixin]) -> None:
-        from compact_dist.core.background import BackgroundEigensolve
-
-        sketched = [layer for layer in layers if layer.sketch is not None]
-        _reduce_sketches(sketched)
-        estimate = BackgroundEigensolve([layer.sketch for layer in sketched])
-        self._pending = (estimate, sketched, self._steps + self.config.estimate_lag)
-        for layer in sketched:
-            layer.sketch = None
-
-    def _finish_estimate(self, optimizer) -> None:
-        estimate, layers, _ = self._pending
-        self._pending = None
-        bases = estimate.result()
-        _share_bases(layers, bases)
-        resample_projections(self.model, self.config, optimizer,
-                             bases=dict(zip(map(id, layers), bases)))
-
-    def state_dict(self) -> dict:
-        """{'steps', 'pending'}: pending is None or {'apply_at', 'layers' (indices into
-        compact_layers), 'bases' (CPU tensors or None)}; waits for a running estimate."""
-        pending = None
-        if self._pending is not None:
-            estimate, layers, apply_at = self._pending
-            bases = estimate.result()
-            self._pending = (_Solved(bases), layers, apply_at)
-            index = {id(layer): i for i, layer in enumerate(compact_layers(self.model))}
-            pending = {"apply_at": apply_at, "layers": [index[id(layer)] for layer in layers],
-                       "bases": [None if b is None else b.detach().cpu() for b in bases]}
-        return {"steps": self._steps, "pending": pending}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps = state["steps"]
-        pending = state.get("pending")
-        if pending is not None:
-            all_layers = compact_layers(self.model)
-            layers = [all_layers[i] for i in pending["layers"]]
-            bases = [None if b is None else b.to(layer.weight.device, torch.float32)
-                     for layer, b in zip(layers, pending["bases"])]
-            self._pending = (_Solved(bases), layers, int(pending["apply_at"]))

@@ -336,10 +336,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         state = load_checkpoint(engine, cfg.checkpoint.dir)
         if state is not None:
             step = state["step"]
-            if "stepper" in state:
-                stepper.load_state_dict(state["stepper"])
-            else:  # a checkpoint from before stepper.state_dict()
-                stepper.steps = state["stepper_steps"]
+            stepper.steps = state["stepper_steps"]
             train_iter.load_state_dict(state["data"])
             log.print(f"resumed from step {step} in {cfg.checkpoint.dir}")
     if log.bar:
@@ -400,8 +397,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         if cfg.checkpoint.dir and ((interval and step % interval == 0) or stopping
                                    or step == cfg.train.train_steps):
             save_checkpoint(engine, cfg.checkpoint.dir, step, {
-                "step": step, "stepper_steps": stepper.steps, "stepper": stepper.state_dict(),
-                "data": train_iter.state_dict()},
+                "step": step, "stepper_steps": stepper.steps, "data": train_iter.state_dict()},
                 cfg.checkpoint.keep_last, run_files)
         if stopping:
             history["stopped_early"] = step < cfg.train.train_steps
