@@ -213,7 +213,8 @@ def solve_factors(groups: list[NystromGroup], threads: Optional[int] = None) -> 
         n = group.gram_b.shape[0]
         group.transform = torch.empty((n, group.gram_b.shape[-1], group.rank),
                                       dtype=torch.float64)
-        tasks += [(group, slice(i, min(n, i + 4))) for i in range(0, n, 4)]
+        per_task = max(1, 2**16 // group.gram_b.shape[-1] ** 2)  # one matrix when k >= 256
+        tasks += [(group, slice(i, min(n, i + per_task))) for i in range(0, n, per_task)]
 
     def run(task) -> None:
         group, part = task
