@@ -35,18 +35,15 @@ import torch
 if str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.memory_throughput import synthetic_batch  # noqa: E402
+from benchmarks.memory_throughput import PRESETS, synthetic_batch  # noqa: E402
 from benchmarks.projection_cost import setup  # noqa: E402
 
 SHAPES = {
     # benchmarks/convergence.py's 110m (vocabulary 16384), micro-batch 32 x seq 1024
     "110m": dict(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=2048,
                  seq_length=1024, vocab_size=16384, micro_batch_size=32),
-    # memory_throughput.py's 1.3b, micro-batch 4 x seq 2048
-    "1.3b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5504,
-                 seq_length=2048, vocab_size=32000, micro_batch_size=4),
-    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=352,
-                 seq_length=128, vocab_size=2048, micro_batch_size=2),
+    # memory_throughput.py's presets (1.3b: micro-batch 4 x seq 2048)
+    "1.3b": PRESETS["1.3b"], "tiny": PRESETS["tiny"],
 }
 
 

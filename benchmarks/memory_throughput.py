@@ -844,13 +844,14 @@ class Bench:
             write_report(Path(self.args.out_dir), self.args.name, report)
 
 
-def write_report(out: Path, name: str, report: dict) -> None:
-    """<out>/<name>.json (atomically) and <out>/<name>.md."""
+def write_report(out: Path, name: str, report: dict,
+                 render: Callable[[dict], str] = markdown_table) -> None:
+    """<out>/<name>.json (atomically) and <out>/<name>.md (`render(report)`)."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{name}.json.tmp"
     tmp.write_text(json.dumps(report, indent=1, default=str))
     os.replace(tmp, out / f"{name}.json")
-    (out / f"{name}.md").write_text(markdown_table(report))
+    (out / f"{name}.md").write_text(render(report))
 
 
 _CHILD_ENV = "COMPACT_BENCH_PART"

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
-import os
 import statistics
 import sys
 import time
@@ -149,11 +147,7 @@ def markdown(report: dict) -> str:
 
 def write(out_dir: Path, name: str, report: dict) -> None:
     """<out_dir>/<name>.json (atomically) and <out_dir>/<name>.md."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, out_dir / f"{name}.json")
-    (out_dir / f"{name}.md").write_text(markdown(report))
+    mt.write_report(out_dir, name, report, markdown)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
