@@ -232,3 +232,62 @@ def test_zero3_options_that_copy_w0_are_rejected(megatron_tp1, key, value):
     opt = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=LR)
     with pytest.raises(ValueError, match=key):
         initialize_engine(model, opt, config)
+
+
+def _local_merge_runs(rank):
+    """ZeRO-3, fp32, 2 ranks, every W0 / A row count even: the merge is partition-local for
+    every layer (no gather of A) and its W0 partitions equal, bit for bit, those of the
+    gathered merge on the same run."""
+    import logging
+
+    import compact_dist.core.subspace as subspace
+    from compact_dist import SubspaceStepper, compact_layers, optimizer_param_groups
+    from compact_dist.deepspeed.engine import deepspeed_config, initialize_engine
+    from gpt_utils import text_batch, tiny_gpt
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    shape = dict(hidden_size=48, num_attention_heads=3, ffn_hidden_size=128)
+    results, paths = [], []
+    original_align, original_local = subspace._rows_align, subspace._merge_partition_local
+    for force_gather in (False, True):
+        torch.manual_seed(0)
+        model = tiny_gpt(_compression("subspace"), **shape)
+        opt = torch.optim.AdamW(optimizer_param_groups(model, 0.01), lr=LR)
+        config = deepspeed_config(zero_stage=3, micro_batch_size=2,
+                                  gradient_accumulation_steps=1, data_parallel_size=2,
+                                  bf16=False, grad_clip=0.0)
+        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        engine = initialize_engine(model, opt, config)
+        layers = [l for l in compact_layers(engine.module) if l.subspace_factor is not None]
+        stepper = SubspaceStepper(engine.module, _compression("subspace"))
+        merged_locally = []
+
+        def spy(layer, lr, wd):
+            merged_locally.append(layer)
+            original_local(layer, lr, wd)
+
+        subspace._merge_partition_local = spy
+        if force_gather:
+            subspace._rows_align = lambda layer, world: False
+        try:
+            for step in range(2):
+                tokens, positions, labels = text_batch(batch=4, seed=step)
+                mine = slice(2 * rank, 2 * rank + 2)
+                loss = engine(tokens[mine], positions[mine], None,
+                              labels=labels[mine]).float().mean()
+                engine.backward(loss)
+                engine.step()
+                stepper.after_step(LR, 0.01, engine.optimizer)
+                _check_factors_zero(layers, 3, False)
+        finally:
+            subspace._rows_align, subspace._merge_partition_local = (original_align,
+                                                                     original_local)
+        paths.append(len(merged_locally))
+        results.append([l.weight.ds_tensor.detach().clone() for l in layers])
+    assert paths == [2 * len(layers), 0], paths
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_zero3_partition_local_merge_equals_the_gathered_merge(megatron_tp1):
+    run_distributed(_local_merge_runs, 2, tp=1)

@@ -75,18 +75,28 @@ def _zero_run(rank, stage, moments, projection, expected):
     assert all(l.projection_epoch == STEPS // 2 + (projection != "gaussian") for l in layers)
     assert subspace_step_count(engine.optimizer) == (1 if moments == "reset" else STEPS)
     assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6), (stage, losses, expected)
-    if stage == 3:  # the merge gathers every A's master in one collective, not one per layer
+    if stage == 3:
+        # every row count here is even: the merge is partition-local (no gather of A); where
+        # rows do not align it gathers every A's master in one collective, not one per layer
+        import compact_dist.core.subspace as subspace
         from compact_dist import merge_subspace_factors
 
-        calls = []
         original = torch.distributed.all_gather_into_tensor
-        torch.distributed.all_gather_into_tensor = lambda *a, **k: (calls.append(1),
-                                                                    original(*a, **k))[1]
-        try:
-            merge_subspace_factors(engine.module, lr=LR, weight_decay=WD)
-        finally:
-            torch.distributed.all_gather_into_tensor = original
-        assert len(calls) == 1 and len(layers) > 1, (len(calls), len(layers))
+        aligned = subspace._rows_align
+        counts = []
+        for force_gather in (False, True):
+            calls = []
+            torch.distributed.all_gather_into_tensor = lambda *a, **k: (calls.append(1),
+                                                                        original(*a, **k))[1]
+            if force_gather:
+                subspace._rows_align = lambda layer, world: False
+            try:
+                merge_subspace_factors(engine.module, lr=LR, weight_decay=WD)
+            finally:
+                torch.distributed.all_gather_into_tensor = original
+                subspace._rows_align = aligned
+            counts.append(len(calls))
+        assert counts == [0, 1] and len(layers) > 1, (counts, len(layers))
 
 
 @pytest.mark.parametrize("stage, moments, projection", [

@@ -77,13 +77,19 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
       identical on all data-parallel ranks) is merged without any communication; each rank's
       fp32 master fragment keeps only what the bf16 copy rounded away (zero in fp32), so
       nothing of the update is lost to rounding.
-    - ZeRO-3: A is gathered from DeepSpeed's fp32 master partitions (one all_gather over the
-      data-parallel group per 256 MiB bucket of masters, not one per layer), each rank
-      updates only its own partition of W0, and A's partitions
-      and masters are zeroed. Where DeepSpeed holds W0 whole (a persistent parameter, fewer
-      elements than stage3_param_persistence_threshold, or one a no-grad forward left
-      gathered), forward uses that copy instead of gathering: every rank merges it (the same
-      inputs on every rank: the same bits) and copies its partition out of it.
+    - ZeRO-3: each rank updates only its own partition of W0, and A's partitions and masters
+      are zeroed. Partition-local (no communication) where every rank's W0 partition covers
+      only rows of W0 whose rows of A lie in that rank's own A partition (both are flat,
+      row-major and cut into equal parts: true whenever the row count divides by the
+      data-parallel size, e.g. every layer of the 1.3B / 7B presets on 2, 4 or 8 ranks): the
+      update of W0's rows needs only the same rows of A. Otherwise A is gathered from
+      DeepSpeed's fp32 master partitions (one all_gather over the data-parallel group per
+      256 MiB bucket of masters, not one per layer). Where DeepSpeed holds W0 whole (a
+      persistent parameter, fewer elements than stage3_param_persistence_threshold, or one a
+      no-grad forward left gathered), forward uses that copy instead of gathering: A is
+      gathered, every rank merges the copy (the same inputs on every rank: the same bits)
+      and copies its partition out of it. Which layers gather is agreed over the group (one
+      all_reduce of a flag per layer). Both paths give the same bits.
     """
     from deepspeed.utils import safe_set_local_fp32_param
 
@@ -101,7 +107,10 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
             low = factor.detach().view(-1).narrow(0, address.start, address.numel)
             mapping.get_hp_fragment().sub_(low.float())
         layer.merge_subspace(lr, weight_decay)
-    for layer, master in _gathered_zero3_masters(zero3):
+    local, gathered = _split_partition_local(zero3)
+    for layer in local:
+        _merge_partition_local(layer, lr, weight_decay)
+    for layer, master in _gathered_zero3_masters(gathered):
         factor, w0 = layer.subspace_factor, layer.weight
         if not _is_zero3(w0) or _holds_full_copy(w0):
             layer.merge_subspace(lr, weight_decay, factor=master)
@@ -114,6 +123,67 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
                                  base_start=start)
         factor.ds_tensor.zero_()
         safe_set_local_fp32_param(factor, torch.zeros_like(factor.ds_tensor))
+
+
+def _row_span(param: torch.Tensor, rank: int, row_len: int, whole: bool) -> tuple[int, int]:
+    """Rows [lo, hi) of a ZeRO-3 parameter (flat, row-major, rows of `row_len`) in `rank`'s
+    partition: the rows it holds whole (whole=True) or the rows it touches."""
+    size = param.ds_tensor.ds_numel
+    start = min(rank * size, param.ds_numel)
+    end = min(start + size, param.ds_numel)
+    if whole:
+        return -(-start // row_len), end // row_len
+    return start // row_len, -(-end // row_len)
+
+
+def _rows_align(layer, world: int) -> bool:
+    """Does every rank's W0 partition touch only rows that its own A partition holds whole?"""
+    w0, factor = layer.weight, layer.subspace_factor
+    for rank in range(world):
+        lo, hi = _row_span(w0, rank, w0.ds_shape[1], whole=False)
+        if hi > lo:
+            a_lo, a_hi = _row_span(factor, rank, factor.ds_shape[1], whole=True)
+            if lo < a_lo or hi > a_hi:
+                return False
+    return True
+
+
+def _split_partition_local(layers: list) -> tuple[list, list]:
+    """(layers merged partition-locally, layers that need A gathered), the same on every rank
+    of the data-parallel group (one all_reduce of a flag per layer: a W0 held whole on any
+    rank, or rows that do not align, send the layer to the gather)."""
+    import torch.distributed as dist
+
+    if not layers:
+        return [], []
+    group = layers[0].subspace_factor.ds_process_group
+    world = dist.get_world_size(group=group)
+    need = torch.tensor([not _is_zero3(layer.weight) or _holds_full_copy(layer.weight)
+                         or not _rows_align(layer, world) for layer in layers],
+                        dtype=torch.int32, device=layers[0].subspace_factor.ds_tensor.device)
+    if world > 1:
+        dist.all_reduce(need, op=dist.ReduceOp.MAX, group=group)
+    flags = need.tolist()
+    return ([l for l, f in zip(layers, flags) if not f], [l for l, f in zip(layers, flags) if f])
+
+
+def _merge_partition_local(layer, lr: float, weight_decay: float) -> None:
+    """Merge this rank's W0 partition from this rank's fp32 master rows of A, zero A's."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+    factor, w0 = layer.subspace_factor, layer.weight
+    rank = dist.get_rank(group=factor.ds_process_group)
+    r = factor.ds_shape[1]
+    a_lo, a_hi = _row_span(factor, rank, r, whole=True)
+    master = safe_get_local_fp32_param(factor)
+    first = a_lo * r - rank * factor.ds_tensor.ds_numel
+    rows = master.narrow(0, first, max(0, a_hi - a_lo) * r).view(-1, r)
+    part, start, _ = _own_partition(w0)
+    layer.merge_subspace(lr, weight_decay, factor=rows, base_flat=part, base_start=start,
+                         factor_row0=a_lo)
+    factor.ds_tensor.zero_()
+    safe_set_local_fp32_param(factor, torch.zeros_like(factor.ds_tensor))
 
 
 # elements of fp32 masters gathered per collective in the ZeRO-3 merge (256 MiB)
