@@ -301,18 +301,15 @@ def estimate_bases(layers: list[CompactLinearMixin]) -> list[Optional[torch.Tens
 
 
 def resample_projections(model: torch.nn.Module, config: Optional[CompressionConfig] = None,
-                         optimizer=None,
-                         bases: Optional[dict[int, Optional[torch.Tensor]]] = None) -> None:
+                         optimizer=None) -> None:
     """Move every compact layer to its next P and apply `config.moments_on_resample` to A's
-    Adam state. bases: {id(layer): estimated basis or None} computed beforehand (a background
-    estimate); without it the layers' pending sketches are estimated now. A layer with an
-    estimate takes it, or keeps its P when its sketch saw no data (no training forward since
-    it was armed); any other layer takes the next seeded Gaussian P. Every rank calls
-    (collective when sketches are pending or moments move under ZeRO)."""
+    Adam state. A layer with a pending sketch takes the estimated P, or keeps its P when the
+    sketch saw no data (no training forward since it was armed); one without takes the next
+    seeded Gaussian P. Every rank calls (collective when sketches are pending or moments
+    move under ZeRO)."""
     layers = compact_layers(model)
-    if bases is None:
-        sketched = [layer for layer in layers if layer.sketch is not None]
-        bases = dict(zip(map(id, sketched), estimate_bases(sketched))) if sketched else {}
+    sketched = [layer for layer in layers if layer.sketch is not None]
+    bases = dict(zip(map(id, sketched), estimate_bases(sketched))) if sketched else {}
     moving = [layer for layer in layers
               if id(layer) not in bases or bases[id(layer)] is not None]
     policy = config.moments_on_resample if config is not None else "keep"
