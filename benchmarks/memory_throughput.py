@@ -366,7 +366,7 @@ class Bench:
                                        args.tp_invariance_seq or args.seq, args.vocab, None)
         self.cuda = torch.cuda.is_available()
         if args.sequence_parallel == "auto":
-            self.sp = args.tp > 1 and args.zero_stage < 3 and self.cuda
+            self.sp = args.tp > 1 and self.cuda
         else:
             self.sp = args.sequence_parallel == "on"
 
@@ -949,7 +949,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, help="micro-batch per GPU (default: preset's)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (DP = world/TP)")
     parser.add_argument("--sequence-parallel", choices=["auto", "on", "off"], default="auto",
-                        help="auto: on when TP > 1, ZeRO < 3 and CUDA")
+                        help="auto: on when TP > 1 and CUDA")
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=1)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--warmup", type=int, default=3)

@@ -16,13 +16,22 @@ per-round ratios.
         --variants baseline,compact_r1/4,compact_r1/4_lean --rounds 6 --steps-per-round 5 \
         --warmup 3 --out-dir benchmarks/results --name steptime_1.3b
 
-One process, one device (TP=1, DP=1): start it with python, not torchrun. All engines are
-resident together, so the variants must fit in memory at once. The shape and training options
-(--preset, --micro-batch, --seq, --vocab, --zero-stage, --precision, --warmup, --lr, --seed,
---out-dir, --name, --time-limit-s) are memory_throughput.py's. Writes <out-dir>/<name>.json
-(rewritten after every round) and <out-dir>/<name>.md. On CPU the steps are timed by
-time.perf_counter, on CUDA by CUDA events; with CUDA and pynvml (nvidia-ml-py) the SM clock,
-power and temperature are sampled at the end of every round.
+One device: start it with python. Several (tensor / data parallel): start it with torchrun,
+e.g. `torchrun --nproc-per-node 4 benchmarks/step_time.py --tp 4 ...`; every rank runs the
+same rounds in the same order, a step's time is the maximum over the ranks, rank 0 writes the
+report. All engines are resident together, so the variants must fit in memory at once. The
+shape and training options (--preset, --micro-batch, --seq, --vocab, --tp,
+--sequence-parallel, --zero-stage, --precision, --warmup, --lr, --seed, --out-dir, --name,
+--time-limit-s) are memory_throughput.py's. Writes <out-dir>/<name>.json (rewritten after
+every round) and <out-dir>/<name>.md. On CPU the steps are timed by time.perf_counter, on
+CUDA by CUDA events; with CUDA and pynvml (nvidia-ml-py) the SM clock, power and temperature
+of rank 0's GPU are sampled at the end of every round.
+
+--profile-steps N: after the rounds, torch.profiler records N more steps of each
+variant (CPU and CUDA activities, on every rank); <name>_profile.json gets, per variant and
+for rank 0, the ops by self CUDA time and by self CPU time, and the device's busy and idle
+time over those steps (profile_model.host_summary); --trace-dir D keeps rank 0's chrome
+traces as D/<name>_<variant>.json.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ METHOD = (
     "step in the same round, so drift between rounds cancels.")
 
 # memory_throughput.py options that do not apply here (one process, interleaved timing)
-_UNUSED = ("steps", "isolate", "launcher", "nproc", "tp", "sequence_parallel", "budget_gib",
+_UNUSED = ("steps", "isolate", "launcher", "nproc", "budget_gib",
            "no_max_mbs", "max_mbs_cap", "max_mbs_tries", "verify_distributed",
            "tp_invariance_steps", "tp_invariance_global_batch", "tp_invariance_lr",
            "tp_invariance_preset", "tp_invariance_seq", "tp_invariance_variants",
@@ -94,7 +103,9 @@ def gpu_sample(device: torch.device) -> Optional[dict[str, Any]]:
 def summarize(report: dict) -> None:
     """Fill each variant's medians and per-round ratios from its `step_ms_rounds`."""
     ref = report["variants"][report["config"]["reference"]]["step_ms_rounds"]
-    tokens = report["config"]["micro_batch_size"] * report["config"]["seq_length"]
+    c = report["config"]
+    tokens = c["micro_batch_size"] * c["seq_length"] * c.get("dp", 1)  # per step, all ranks
+    gpus = report.get("world_size", 1)
     for v in report["variants"].values():
         rounds = v["step_ms_rounds"]
         if not rounds:
@@ -106,32 +117,35 @@ def summarize(report: dict) -> None:
                  round_median_max_ms=max(medians), ratio_rounds=ratios,
                  ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
         v["tokens_per_s"] = tokens / (v["step_ms"] / 1e3)
+        v["tokens_per_s_per_gpu"] = v["tokens_per_s"] / gpus
 
 
 def markdown(report: dict) -> str:
     c, ver = report["config"], report["versions"]
     ref = c["reference"]
     lines = [
-        f"# {report['name']}: {report['device']} x1", "",
+        f"# {report['name']}: {report['device']} x{report.get('world_size', 1)}", "",
         f"preset {c['preset']} (L={c['num_layers']}, h={c['hidden_size']}, heads="
         f"{c['num_attention_heads']}, ffn={c['ffn_hidden_size']}), seq {c['seq_length']}, vocab "
-        f"{c['vocab_size']}, micro-batch {c['micro_batch_size']}, ZeRO {c['zero_stage']}, "
+        f"{c['vocab_size']}, micro-batch {c['micro_batch_size']}, TP {c.get('tp', 1)} (SP "
+        f"{c.get('sequence_parallel', False)}), DP {c.get('dp', 1)}, ZeRO {c['zero_stage']}, "
         f"{c['precision']}; torch {ver['torch']}, megatron-core {ver['megatron_core']}, "
         f"deepspeed {ver['deepspeed']}; {report['date']}", "",
         METHOD.format(warmup=c["warmup"], rounds=len(report["rounds"]),
                       turn_warmup=c["turn_warmup"], steps=c["steps_per_round"]), "",
         f"| variant | step ms (median) | round medians ms (min-max) | vs {ref} (median of rounds)"
-        " | per-round ratio min-max | tokens/s |",
-        "|---|---|---|---|---|---|",
+        " | per-round ratio min-max | tokens/s | tokens/s per GPU |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, v in report["variants"].items():
         if "step_ms" not in v:
-            lines.append(f"| {name} | - | - | - | - | - |")
+            lines.append(f"| {name} | - | - | - | - | - | - |")
             continue
         lines.append(
             f"| {name} | {v['step_ms']:.1f} | {v['round_median_min_ms']:.1f}-"
             f"{v['round_median_max_ms']:.1f} | {v['ratio']:.3f} | {v['ratio_min']:.3f}-"
-            f"{v['ratio_max']:.3f} | {v['tokens_per_s']:,.0f} |")
+            f"{v['ratio_max']:.3f} | {v['tokens_per_s']:,.0f} | "
+            f"{v.get('tokens_per_s_per_gpu', v['tokens_per_s']):,.0f} |")
     gpu = [r.get("gpu") or {} for r in report["rounds"]]
     if any("sm_clock_MHz" in g for g in gpu):
         lines += ["", "GPU at the end of each round:", "",
@@ -169,6 +183,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     own.add_argument("--steps-per-round", type=int, default=5)
     own.add_argument("--turn-warmup", type=int, default=1,
                      help="untimed steps at the start of each variant's turn (see run())")
+    own.add_argument("--profile-steps", type=int, default=0,
+                     help="profile this many steps of each variant after the rounds")
+    own.add_argument("--trace-dir", default=None, help="keep rank 0's chrome traces here")
+    own.add_argument("--profile-top", type=int, default=25)
     mine, rest = own.parse_known_args(argv)
     args = mt.parse_args(rest + ["--variants", mine.variants])
     defaults = mt.parse_args([])
@@ -176,7 +194,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if unused:
         raise ValueError(
             "step_time.py does not take " + ", ".join("--" + k.replace("_", "-") for k in unused)
-            + ": it runs one process (TP=1, DP=1) and times --rounds x --steps-per-round steps")
+            + ": start it with torchrun for several processes; it times --rounds x "
+              "--steps-per-round steps")
     names = [n for n in mine.variants.split(",") if n]
     unknown = [n for n in names if n not in mt.VARIANTS]
     if unknown:
@@ -189,17 +208,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if mine.rounds < 1 or mine.steps_per_round < 1 or min(args.warmup, mine.turn_warmup) < 0:
         raise ValueError("--rounds and --steps-per-round must be >= 1, --warmup and "
                          "--turn-warmup >= 0")
+    if mine.profile_steps < 0:
+        raise ValueError("--profile-steps must be >= 0")
     from compact_dist.training.train_config import world_from_environment
 
     world = world_from_environment()[2]
-    if world > 1:
-        raise ValueError(f"step_time.py runs in one process, but the environment says world "
-                         f"size {world}: start it with python, not torchrun or a launcher")
+    if world % args.tp:
+        raise ValueError(f"--tp {args.tp} does not divide the world size {world}")
     if "--name" not in rest and not any(a.startswith("--name=") for a in rest):
         args.name = f"steptime_{args.preset}"
     args.names, args.reference = names, reference
     args.rounds, args.steps_per_round = mine.rounds, mine.steps_per_round
     args.turn_warmup = mine.turn_warmup
+    args.profile_steps, args.trace_dir = mine.profile_steps, mine.trace_dir
+    args.profile_top = mine.profile_top
     args.command = " ".join([sys.executable, str(Path(__file__).resolve()), *argv])
     return args
 
@@ -220,6 +242,80 @@ def _fitting(what: str, resident: dict, fn: Callable[..., Any], *args, **kwargs)
                      f"fit in memory together: drop variants or lower --micro-batch.")
 
 
+def slowest_rank(bench: "mt.Bench", times: list[float]) -> list[float]:
+    """Each step's time, the maximum over the ranks (collective; as is with one process)."""
+    if bench.world == 1:
+        return times
+    t = torch.tensor(times, dtype=torch.float64, device=bench.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+def profile_steps(bench: "mt.Bench", state: dict, batch: dict, args: argparse.Namespace,
+                  name: str) -> dict:
+    """torch.profiler over args.profile_steps train steps of one variant (every rank records;
+    rank 0's result is returned): ops by self CUDA and self CPU time per step, and the
+    device's busy / idle time (profile_model.host_summary of the chrome trace)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from profile_model import host_summary
+
+    n, top = args.profile_steps, args.profile_top
+    bench.timed_steps(state, batch, args.turn_warmup)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
+    with profile(activities=activities) as prof:
+        ms = bench.timed_steps(state, batch, n)
+    if bench.rank != 0:
+        return {}
+    trace_dir = Path(args.trace_dir) if args.trace_dir else Path(tempfile.mkdtemp())
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    trace = trace_dir / f"{args.name}_{name.replace('/', '-')}.json"
+    prof.export_chrome_trace(str(trace))
+    host = host_summary(trace, 12)
+    if not args.trace_dir:
+        trace.unlink()
+    events = list(prof.key_averages())
+
+    def table(key: str) -> list[dict]:
+        rows = sorted(events, key=lambda e: -getattr(e, key))[:top]
+        return [{"name": e.key[:120], "calls_per_step": e.count / n,
+                 "self_cuda_ms_per_step": e.self_device_time_total / 1e3 / n,
+                 "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / n} for e in rows]
+
+    return {"step_ms": ms, "host_per_step": {
+                k: (v / n if k.endswith("_ms") else v) for k, v in host.items()},
+            "self_cuda_ms_per_step": sum(e.self_device_time_total for e in events) / 1e3 / n,
+            "self_cpu_ms_per_step": sum(e.self_cpu_time_total for e in events) / 1e3 / n,
+            "by_cuda": table("self_device_time_total"), "by_cpu": table("self_cpu_time_total")}
+
+
+def profile_markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [f"# {report['name']}: {report['device']} x{report['world_size']}", "",
+             f"preset {c['preset']}, micro-batch {c['micro_batch_size']}, TP {c['tp']} (SP "
+             f"{c['sequence_parallel']}), DP {c['dp']}, ZeRO {c['zero_stage']}; torch.profiler "
+             f"over {report['steps']} step(s) per variant after the timed rounds, rank 0; "
+             "times per step.", "",
+             "| variant | step ms (profiled) | device busy ms | device idle ms | self CUDA ms |"
+             " self CPU ms |", "|---|---|---|---|---|---|"]
+    for name, v in report["variants"].items():
+        h = v["host_per_step"]
+        lines.append(f"| {name} | {statistics.median(v['step_ms']):.1f} | "
+                     f"{h.get('device_busy_ms', 0):.1f} | {h.get('device_idle_ms', 0):.1f} | "
+                     f"{v['self_cuda_ms_per_step']:.1f} | {v['self_cpu_ms_per_step']:.1f} |")
+    for name, v in report["variants"].items():
+        for key, title in (("by_cuda", "self CUDA"), ("by_cpu", "self CPU")):
+            lines += ["", f"## {name}: ops by {title} time", "",
+                      "| op | calls/step | self CUDA ms/step | self CPU ms/step |",
+                      "|---|---|---|---|"]
+            lines += [f"| {r['name'][:90]} | {r['calls_per_step']:.0f} | "
+                      f"{r['self_cuda_ms_per_step']:.2f} | {r['self_cpu_ms_per_step']:.2f} |"
+                      for r in v[key]]
+    return "\n".join(lines + [""])
+
+
 def run(args: argparse.Namespace) -> dict:
     """Build every variant, warm them up, time the interleaved rounds; returns the report.
 
@@ -235,7 +331,9 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(bench.device) if bench.cuda else "cpu",
         "versions": mt._versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": args.command,
-        "config": {"preset": args.preset, **shape, "zero_stage": args.zero_stage,
+        "world_size": bench.world,
+        "config": {"preset": args.preset, **shape, "tp": bench.tp, "dp": bench.dp,
+                   "sequence_parallel": bench.sp, "zero_stage": args.zero_stage,
                    "precision": "bf16" if bench.bf16 else "fp32", "warmup": args.warmup,
                    "rounds": args.rounds, "steps_per_round": args.steps_per_round,
                    "turn_warmup": args.turn_warmup,
@@ -258,24 +356,39 @@ def run(args: argparse.Namespace) -> dict:
                 f"warming up {name}", states, bench.timed_steps, states[name], batch, args.warmup)
         longest = 0.0
         for i, order in enumerate(round_orders(args.names, args.rounds)):
-            if i and not mt.should_start(bench.elapsed(), args.time_limit_s, 1.1 * longest):
+            if i and not bench.agree(mt.should_start(bench.elapsed(), args.time_limit_s,
+                                                     1.1 * longest)):
                 break
             start = time.perf_counter()
             for name in order:
                 bench.timed_steps(states[name], batch, args.turn_warmup)
-                report["variants"][name]["step_ms_rounds"].append(
-                    bench.timed_steps(states[name], batch, args.steps_per_round))
+                report["variants"][name]["step_ms_rounds"].append(slowest_rank(
+                    bench, bench.timed_steps(states[name], batch, args.steps_per_round)))
             longest = max(longest, time.perf_counter() - start)
             report["rounds"].append({"order": order, "wall_s": time.perf_counter() - start,
-                                     "gpu": gpu_sample(bench.device)})
+                                     "gpu": gpu_sample(bench.device) if bench.rank == 0
+                                     else None})
             summarize(report)
             bench.log(f"round {i}: " + ", ".join(
                 f"{n} {v['round_median_ms'][-1]:.1f} ms ({v['ratio_rounds'][-1]:.3f})"
                 for n, v in report["variants"].items()))
-            write(out, args.name, report)
+            if bench.rank == 0:
+                write(out, args.name, report)
         report["complete"] = len(report["rounds"]) == args.rounds
+        if args.profile_steps:
+            profiles = {}
+            for name in args.names:
+                bench.log(f"profiling {name}: {args.profile_steps} step(s)")
+                profiles[name] = profile_steps(bench, states[name], batch, args, name)
+            if bench.rank == 0:
+                mt.write_report(out, f"{args.name}_profile",
+                                {"name": f"{args.name}_profile", "device": report["device"],
+                                 "world_size": bench.world, "config": report["config"],
+                                 "steps": args.profile_steps, "variants": profiles},
+                                profile_markdown)
         report["elapsed_s"] = bench.elapsed()
-        write(out, args.name, report)
+        if bench.rank == 0:
+            write(out, args.name, report)
     finally:
         for state in states.values():
             bench.release(state)

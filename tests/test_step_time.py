@@ -131,7 +131,9 @@ def nothing_built(monkeypatch):
      r"reference 'baseline' is not in --variants"),
     (["--variants", "baseline,baseline"], "each variant once"),
     (["--variants", "baseline", "--steps", "9"], "does not take --steps"),
-    (["--variants", "baseline", "--tp", "2"], "does not take --tp"),
+    (["--variants", "baseline", "--launcher", "torchrun"], "does not take --launcher"),
+    (["--variants", "baseline", "--tp", "2"], r"--tp 2 does not divide the world size 1"),
+    (["--variants", "baseline", "--profile-steps", "-1"], "--profile-steps"),
     (["--variants", "baseline", "--rounds", "0"], "--rounds"),
 ])
 def test_bad_input_fails_before_anything_is_built(nothing_built, argv, match):
@@ -139,11 +141,41 @@ def test_bad_input_fails_before_anything_is_built(nothing_built, argv, match):
         st.main(["--preset", "tiny", *argv])
 
 
-def test_a_world_over_one_is_refused(nothing_built, monkeypatch):
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="runs in one process.*world size 2"):
-        st.main(["--preset", "tiny", "--variants", "baseline"])
+def _main_tp2(rank, argv, probe):
+    """step_time.main at TP=2 (2 gloo processes); rank 1's steps report 1000 ms more, which
+    the report must show (a step's time is the slowest rank's)."""
+    real = mt.Bench.timed_steps
+
+    def timed_steps(self, state, batch, n):
+        return [t + 1000.0 * rank for t in real(self, state, batch, n)]
+
+    mt.Bench.timed_steps = timed_steps
+    st.main(argv)
+    Path(probe).write_text(json.dumps({"rank": rank}))
+
+
+def test_tensor_parallel_rounds_take_the_slowest_rank_and_profile(tmp_path):
+    run_distributed_raw(_main_tp2, 2, [*TINY, "--out-dir", str(tmp_path), "--tp", "2",
+                                       "--profile-steps", "1"], str(tmp_path / "probe.json"))
+    r = json.loads((tmp_path / "st.json").read_text())
+    assert r["world_size"] == 2 and (r["config"]["tp"], r["config"]["dp"]) == (2, 1)
+    assert r["complete"] and len(r["rounds"]) == 2
+    for v in r["variants"].values():
+        assert all(t >= 1000.0 for x in v["step_ms_rounds"] for t in x)
+        tokens = mt.PRESETS["tiny"]["micro_batch_size"] * mt.PRESETS["tiny"]["seq_length"]
+        assert v["tokens_per_s_per_gpu"] == pytest.approx(tokens / v["step_ms"] * 1e3 / 2)
+    assert "TP 2 (SP False), DP 1" in (tmp_path / "st.md").read_text()
+    prof = json.loads((tmp_path / "st_profile.json").read_text())
+    assert list(prof["variants"]) == ["baseline", "compact_r1/4"] and prof["steps"] == 1
+    for name, v in prof["variants"].items():
+        ops = {x["name"] for x in v["by_cpu"]}
+        assert v["self_cpu_ms_per_step"] > 0 and len(v["by_cpu"]) <= 25, name
+        assert any(op.startswith("aten::") for op in ops), ops
+    # the compact layers' autograd function runs only in the compact variant
+    fn = "CompressedLinearFunction"
+    cpu_ops = {n: " ".join(x["name"] for x in v["by_cpu"]) for n, v in prof["variants"].items()}
+    assert fn not in cpu_ops["baseline"]
+    assert "| compact_r1/4 |" in (tmp_path / "st_profile.md").read_text()
 
 
 def test_the_command_line_prints_one_error_line():
@@ -159,6 +191,7 @@ def test_out_of_memory_while_building_names_the_variant_and_releases(monkeypatch
     def init(self):
         self.device, self.cuda, self.bf16, self.rank, self.world, self.dp_rank = (
             torch.device("cpu"), False, False, 0, 1, 0)
+        self.tp, self.dp, self.sp = 1, 1, False
 
     def build(self, cfg, **kwargs):
         if built:
