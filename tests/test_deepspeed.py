@@ -267,6 +267,12 @@ def _local_merge_runs(rank):
             original_local(layer, lr, wd)
 
         subspace._merge_partition_local = spy
+        # DeepSpeed's fp32 accessors synchronize the host on every call: the merge reads
+        # and zeroes the masters in place instead (both paths)
+        z3, accessor_calls = engine.optimizer, []
+        accessor = z3._get_fp32_opt_state_partition
+        z3._get_fp32_opt_state_partition = lambda *a, **k: (accessor_calls.append(1),
+                                                             accessor(*a, **k))[1]
         if force_gather:
             subspace._rows_align = lambda layer, world: False
         try:
@@ -277,7 +283,9 @@ def _local_merge_runs(rank):
                               labels=labels[mine]).float().mean()
                 engine.backward(loss)
                 engine.step()
+                before = len(accessor_calls)
                 stepper.after_step(LR, 0.01, engine.optimizer)
+                assert len(accessor_calls) == before, "the merge used DeepSpeed's accessor"
                 _check_factors_zero(layers, 3, False)
         finally:
             subspace._rows_align, subspace._merge_partition_local = (original_align,

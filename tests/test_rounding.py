@@ -48,3 +48,24 @@ def test_bad_arguments():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_path_is_used_on_cuda():
     assert triton_available(torch.zeros(1, device="cuda"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_bases_in_one_call_give_the_bits_of_one_call_each(device):
+    from compact_dist.core.rounding import merge_into_bf16_many_
+
+    gen = torch.Generator().manual_seed(1)
+    bases = [torch.randn(5000, generator=gen).to(torch.bfloat16).to(device) for _ in range(3)]
+    deltas = (torch.randn(3, 5000, generator=gen) * 3e-3).to(torch.bfloat16).to(device)
+    seeds = [11, 2**62 + 5, 7]
+    singles = [b.clone() for b in bases]
+    for base, delta, seed in zip(singles, deltas, seeds):
+        merge_into_bf16_(base, delta, 0.5, 1 - 1e-3, seed)
+    merge_into_bf16_many_(bases, deltas, 0.5, 1 - 1e-3, seeds)
+    for got, want in zip(bases, singles):
+        assert torch.equal(got, want)
+    assert not torch.equal(bases[0], bases[2])  # different seeds, different draws
+    with pytest.raises(ValueError, match="seed per base"):
+        merge_into_bf16_many_(bases, deltas, 0.5, 1.0, seeds[:2])
+    with pytest.raises(ValueError, match="one length"):
+        merge_into_bf16_many_(bases, deltas[:, :10], 0.5, 1.0, seeds)

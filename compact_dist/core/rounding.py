@@ -9,7 +9,9 @@ same seed stay bit-identical.
 Two implementations of the same rule:
 - torch (any device): fp32 temporaries and a torch.Generator stream (`stochastic_round_to_bf16`);
 - Triton (CUDA): one fused pass that reads W0 and delta and writes W0 (6 bytes per element
-  with a bf16 delta, against ~70 for the torch chain), Philox noise from (seed, index).
+  with a bf16 delta, against ~70 for the torch chain), Philox noise from (seed, index);
+  `merge_into_bf16_many_` runs it over many W0s of one size in one launch (a table of
+  their addresses and seeds), with the same bits as one launch each.
 The two draw different noise (both unbiased); a run uses one of them throughout (the Triton one
 whenever W0 is on a CUDA device and triton imports; COMPACT_SR_TRITON=0 forces torch).
 Shapes: base [numel] (a flat bf16 view or slice of W0), delta [numel] (any float dtype).
@@ -59,6 +61,54 @@ if triton is not None:
         tl.store(base_ptr + offs, rounded.to(tl.bfloat16), mask=mask)
 
 
+    @triton.jit
+    def _merge_sr_many_kernel(table_ptr, delta_ptr, n, scale, decay, BLOCK: tl.constexpr):
+        # the same per-element rule as _merge_sr_kernel for layer program_id(1), whose W0
+        # address and 32-bit seed are row program_id(1) of the int64 table [L, 2]
+        pid = tl.program_id(0)
+        layer = tl.program_id(1).to(tl.int64)
+        base_ptr = tl.load(table_ptr + 2 * layer).to(tl.pointer_type(tl.bfloat16))
+        seed = tl.load(table_ptr + 2 * layer + 1).to(tl.int32)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(delta_ptr + layer * n + offs, mask=mask, other=0.0).to(tl.float32)
+        v = w * decay + scale * d
+        noise = tl.randint(seed, offs) & 0xFFFF
+        bits = v.to(tl.int32, bitcast=True) + noise.to(tl.int32)
+        rounded = (bits & -65536).to(tl.float32, bitcast=True)
+        tl.store(base_ptr + offs, rounded.to(tl.bfloat16), mask=mask)
+
+
+def _seed32(seed: int) -> int:
+    """Philox takes a 32-bit seed in tl.randint: fold the 63-bit stream id."""
+    return (seed ^ (seed >> 32)) & 0x7FFFFFFF
+
+
+def merge_into_bf16_many_(bases: list[torch.Tensor], deltas: torch.Tensor, scale: float,
+                          decay: float, seeds: list[int]) -> None:
+    """merge_into_bf16_(bases[i], deltas[i], scale, decay, seeds[i]) for every i, the same
+    bits; with Triton one kernel for all (bases: 1-D bf16 tensors of one length n, deltas
+    [len(bases), n])."""
+    n = deltas.shape[1] if deltas.dim() == 2 else -1
+    if (deltas.shape[0] != len(bases) or len(seeds) != len(bases)
+            or any(b.dtype != torch.bfloat16 or b.shape != (n,) for b in bases)):
+        raise ValueError("merge_into_bf16_many_ needs 1-D bf16 bases of one length n, deltas "
+                         "[len(bases), n] and a seed per base")
+    if not bases or not n:
+        return
+    if not (triton_available(bases[0]) and all(b.is_contiguous() for b in bases)):
+        for base, delta, seed in zip(bases, deltas, seeds):
+            merge_into_bf16_(base, delta, scale, decay, seed)
+        return
+    table = torch.tensor([[b.data_ptr(), _seed32(s)] for b, s in zip(bases, seeds)],
+                         dtype=torch.int64).to(bases[0].device, non_blocking=True)
+    block = 4096
+    grid = (triton.cdiv(n, block), len(bases))
+    _merge_sr_many_kernel[grid](table, deltas.contiguous(), n, float(scale), float(decay),
+                                BLOCK=block)
+
+
 def merge_into_bf16_(base: torch.Tensor, delta: torch.Tensor, scale: float, decay: float,
                      seed: int, generator_device: torch.device | None = None) -> None:
     """base (bf16, contiguous 1-D) <- SR(base * decay + scale * delta); see the module doc."""
@@ -70,10 +120,8 @@ def merge_into_bf16_(base: torch.Tensor, delta: torch.Tensor, scale: float, deca
         delta = delta.contiguous()
         block = 4096
         grid = (triton.cdiv(base.numel(), block),)
-        # Philox takes a 32-bit seed in tl.randint; fold the 63-bit stream id
-        seed32 = (seed ^ (seed >> 32)) & 0x7FFFFFFF
-        _merge_sr_kernel[grid](base, delta, base.numel(), float(scale), float(decay), seed32,
-                               BLOCK=block)
+        _merge_sr_kernel[grid](base, delta, base.numel(), float(scale), float(decay),
+                               _seed32(seed), BLOCK=block)
         return
     merged = base.float()
     if decay != 1.0:

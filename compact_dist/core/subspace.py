@@ -15,6 +15,7 @@ import torch
 
 from compact_dist.core.basis import top_eigenvectors, transport_map
 from compact_dist.core.config import ALL_ROLES, CompressionConfig
+from compact_dist.core.grouped_merge import merge_layers
 from compact_dist.core.layers import CompactLinearMixin
 from compact_dist.core.moments import SUBSPACE_GROUP_KEY, reset_moments, transport_moments
 
@@ -91,22 +92,13 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
       and copies its partition out of it. Which layers gather is agreed over the group (one
       all_reduce of a flag per layer). Both paths give the same bits.
     """
-    from deepspeed.utils import safe_set_local_fp32_param
-
-    zero3 = []
-    for layer in compact_layers(model):
-        factor = layer.subspace_factor
-        if factor is None:
-            continue
-        if _is_zero3(factor):
-            zero3.append(layer)
-            continue
-        mapping = getattr(factor, "_hp_mapping", None)
-        if mapping is not None:  # this rank's fp32 master fragment of A
-            address = mapping.lp_fragment_address
-            low = factor.detach().view(-1).narrow(0, address.start, address.numel)
-            mapping.get_hp_fragment().sub_(low.float())
-        layer.merge_subspace(lr, weight_decay)
+    layers = [layer for layer in compact_layers(model) if layer.subspace_factor is not None]
+    zero3 = [layer for layer in layers if _is_zero3(layer.subspace_factor)]
+    merge_layers([layer for layer in layers if not _is_zero3(layer.subspace_factor)],
+                 lr, weight_decay)
+    if not zero3:
+        return
+    _wait_for_zero3_reduce(zero3[0].subspace_factor)
     local, gathered = _split_partition_local(zero3)
     for layer in local:
         _merge_partition_local(layer, lr, weight_decay)
@@ -122,7 +114,41 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
             layer.merge_subspace(lr, weight_decay, factor=master, base_flat=part,
                                  base_start=start)
         factor.ds_tensor.zero_()
-        safe_set_local_fp32_param(factor, torch.zeros_like(factor.ds_tensor))
+        _zero_master(factor)
+
+
+def _wait_for_zero3_reduce(param: torch.Tensor) -> None:
+    """Order the merge after DeepSpeed's gradient reduce stream (what its fp32 accessors wait
+    for with a host synchronize on every call) without blocking the host."""
+    stream = getattr(param._z3_optimizer, "reduce_and_partition_stream", None)
+    if isinstance(stream, torch.cuda.Stream) and stream != torch.cuda.current_stream():
+        torch.cuda.current_stream().wait_stream(stream)
+
+
+def _local_master(param: torch.Tensor) -> torch.Tensor:
+    """This rank's fp32 master partition of a ZeRO-3 parameter [ds_tensor.ds_numel]: a view
+    into DeepSpeed's flat fp32 group, read and written in place. DeepSpeed's own accessor
+    (safe_get_local_fp32_param) synchronizes its reduce stream, i.e. the host, on every call
+    (once per layer); _wait_for_zero3_reduce orders the merge once instead. Masters that are
+    offloaded or swapped go through the accessor (a copy; _zero_master writes it back)."""
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    opt = param._z3_optimizer
+    if getattr(opt, "offload_optimizer", True) or getattr(opt, "swap_optimizer", True):
+        return safe_get_local_fp32_param(param)
+    group, offset, numel = opt.grad_position[opt.get_param_id(param)]
+    return opt.fp32_partitioned_groups_flat[group].narrow(0, offset, numel)
+
+
+def _zero_master(param: torch.Tensor) -> None:
+    """Zero this rank's fp32 master partition of a ZeRO-3 parameter."""
+    from deepspeed.utils import safe_set_local_fp32_param
+
+    opt = param._z3_optimizer
+    if getattr(opt, "offload_optimizer", True) or getattr(opt, "swap_optimizer", True):
+        safe_set_local_fp32_param(param, torch.zeros_like(param.ds_tensor))
+    else:
+        _local_master(param).zero_()
 
 
 def _row_span(param: torch.Tensor, rank: int, row_len: int, whole: bool) -> tuple[int, int]:
@@ -170,20 +196,19 @@ def _split_partition_local(layers: list) -> tuple[list, list]:
 def _merge_partition_local(layer, lr: float, weight_decay: float) -> None:
     """Merge this rank's W0 partition from this rank's fp32 master rows of A, zero A's."""
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
     factor, w0 = layer.subspace_factor, layer.weight
     rank = dist.get_rank(group=factor.ds_process_group)
     r = factor.ds_shape[1]
     a_lo, a_hi = _row_span(factor, rank, r, whole=True)
-    master = safe_get_local_fp32_param(factor)
+    master = _local_master(factor)
     first = a_lo * r - rank * factor.ds_tensor.ds_numel
     rows = master.narrow(0, first, max(0, a_hi - a_lo) * r).view(-1, r)
     part, start, _ = _own_partition(w0)
     layer.merge_subspace(lr, weight_decay, factor=rows, base_flat=part, base_start=start,
                          factor_row0=a_lo)
     factor.ds_tensor.zero_()
-    safe_set_local_fp32_param(factor, torch.zeros_like(factor.ds_tensor))
+    _zero_master(factor)
 
 
 # elements of fp32 masters gathered per collective in the ZeRO-3 merge (256 MiB)
@@ -196,7 +221,6 @@ def _gathered_zero3_masters(layers: list, bucket: int = ZERO3_MERGE_BUCKET):
     data-parallel group per bucket instead of one per layer (DeepSpeed's
     safe_get_full_fp32_param). Every rank calls with the same layers in the same order."""
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_local_fp32_param
 
     start = 0
     while start < len(layers):
@@ -208,7 +232,7 @@ def _gathered_zero3_masters(layers: list, bucket: int = ZERO3_MERGE_BUCKET):
             size += layers[stop].subspace_factor.ds_tensor.ds_numel * world
             stop += 1
         chunk = layers[start:stop]
-        local = [safe_get_local_fp32_param(layer.subspace_factor).reshape(-1) for layer in chunk]
+        local = [_local_master(layer.subspace_factor).reshape(-1) for layer in chunk]
         sizes = [t.numel() for t in local]
         gathered = torch.empty(world, sum(sizes), dtype=local[0].dtype, device=local[0].device)
         dist.all_gather_into_tensor(gathered.view(-1), torch.cat(local), group=group)

@@ -1,0 +1,112 @@
+"""The subspace merge of many layers at once: W0 <- W0 (1 - lr wd) + s A P^T, A <- 0.
+
+CompactLinearMixin.merge_subspace merges one layer with about seven small kernels and some
+Python; after every optimizer step that is repeated for every compact layer (96 in a 24-layer
+GPT), which costs host time that a host-bound step (TP >= 2, small models) pays in full. Here
+layers whose tensors have the same shapes, dtypes, device and merge scale (the same role in
+every transformer layer) are merged together, a chunk at a time:
+
+    A [L, m, r] = stack of the module A's        (module dtype, bf16 on GPUs)
+    P [L, kb, n/kb, r/kb] = stack of P's blocks  (A's dtype)
+    delta [L, m, n] = A P^T                      (one bmm, fp32 accumulation)
+    fp32 W0: _foreach_mul_(decay), _foreach_add_(delta, alpha=s)
+    bf16 W0: one stochastic-rounding kernel over all L (compact_dist.core.rounding)
+    A: _foreach_zero_
+
+a constant number of kernels per chunk. The math, the operand dtypes and the stochastic
+rounding streams (seed, layer id, merge count, TP rank, element) are those of
+merge_subspace, so a layer ends in the same state either way (up to the summation order of
+the GEMM). Chunks keep delta under MERGE_CHUNK_BYTES (at least one layer).
+
+Used for the module's own A (plain torch optimizers and ZeRO 0-2, where DeepSpeed writes the
+updated A into the module); ZeRO-3 partitions go through merge_subspace per layer
+(compact_dist.core.subspace).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from megatron.core.utils import get_pg_rank
+
+from compact_dist.core.projection import block_seed
+from compact_dist.core.rounding import merge_into_bf16_many_
+
+# the largest delta [L, m, n] one chunk materialises (bytes); a layer larger than it is
+# merged alone
+MERGE_CHUNK_BYTES = 128 * 2**20
+
+
+def _group_key(layer) -> tuple:
+    w, a = layer.weight, layer.subspace_factor
+    p = layer.projection
+    return (tuple(w.shape), w.dtype, tuple(a.shape), a.dtype, w.device,
+            (p.local_blocks, p.block_in, p.block_rank), layer.merge_scale)
+
+
+def unproject_many(factors: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """A P^T per layer: factors [L, m, kb * rb], blocks [L, kb, b, rb] -> [L, m, kb * b]
+    (compact_dist.core.projection.unproject with a leading layer dimension)."""
+    n_layers, m, _ = factors.shape
+    _, kb, b, rb = blocks.shape
+    if kb == 1:
+        return torch.bmm(factors, blocks[:, 0].transpose(1, 2))
+    a = factors.view(n_layers, m, kb, rb).permute(0, 2, 1, 3).reshape(n_layers * kb, m, rb)
+    out = torch.bmm(a, blocks.reshape(n_layers * kb, b, rb).transpose(1, 2))
+    return out.view(n_layers, kb, m, b).permute(0, 2, 1, 3).reshape(n_layers, m, kb * b)
+
+
+@torch.no_grad()
+def merge_layers(layers: list, lr: float, weight_decay: float) -> None:
+    """Merge each layer's module A into its full W0 and zero A (what merge_subspace(lr,
+    weight_decay) does for each), grouped by shape. With DeepSpeed ZeRO 1-2 each layer's fp32
+    master fragment keeps only what the bf16 module copy rounded away (the fragment minus the
+    copy): the update lives on in W0, nothing of it in the optimizer's copy."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for layer in layers:
+        groups[_group_key(layer)].append(layer)
+    decay = 1.0 - lr * weight_decay
+    for group in groups.values():
+        w, a = group[0].weight, group[0].subspace_factor
+        per_layer = w.numel() * a.element_size()
+        size = max(1, MERGE_CHUNK_BYTES // max(1, per_layer))
+        for i in range(0, len(group), size):
+            _merge_chunk(group[i:i + size], decay)
+
+
+def _merge_chunk(layers: list, decay: float) -> None:
+    first = layers[0]
+    factors = [layer.subspace_factor for layer in layers]
+    dtype = factors[0].dtype
+    stacked = torch.stack([f.detach() for f in factors])  # [L, m, r]
+    mappings = [getattr(f, "_hp_mapping", None) for f in factors]
+    if any(m is not None for m in mappings):  # ZeRO 1-2: this rank's fp32 master fragments
+        flat = stacked.view(len(layers), -1)
+        lows, highs = [], []
+        for i, mapping in enumerate(mappings):
+            if mapping is None:
+                continue
+            address = mapping.lp_fragment_address
+            lows.append(flat[i].narrow(0, address.start, address.numel))
+            highs.append(mapping.get_hp_fragment())
+        lows = [low.float() for low in lows] if dtype != torch.float32 else lows
+        torch._foreach_sub_(highs, lows)
+    blocks = torch.stack([layer.projection_blocks(dtype) for layer in layers])
+    delta = unproject_many(stacked, blocks)  # [L, m, n] in A's dtype
+    scale = first.merge_scale
+    bases = [layer.weight for layer in layers]
+    if bases[0].dtype == torch.float32:
+        if decay != 1.0:
+            torch._foreach_mul_(bases, decay)
+        torch._foreach_add_(bases, list(delta.unbind(0)), alpha=scale)
+    else:
+        tp_rank = get_pg_rank(first.tp_group)
+        seeds = [block_seed(layer.compression.seed, layer.layer_id, -1 - layer.merge_count,
+                            tp_rank << 40) for layer in layers]
+        merge_into_bf16_many_([w.view(-1) for w in bases], delta.view(len(layers), -1),
+                              scale, decay, seeds)
+    torch._foreach_zero_(factors)
+    for layer in layers:
+        layer._mark_factor_zero()
+        layer.merge_count += 1
