@@ -45,12 +45,16 @@ def run_distributed(fn, world_size: int, *args, tp: int | None = None) -> None:
     )
 
 
-def _raw_worker(rank, world_size, port, fn, args):
-    """Only the environment a launcher sets; the body initialises everything itself."""
+def _raw_worker(rank, world_size, port, fn, args, cuda=False):
+    """Only the environment a launcher sets; the body initialises everything itself. Without
+    `cuda` the process sees no GPU (CPU, gloo, DeepSpeed's CPU accelerator, also on a GPU
+    machine); with it, GPU `rank` and DeepSpeed's CUDA accelerator."""
     warnings.filterwarnings("ignore")
-    os.environ.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+    os.environ.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cuda" if cuda else "cpu",
+                      RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not cuda:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
     torch.set_num_threads(1)
@@ -66,7 +70,8 @@ def _raw_worker(rank, world_size, port, fn, args):
             dist.destroy_process_group()
 
 
-def run_distributed_raw(fn, world_size: int, *args) -> None:
-    """Run fn(rank, *args) in `world_size` spawned processes that only have launcher env."""
-    mp.start_processes(_raw_worker, args=(world_size, free_port(), fn, args),
+def run_distributed_raw(fn, world_size: int, *args, cuda: bool = False) -> None:
+    """Run fn(rank, *args) in `world_size` spawned processes that only have launcher env
+    (on CPU unless `cuda`)."""
+    mp.start_processes(_raw_worker, args=(world_size, free_port(), fn, args, cuda),
                        nprocs=world_size, join=True, start_method="spawn")

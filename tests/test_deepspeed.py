@@ -262,9 +262,9 @@ def _local_merge_runs(rank):
         stepper = SubspaceStepper(engine.module, _compression("subspace"))
         merged_locally = []
 
-        def spy(layer, lr, wd):
-            merged_locally.append(layer)
-            original_local(layer, lr, wd)
+        def spy(local, lr, wd):
+            merged_locally.extend(local)
+            original_local(local, lr, wd)
 
         subspace._merge_partition_local = spy
         # DeepSpeed's fp32 accessors synchronize the host on every call: the merge reads

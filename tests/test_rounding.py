@@ -56,7 +56,9 @@ def test_many_bases_in_one_call_give_the_bits_of_one_call_each(device):
 
     gen = torch.Generator().manual_seed(1)
     bases = [torch.randn(5000, generator=gen).to(torch.bfloat16).to(device) for _ in range(3)]
-    deltas = (torch.randn(3, 5000, generator=gen) * 3e-3).to(torch.bfloat16).to(device)
+    # rows of a wider tensor (a ZeRO-3 partition's slice of A P^T): strided, rows contiguous
+    wide = (torch.randn(3, 5100, generator=gen) * 3e-3).to(torch.bfloat16).to(device)
+    deltas = wide.narrow(1, 60, 5000)
     seeds = [11, 2**62 + 5, 7]
     singles = [b.clone() for b in bases]
     for base, delta, seed in zip(singles, deltas, seeds):

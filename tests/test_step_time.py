@@ -51,9 +51,10 @@ def _main(rank, argv, probe):
     Path(probe).write_text(json.dumps(calls))
 
 
-def _run(tmp_path, *extra) -> tuple[dict, list]:
+def _run(tmp_path, *extra, cuda=False) -> tuple[dict, list]:
     probe = tmp_path / "probe.json"
-    run_distributed_raw(_main, 1, [*TINY, "--out-dir", str(tmp_path), *extra], str(probe))
+    run_distributed_raw(_main, 1, [*TINY, "--out-dir", str(tmp_path), *extra], str(probe),
+                        cuda=cuda)
     return json.loads((tmp_path / "st.json").read_text()), json.loads(probe.read_text())
 
 
@@ -242,7 +243,7 @@ def test_gpu_suite_job_runs_step_time_with_valid_options():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_interleaved_rounds_on_cuda(tmp_path):
-    r, _ = _run(tmp_path)
+    r, _ = _run(tmp_path, cuda=True)
     assert r["device"] != "cpu" and r["config"]["precision"] == "bf16"
     assert all(v["step_ms"] > 0 for v in r["variants"].values())
     assert r["variants"]["baseline"]["ratio"] == 1.0

@@ -57,17 +57,22 @@ def unproject_many(factors: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return out.view(n_layers, kb, m, b).permute(0, 2, 1, 3).reshape(n_layers, m, kb * b)
 
 
+def group_layers(layers: list) -> list[list]:
+    """The layers in groups of equal shapes, dtypes, device, P blocks and merge scale."""
+    groups: dict[tuple, list] = defaultdict(list)
+    for layer in layers:
+        groups[_group_key(layer)].append(layer)
+    return list(groups.values())
+
+
 @torch.no_grad()
 def merge_layers(layers: list, lr: float, weight_decay: float) -> None:
     """Merge each layer's module A into its full W0 and zero A (what merge_subspace(lr,
     weight_decay) does for each), grouped by shape. With DeepSpeed ZeRO 1-2 each layer's fp32
     master fragment keeps only what the bf16 module copy rounded away (the fragment minus the
     copy): the update lives on in W0, nothing of it in the optimizer's copy."""
-    groups: dict[tuple, list] = defaultdict(list)
-    for layer in layers:
-        groups[_group_key(layer)].append(layer)
     decay = 1.0 - lr * weight_decay
-    for group in groups.values():
+    for group in group_layers(layers):
         w, a = group[0].weight, group[0].subspace_factor
         per_layer = w.numel() * a.element_size()
         size = max(1, MERGE_CHUNK_BYTES // max(1, per_layer))
@@ -76,7 +81,6 @@ def merge_layers(layers: list, lr: float, weight_decay: float) -> None:
 
 
 def _merge_chunk(layers: list, decay: float) -> None:
-    first = layers[0]
     factors = [layer.subspace_factor for layer in layers]
     dtype = factors[0].dtype
     stacked = torch.stack([f.detach() for f in factors])  # [L, m, r]
@@ -92,21 +96,36 @@ def _merge_chunk(layers: list, decay: float) -> None:
             highs.append(mapping.get_hp_fragment())
         lows = [low.float() for low in lows] if dtype != torch.float32 else lows
         torch._foreach_sub_(highs, lows)
-    blocks = torch.stack([layer.projection_blocks(dtype) for layer in layers])
-    delta = unproject_many(stacked, blocks)  # [L, m, n] in A's dtype
+    apply_rows(layers, stacked, [layer.weight.view(-1) for layer in layers], 0, 0, decay)
+    finish(layers)
+
+
+def apply_rows(layers: list, rows: torch.Tensor, bases: list[torch.Tensor], offset: int,
+               base_start: int, decay: float) -> None:
+    """bases[i] <- bases[i] * decay + s (rows[i] P_i^T).flat[offset : offset + numel] for
+    layers of one group: rows [L, k, r] (rows of A in A's module dtype), bases: flat W0
+    slices of one length (the whole W0, or a ZeRO-3 partition starting at flat index
+    `base_start` of W0, `offset` elements into its first row). bf16 bases are rounded
+    stochastically with merge_subspace's streams (layer id, merge count, TP rank, start)."""
+    first = layers[0]
+    blocks = torch.stack([layer.projection_blocks(rows.dtype) for layer in layers])
+    numel = bases[0].numel()
+    delta = unproject_many(rows, blocks).view(len(layers), -1).narrow(1, offset, numel)
     scale = first.merge_scale
-    bases = [layer.weight for layer in layers]
     if bases[0].dtype == torch.float32:
         if decay != 1.0:
             torch._foreach_mul_(bases, decay)
         torch._foreach_add_(bases, list(delta.unbind(0)), alpha=scale)
-    else:
-        tp_rank = get_pg_rank(first.tp_group)
-        seeds = [block_seed(layer.compression.seed, layer.layer_id, -1 - layer.merge_count,
-                            tp_rank << 40) for layer in layers]
-        merge_into_bf16_many_([w.view(-1) for w in bases], delta.view(len(layers), -1),
-                              scale, decay, seeds)
-    torch._foreach_zero_(factors)
+        return
+    tp_rank = get_pg_rank(first.tp_group)
+    seeds = [block_seed(layer.compression.seed, layer.layer_id, -1 - layer.merge_count,
+                        (tp_rank << 40) + base_start) for layer in layers]
+    merge_into_bf16_many_(bases, delta, scale, decay, seeds)
+
+
+def finish(layers: list) -> None:
+    """Zero the module A's (one launch) and mark them zero; count the merge."""
+    torch._foreach_zero_([layer.subspace_factor for layer in layers])
     for layer in layers:
         layer._mark_factor_zero()
         layer.merge_count += 1

@@ -62,7 +62,8 @@ if triton is not None:
 
 
     @triton.jit
-    def _merge_sr_many_kernel(table_ptr, delta_ptr, n, scale, decay, BLOCK: tl.constexpr):
+    def _merge_sr_many_kernel(table_ptr, delta_ptr, n, delta_stride, scale, decay,
+                              BLOCK: tl.constexpr):
         # the same per-element rule as _merge_sr_kernel for layer program_id(1), whose W0
         # address and 32-bit seed are row program_id(1) of the int64 table [L, 2]
         pid = tl.program_id(0)
@@ -72,7 +73,7 @@ if triton is not None:
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(delta_ptr + layer * n + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(delta_ptr + layer * delta_stride + offs, mask=mask, other=0.0).to(tl.float32)
         v = w * decay + scale * d
         noise = tl.randint(seed, offs) & 0xFFFF
         bits = v.to(tl.int32, bitcast=True) + noise.to(tl.int32)
@@ -89,7 +90,7 @@ def merge_into_bf16_many_(bases: list[torch.Tensor], deltas: torch.Tensor, scale
                           decay: float, seeds: list[int]) -> None:
     """merge_into_bf16_(bases[i], deltas[i], scale, decay, seeds[i]) for every i, the same
     bits; with Triton one kernel for all (bases: 1-D bf16 tensors of one length n, deltas
-    [len(bases), n])."""
+    [len(bases), n], rows contiguous)."""
     n = deltas.shape[1] if deltas.dim() == 2 else -1
     if (deltas.shape[0] != len(bases) or len(seeds) != len(bases)
             or any(b.dtype != torch.bfloat16 or b.shape != (n,) for b in bases)):
@@ -105,7 +106,9 @@ def merge_into_bf16_many_(bases: list[torch.Tensor], deltas: torch.Tensor, scale
                          dtype=torch.int64).to(bases[0].device, non_blocking=True)
     block = 4096
     grid = (triton.cdiv(n, block), len(bases))
-    _merge_sr_many_kernel[grid](table, deltas.contiguous(), n, float(scale), float(decay),
+    if deltas.stride(1) != 1:
+        deltas = deltas.contiguous()
+    _merge_sr_many_kernel[grid](table, deltas, n, deltas.stride(0), float(scale), float(decay),
                                 BLOCK=block)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from compact_dist.core.basis import top_eigenvectors, transport_map
 from compact_dist.core.config import ALL_ROLES, CompressionConfig
-from compact_dist.core.grouped_merge import merge_layers
+from compact_dist.core.grouped_merge import MERGE_CHUNK_BYTES, apply_rows, finish, merge_layers
 from compact_dist.core.layers import CompactLinearMixin
 from compact_dist.core.moments import SUBSPACE_GROUP_KEY, reset_moments, transport_moments
 
@@ -77,7 +77,8 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
     - ZeRO 0-2: the module's A (after DeepSpeed's step, the bf16 copy of its fp32 master,
       identical on all data-parallel ranks) is merged without any communication; each rank's
       fp32 master fragment keeps only what the bf16 copy rounded away (zero in fp32), so
-      nothing of the update is lost to rounding.
+      nothing of the update is lost to rounding. Layers of one shape are merged together
+      (compact_dist.core.grouped_merge: a few launches per group instead of ~7 per layer).
     - ZeRO-3: each rank updates only its own partition of W0, and A's partitions and masters
       are zeroed. Partition-local (no communication) where every rank's W0 partition covers
       only rows of W0 whose rows of A lie in that rank's own A partition (both are flat,
@@ -85,7 +86,9 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
       data-parallel size, e.g. every layer of the 1.3B / 7B presets on 2, 4 or 8 ranks): the
       update of W0's rows needs only the same rows of A. Otherwise A is gathered from
       DeepSpeed's fp32 master partitions (one all_gather over the data-parallel group per
-      256 MiB bucket of masters, not one per layer). Where DeepSpeed holds W0 whole (a
+      256 MiB bucket of masters, not one per layer). The fp32 masters are read and zeroed
+      in place (DeepSpeed's accessors synchronize the host on every call), and the
+      partition-local layers of one shape are merged together. Where DeepSpeed holds W0 whole (a
       persistent parameter, fewer elements than stage3_param_persistence_threshold, or one a
       no-grad forward left gathered), forward uses that copy instead of gathering: A is
       gathered, every rank merges the copy (the same inputs on every rank: the same bits)
@@ -100,8 +103,7 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
         return
     _wait_for_zero3_reduce(zero3[0].subspace_factor)
     local, gathered = _split_partition_local(zero3)
-    for layer in local:
-        _merge_partition_local(layer, lr, weight_decay)
+    _merge_partition_local(local, lr, weight_decay)
     for layer, master in _gathered_zero3_masters(gathered):
         factor, w0 = layer.subspace_factor, layer.weight
         if not _is_zero3(w0) or _holds_full_copy(w0):
@@ -125,6 +127,12 @@ def _wait_for_zero3_reduce(param: torch.Tensor) -> None:
         torch.cuda.current_stream().wait_stream(stream)
 
 
+def _masters_in_place(param: torch.Tensor) -> bool:
+    """Are the ZeRO-3 fp32 masters on the device, neither offloaded nor swapped?"""
+    opt = param._z3_optimizer
+    return not (getattr(opt, "offload_optimizer", True) or getattr(opt, "swap_optimizer", True))
+
+
 def _local_master(param: torch.Tensor) -> torch.Tensor:
     """This rank's fp32 master partition of a ZeRO-3 parameter [ds_tensor.ds_numel]: a view
     into DeepSpeed's flat fp32 group, read and written in place. DeepSpeed's own accessor
@@ -133,9 +141,9 @@ def _local_master(param: torch.Tensor) -> torch.Tensor:
     offloaded or swapped go through the accessor (a copy; _zero_master writes it back)."""
     from deepspeed.utils import safe_get_local_fp32_param
 
-    opt = param._z3_optimizer
-    if getattr(opt, "offload_optimizer", True) or getattr(opt, "swap_optimizer", True):
+    if not _masters_in_place(param):
         return safe_get_local_fp32_param(param)
+    opt = param._z3_optimizer
     group, offset, numel = opt.grad_position[opt.get_param_id(param)]
     return opt.fp32_partitioned_groups_flat[group].narrow(0, offset, numel)
 
@@ -144,8 +152,7 @@ def _zero_master(param: torch.Tensor) -> None:
     """Zero this rank's fp32 master partition of a ZeRO-3 parameter."""
     from deepspeed.utils import safe_set_local_fp32_param
 
-    opt = param._z3_optimizer
-    if getattr(opt, "offload_optimizer", True) or getattr(opt, "swap_optimizer", True):
+    if not _masters_in_place(param):
         safe_set_local_fp32_param(param, torch.zeros_like(param.ds_tensor))
     else:
         _local_master(param).zero_()
@@ -193,22 +200,45 @@ def _split_partition_local(layers: list) -> tuple[list, list]:
     return ([l for l, f in zip(layers, flags) if not f], [l for l, f in zip(layers, flags) if f])
 
 
-def _merge_partition_local(layer, lr: float, weight_decay: float) -> None:
-    """Merge this rank's W0 partition from this rank's fp32 master rows of A, zero A's."""
+def _merge_partition_local(layers: list, lr: float, weight_decay: float) -> None:
+    """Merge this rank's W0 partitions from this rank's fp32 master rows of A, zero A's.
+    Layers of one shape share their partition geometry and go together (grouped_merge:
+    one GEMM and one update launch per chunk)."""
     import torch.distributed as dist
 
-    factor, w0 = layer.subspace_factor, layer.weight
-    rank = dist.get_rank(group=factor.ds_process_group)
-    r = factor.ds_shape[1]
-    a_lo, a_hi = _row_span(factor, rank, r, whole=True)
-    master = _local_master(factor)
-    first = a_lo * r - rank * factor.ds_tensor.ds_numel
-    rows = master.narrow(0, first, max(0, a_hi - a_lo) * r).view(-1, r)
-    part, start, _ = _own_partition(w0)
-    layer.merge_subspace(lr, weight_decay, factor=rows, base_flat=part, base_start=start,
-                         factor_row0=a_lo)
-    factor.ds_tensor.zero_()
-    _zero_master(factor)
+    groups: dict[tuple, list] = {}
+    for layer in layers:
+        f, w, p = layer.subspace_factor, layer.weight, layer.projection
+        key = (tuple(w.ds_shape), w.ds_tensor.dtype, tuple(f.ds_shape), f.dtype,
+               w.ds_tensor.device, (p.local_blocks, p.block_in, p.block_rank),
+               layer.merge_scale)
+        groups.setdefault(key, []).append(layer)
+    decay = 1.0 - lr * weight_decay
+    for group in groups.values():
+        factor, w0 = group[0].subspace_factor, group[0].weight
+        rank = dist.get_rank(group=factor.ds_process_group)
+        r, n = factor.ds_shape[1], w0.ds_shape[1]
+        a_lo, _ = _row_span(factor, rank, r, whole=True)
+        first = a_lo * r - rank * factor.ds_tensor.ds_numel  # A's row a_lo in the partition
+        _, start, valid = _own_partition(w0)
+        row0, row1 = start // n, -(-(start + valid) // n)  # rows of W0 the partition touches
+        size = max(1, MERGE_CHUNK_BYTES // max(1, (row1 - row0) * n * factor.element_size()))
+        for i in range(0, len(group), size):
+            chunk = group[i:i + size]
+            masters = [_local_master(layer.subspace_factor) for layer in chunk]
+            if valid:
+                rows = torch.stack([m.narrow(0, first + (row0 - a_lo) * r, (row1 - row0) * r)
+                                    for m in masters]).view(len(chunk), row1 - row0, r)
+                apply_rows(chunk, rows.to(factor.dtype),
+                           [_own_partition(layer.weight)[0] for layer in chunk],
+                           start - row0 * n, start, decay)
+            torch._foreach_zero_([layer.subspace_factor.ds_tensor for layer in chunk])
+            if _masters_in_place(factor):
+                torch._foreach_zero_(masters)  # views into DeepSpeed's flat fp32 groups
+            else:
+                for layer in chunk:
+                    _zero_master(layer.subspace_factor)
+            finish(chunk)
 
 
 # elements of fp32 masters gathered per collective in the ZeRO-3 merge (256 MiB)
