@@ -53,8 +53,7 @@ def _raw_worker(rank, world_size, port, fn, args, cuda=False):
     os.environ.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cuda" if cuda else "cpu",
                       RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if not cuda:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
     import torch
 
     torch.set_num_threads(1)
@@ -73,5 +72,14 @@ def _raw_worker(rank, world_size, port, fn, args, cuda=False):
 def run_distributed_raw(fn, world_size: int, *args, cuda: bool = False) -> None:
     """Run fn(rank, *args) in `world_size` spawned processes that only have launcher env
     (on CPU unless `cuda`)."""
-    mp.start_processes(_raw_worker, args=(world_size, free_port(), fn, args, cuda),
-                       nprocs=world_size, join=True, start_method="spawn")
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not cuda:  # in the children's environment from their start (imports may probe CUDA)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        mp.start_processes(_raw_worker, args=(world_size, free_port(), fn, args, cuda),
+                           nprocs=world_size, join=True, start_method="spawn")
+    finally:
+        if hidden is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
