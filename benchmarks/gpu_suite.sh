@@ -59,6 +59,7 @@ tp2_dp2_z1|4|150|70|2|mt_tp2_dp2_z1.{json,md}, mt_tp2_dp2_z1_memory_vs_time.png|
 tp2_dp2_z2|4|150|70|2|mt_tp2_dp2_z2.{json,md}, mt_tp2_dp2_z2_memory_vs_time.png|TP=2 x DP=2 + SP, ZeRO-2, 1.3B
 dp4_z3_1.3b|4|120|80|2|mt_dp4_z3_1.3b.{json,md}, mt_dp4_z3_1.3b_memory_vs_time.png|DP=4 ZeRO-3 (deepspeed launcher, bf16 W0), 1.3B
 dp4_z3_7b|4|480|240|8|mt_dp4_z3_7b.{json,md}, mt_dp4_z3_7b_memory_vs_time.png|DP=4 ZeRO-3 (deepspeed launcher, bf16 W0), 7B, micro-batch 1
+merge_cost|1|150|60|2|merge_cost.json|merge_cost.py: host and device time of the merge per step, one merge per layer vs grouped by shape, at the per-rank shapes of 1.3B at TP 1, 2, 4
 steptime_dp2_z3|2|200|120|3|steptime_dp2_z3.{json,md}, steptime_dp2_z3_profile.{json,md}|DP=2 ZeRO-3, 1.3B, micro-batch 4: interleaved step-time ratio (step_time.py under torchrun) of r1/4 bf16 W0, and a torch.profiler summary per variant
 steptime_tp2|2|240|120|4|steptime_tp2_mb4.{json,md}, steptime_tp2_mb4_profile.{json,md}, steptime_tp2_mb2.{json,md}|TP=2 + SP, ZeRO-1, 1.3B: interleaved step-time ratios at micro-batch 4 (with a profile) and 2 (the per-GPU work of TP=4 at micro-batch 4)
 steptime_tp4|4|240|120|4|steptime_tp4_mb4.{json,md}, steptime_tp4_mb4_profile.{json,md}|TP=4 + SP, ZeRO-1, 1.3B, micro-batch 4: interleaved step-time ratios and a torch.profiler summary per variant
@@ -308,6 +309,11 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
                    --variants baseline,compact_r1/4_bf16W0 ;;
     dp4_z3_7b) mt "$JT" mt_dp4_z3_7b deepspeed 4 --preset "$P7" --zero-stage 3 \
                  --variants baseline,compact_r1/8_bf16W0,compact_r1/4_bf16W0 ;;
+    merge_cost)
+      [ "$TINY" = 1 ] && extra=(--preset tiny --repeats 2)
+      x "$JT" "$PY" "$B"/merge_cost.py ${extra[@]+"${extra[@]}"} --out "$JW/merge_cost.json" \
+        || rc=$?
+      keep merge_cost.json ;;
     steptime_dp2_z3) st "$JT" steptime_dp2_z3 2 --preset "$P13" --zero-stage 3 --micro-batch 4 \
                        --variants baseline,compact_r1/4_bf16W0 --rounds 12 \
                        --steps-per-round 4 --warmup 4 --profile-steps 2 ;;

