@@ -5,8 +5,8 @@ compact_dist.core.grouped_merge.merge_layers (layers of one shape together).
 
 Builds the compact linears of `--layers` transformer layers of a preset (qkv, proj, fc1, fc2)
 with the shapes one tensor-parallel rank holds at each of `--tp` (TP=1 layers of the shard's
-shape: column layers out/tp x in, row layers out x in/tp with the default 8 row-parallel blocks / tp,
-which is exactly a rank's merge work), for an fp32 and a bf16 W0 with bf16 A, and times the
+shape: column layers out/tp x in, row layers out x in/tp with 8/tp of the default 8
+row-parallel blocks, which is exactly a rank's merge work), for an fp32 and a bf16 W0 with bf16 A, and times the
 merge of all of them `--repeats` times after warm-up: host_ms is the wall time until the call
 returns (what a host-bound step pays), total_ms the time until the device has finished (CUDA
 events). One process, one device (CPU: host times only, fp32 A).

@@ -88,11 +88,11 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
       DeepSpeed's fp32 master partitions (one all_gather over the data-parallel group per
       256 MiB bucket of masters, not one per layer). The fp32 masters are read and zeroed
       in place (DeepSpeed's accessors synchronize the host on every call), and the
-      partition-local layers of one shape are merged together. Where DeepSpeed holds W0 whole (a
-      persistent parameter, fewer elements than stage3_param_persistence_threshold, or one a
-      no-grad forward left gathered), forward uses that copy instead of gathering: A is
-      gathered, every rank merges the copy (the same inputs on every rank: the same bits)
-      and copies its partition out of it. Which layers gather is agreed over the group (one
+      partition-local layers of one shape are merged together. Where DeepSpeed holds W0
+      whole (a persistent parameter, fewer elements than
+      stage3_param_persistence_threshold, or one a no-grad forward left gathered), forward
+      uses that copy instead of gathering: A is gathered, every rank merges the copy (the
+      same inputs on every rank: the same bits) and copies its partition out of it. Which layers gather is agreed over the group (one
       all_reduce of a flag per layer). Both paths give the same bits.
     """
     layers = [layer for layer in compact_layers(model) if layer.subspace_factor is not None]
