@@ -19,8 +19,9 @@ merge_subspace, so a layer ends in the same state either way (up to the summatio
 the GEMM). Chunks keep delta under MERGE_CHUNK_BYTES (at least one layer).
 
 Used for the module's own A (plain torch optimizers and ZeRO 0-2, where DeepSpeed writes the
-updated A into the module); ZeRO-3 partitions go through merge_subspace per layer
-(compact_dist.core.subspace).
+updated A into the module, `merge_layers`) and for ZeRO-3's partition-local merge
+(compact_dist.core.subspace, through `group_layers`, `chunks`, `apply_rows`, `finish`); the
+ZeRO-3 layers that need A gathered go through merge_subspace per layer.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ MERGE_CHUNK_BYTES = 128 * 2**20
 def _group_key(layer) -> tuple:
     w, a = layer.weight, layer.subspace_factor
     p = layer.projection
-    return (tuple(w.shape), w.dtype, tuple(a.shape), a.dtype, w.device,
+    # ZeRO-3 parameters hold a placeholder: their full shape is ds_shape
+    return (tuple(getattr(w, "ds_shape", w.shape)), w.dtype,
+            tuple(getattr(a, "ds_shape", a.shape)), a.dtype, w.device,
             (p.local_blocks, p.block_in, p.block_rank), layer.merge_scale)
 
 
@@ -65,6 +68,13 @@ def group_layers(layers: list) -> list[list]:
     return list(groups.values())
 
 
+def chunks(group: list, bytes_per_layer: int) -> list[list]:
+    """`group` in consecutive chunks whose deltas stay under MERGE_CHUNK_BYTES (at least one
+    layer each)."""
+    size = max(1, MERGE_CHUNK_BYTES // max(1, bytes_per_layer))
+    return [group[i:i + size] for i in range(0, len(group), size)]
+
+
 @torch.no_grad()
 def merge_layers(layers: list, lr: float, weight_decay: float) -> None:
     """Merge each layer's module A into its full W0 and zero A (what merge_subspace(lr,
@@ -74,15 +84,12 @@ def merge_layers(layers: list, lr: float, weight_decay: float) -> None:
     decay = 1.0 - lr * weight_decay
     for group in group_layers(layers):
         w, a = group[0].weight, group[0].subspace_factor
-        per_layer = w.numel() * a.element_size()
-        size = max(1, MERGE_CHUNK_BYTES // max(1, per_layer))
-        for i in range(0, len(group), size):
-            _merge_chunk(group[i:i + size], decay)
+        for chunk in chunks(group, w.numel() * a.element_size()):
+            _merge_chunk(chunk, decay)
 
 
 def _merge_chunk(layers: list, decay: float) -> None:
     factors = [layer.subspace_factor for layer in layers]
-    dtype = factors[0].dtype
     stacked = torch.stack([f.detach() for f in factors])  # [L, m, r]
     mappings = [getattr(f, "_hp_mapping", None) for f in factors]
     if any(m is not None for m in mappings):  # ZeRO 1-2: this rank's fp32 master fragments
@@ -92,9 +99,8 @@ def _merge_chunk(layers: list, decay: float) -> None:
             if mapping is None:
                 continue
             address = mapping.lp_fragment_address
-            lows.append(flat[i].narrow(0, address.start, address.numel))
+            lows.append(flat[i].narrow(0, address.start, address.numel).float())
             highs.append(mapping.get_hp_fragment())
-        lows = [low.float() for low in lows] if dtype != torch.float32 else lows
         torch._foreach_sub_(highs, lows)
     apply_rows(layers, stacked, [layer.weight.view(-1) for layer in layers], 0, 0, decay)
     finish(layers)

@@ -241,7 +241,6 @@ class CompactLinearMixin:
         factor: Optional[torch.Tensor] = None,
         base_flat: Optional[torch.Tensor] = None,
         base_start: int = 0,
-        factor_row0: int = 0,
     ) -> None:
         """W0 <- W0 (1 - lr * weight_decay) + s A P^T; A <- 0 (decoupled decay on W_eff;
         s = merge_scale).
@@ -251,8 +250,6 @@ class CompactLinearMixin:
             copies (optimizer masters, ZeRO partitions) are the caller's.
         base_flat, base_start: the flat slice W0.view(-1)[base_start : base_start + numel] to
             update (default: all of W0; under ZeRO-3, this rank's partition of W0).
-        factor_row0: `factor` holds A's rows from this one on (ZeRO-3's partition-local
-            merge passes only the rows of A that the W0 slice needs).
         With a bf16 W0 the sum is rounded stochastically, with noise that depends on (seed,
         layer id, merge count, TP rank, slice start) only, so data-parallel replicas stay
         equal and the TP shards of one W0 draw independent noise.
@@ -269,11 +266,7 @@ class CompactLinearMixin:
             # size per layer and step would cost more than the layer's forward)
             row0, row1 = base_start // n, -(-(base_start + base.numel()) // n)
             dtype = module_factor.dtype
-            rows = factor[row0 - factor_row0:row1 - factor_row0]
-            if rows.shape[0] != row1 - row0:
-                raise ValueError(f"factor rows {factor_row0}..{factor_row0 + factor.shape[0]} "
-                                 f"do not cover the rows {row0}..{row1} of the W0 slice")
-            delta = unproject(rows.to(dtype), self.projection_blocks(dtype))
+            delta = unproject(factor[row0:row1].to(dtype), self.projection_blocks(dtype))
             offset = base_start - row0 * n
             delta = delta.reshape(-1)[offset : offset + base.numel()]
             decay = 1.0 - lr * weight_decay

@@ -15,7 +15,8 @@ import torch
 
 from compact_dist.core.basis import top_eigenvectors, transport_map
 from compact_dist.core.config import ALL_ROLES, CompressionConfig
-from compact_dist.core.grouped_merge import MERGE_CHUNK_BYTES, apply_rows, finish, merge_layers
+from compact_dist.core.grouped_merge import (apply_rows, chunks, finish, group_layers,
+                                             merge_layers)
 from compact_dist.core.layers import CompactLinearMixin
 from compact_dist.core.moments import SUBSPACE_GROUP_KEY, reset_moments, transport_moments
 
@@ -206,15 +207,8 @@ def _merge_partition_local(layers: list, lr: float, weight_decay: float) -> None
     one GEMM and one update launch per chunk)."""
     import torch.distributed as dist
 
-    groups: dict[tuple, list] = {}
-    for layer in layers:
-        f, w, p = layer.subspace_factor, layer.weight, layer.projection
-        key = (tuple(w.ds_shape), w.ds_tensor.dtype, tuple(f.ds_shape), f.dtype,
-               w.ds_tensor.device, (p.local_blocks, p.block_in, p.block_rank),
-               layer.merge_scale)
-        groups.setdefault(key, []).append(layer)
     decay = 1.0 - lr * weight_decay
-    for group in groups.values():
+    for group in group_layers(layers):
         factor, w0 = group[0].subspace_factor, group[0].weight
         rank = dist.get_rank(group=factor.ds_process_group)
         r, n = factor.ds_shape[1], w0.ds_shape[1]
@@ -222,9 +216,7 @@ def _merge_partition_local(layers: list, lr: float, weight_decay: float) -> None
         first = a_lo * r - rank * factor.ds_tensor.ds_numel  # A's row a_lo in the partition
         _, start, valid = _own_partition(w0)
         row0, row1 = start // n, -(-(start + valid) // n)  # rows of W0 the partition touches
-        size = max(1, MERGE_CHUNK_BYTES // max(1, (row1 - row0) * n * factor.element_size()))
-        for i in range(0, len(group), size):
-            chunk = group[i:i + size]
+        for chunk in chunks(group, (row1 - row0) * n * factor.element_size()):
             masters = [_local_master(layer.subspace_factor) for layer in chunk]
             if valid:
                 rows = torch.stack([m.narrow(0, first + (row0 - a_lo) * r, (row1 - row0) * r)
