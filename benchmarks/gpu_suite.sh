@@ -63,6 +63,7 @@ merge_cost|1|150|60|2|merge_cost.json|merge_cost.py: host and device time of the
 steptime_dp2_z3|2|200|120|3|steptime_dp2_z3.{json,md}, steptime_dp2_z3_profile.{json,md}|DP=2 ZeRO-3, 1.3B, micro-batch 4: interleaved step-time ratio (step_time.py under torchrun) of r1/4 bf16 W0, and a torch.profiler summary per variant
 steptime_tp2|2|240|120|4|steptime_tp2_mb4.{json,md}, steptime_tp2_mb4_profile.{json,md}, steptime_tp2_mb2.{json,md}|TP=2 + SP, ZeRO-1, 1.3B: interleaved step-time ratios at micro-batch 4 (with a profile) and 2 (the per-GPU work of TP=4 at micro-batch 4)
 steptime_tp4|4|240|120|4|steptime_tp4_mb4.{json,md}, steptime_tp4_mb4_profile.{json,md}|TP=4 + SP, ZeRO-1, 1.3B, micro-batch 4: interleaved step-time ratios and a torch.profiler summary per variant
+steptime_dp4_z3|4|200|120|3|steptime_dp4_z3_1.3b.{json,md}, steptime_dp4_z3_1.3b_profile.{json,md}|DP=4 ZeRO-3, 1.3B, micro-batch 4: interleaved step-time ratio of r1/4 bf16 W0, and a torch.profiler summary per variant
 steptime_dp4_z3_7b|4|420|240|7|steptime_dp4_z3_7b.{json,md}|DP=4 ZeRO-3, 7B, micro-batch 1: interleaved step-time ratio of r1/4 bf16 W0
 inv_tp4|4|160|100|2|inv_tp4.{json,md}, inv_fp32_tp4.{json,md}|TP-invariance at TP=4, bf16 then fp32'
 
@@ -325,6 +326,9 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
         "${STTP[@]}" || rc=$? ;;
     steptime_tp4) st "$JT" steptime_tp4_mb4 4 --preset "$P13" --tp 4 --micro-batch 4 \
                     "${STTP[@]}" --profile-steps 2 ;;
+    steptime_dp4_z3) st "$JT" steptime_dp4_z3_1.3b 4 --preset "$P13" --zero-stage 3 \
+                       --micro-batch 4 --variants baseline,compact_r1/4_bf16W0 --rounds 8 \
+                       --steps-per-round 4 --warmup 4 --profile-steps 2 ;;
     steptime_dp4_z3_7b) st "$JT" steptime_dp4_z3_7b 4 --preset "$P7" --zero-stage 3 \
                           --micro-batch 1 --variants baseline,compact_r1/4_bf16W0 --rounds 4 \
                           --steps-per-round 3 --warmup 2 ;;
