@@ -37,7 +37,8 @@ JOBS=()
 JOB_TABLE='mt_350m|1|300|90|4|mt_350m.{json,md}, mt_350m_memory_vs_time.png|350M, one GPU, every variant
 mt_1.3b|1|300|90|4|mt_1.3b.{json,md}, mt_1.3b_memory_vs_time.png|1.3B, one GPU, every variant
 mt_1.3b_r8bf16|1|75|50|1|mt_1.3b_r8bf16.{json,md}, mt_1.3b_r8bf16_memory_vs_time.png|1.3B, one GPU, baseline + r1/8 bf16 W0
-tp2_sp|2|200|90|2|mt_tp2_sp_z1.{json,md}, mt_tp2_sp_z1_memory_vs_time.png|TP=2 + SP, ZeRO-1, 1.3B, and TP=2 invariance (20 steps, 350M, bf16)
+tp2_sp|2|150|90|2|mt_tp2_sp_z1.{json,md}, mt_tp2_sp_z1_memory_vs_time.png|TP=2 + SP, ZeRO-1, 1.3B
+inv_tp2|2|100|45|1|inv_tp2.{json,md}|TP-invariance at TP=2 + SP, bf16 (20 steps, 350M)
 inv_tp1|1|100|45|1|inv_tp1.{json,md}|TP-invariance reference, TP=1, bf16
 inv_fp32|2|160|100|2|inv_fp32_tp1.{json,md}, inv_fp32_tp2.{json,md}|TP-invariance in fp32 at TP=1 then TP=2
 dp2_z1|2|110|60|1.5|mt_dp2_z1.{json,md}, mt_dp2_z1_memory_vs_time.png|DP=2 ZeRO-1 (deepspeed launcher), 1.3B
@@ -54,11 +55,11 @@ projection_cost|1|90|30|1|projection_cost.json|P generation, projection, merge p
 convergence33m|all|0|120|3-6 (4/2 GPUs)|convergence/convergence_*.json, convergence/convergence.{json,md}, convergence.md, convergence_ppl.png|33M on the stdlib corpus, 8 variants over the GPUs, resumable (state: .cache/gpu_suite/convergence33m)
 convergence110m|all|0|150|2 x 9 (4 GPUs)|convergence110m.{json,md}, convergence110m_ppl.png, convergence110m/|110M on the host corpus by benchmarks/convergence_gpu.sh, resumable (unfused SwiGLU: the code before the fused default)
 convergence110m_fused|all|0|150|2 x 9 (2 GPUs)|convergence110m_fused.{json,md}, convergence110m_fused_ppl.png, convergence110m_fused/|110M with the Megatron default fusions: 2 baseline seeds, gaussian, pca r1/4 and r1/8, pca + lean activations (FP8 cost), resumable
-tp4_sp_z1|4|240|110|3|mt_tp4_sp_z1.{json,md}, mt_tp4_sp_z1_memory_vs_time.png|TP=4 + SP, ZeRO-1, 1.3B, and TP=4 invariance (20 steps, 350M, bf16)
+tp4_sp_z1|4|200|110|3|mt_tp4_sp_z1.{json,md}, mt_tp4_sp_z1_memory_vs_time.png|TP=4 + SP, ZeRO-1, 1.3B
 tp2_dp2_z1|4|150|70|2|mt_tp2_dp2_z1.{json,md}, mt_tp2_dp2_z1_memory_vs_time.png|TP=2 x DP=2 + SP, ZeRO-1, 1.3B
 tp2_dp2_z2|4|150|70|2|mt_tp2_dp2_z2.{json,md}, mt_tp2_dp2_z2_memory_vs_time.png|TP=2 x DP=2 + SP, ZeRO-2, 1.3B
 dp4_z3_1.3b|4|120|80|2|mt_dp4_z3_1.3b.{json,md}, mt_dp4_z3_1.3b_memory_vs_time.png|DP=4 ZeRO-3 (deepspeed launcher, bf16 W0), 1.3B
-dp4_z3_7b|4|480|240|8|mt_dp4_z3_7b.{json,md}, mt_dp4_z3_7b_memory_vs_time.png|DP=4 ZeRO-3 (deepspeed launcher, bf16 W0), 7B, micro-batch 1
+dp4_z3_7b|4|400|240|6|mt_dp4_z3_7b.{json,md}, mt_dp4_z3_7b_memory_vs_time.png|DP=4 ZeRO-3 (deepspeed launcher, bf16 W0), 7B, micro-batch 1
 merge_cost|1|150|60|2|merge_cost.json|merge_cost.py: host and device time of the merge per step, one merge per layer vs grouped by shape, at the per-rank shapes of 1.3B at TP 1, 2, 4
 steptime_dp2_z3|2|200|120|3|steptime_dp2_z3.{json,md}, steptime_dp2_z3_profile.{json,md}|DP=2 ZeRO-3, 1.3B, micro-batch 4: interleaved step-time ratio (step_time.py under torchrun) of r1/4 bf16 W0, and a torch.profiler summary per variant
 steptime_tp2|2|240|120|4|steptime_tp2_mb4.{json,md}, steptime_tp2_mb4_profile.{json,md}, steptime_tp2_mb2.{json,md}|TP=2 + SP, ZeRO-1, 1.3B: interleaved step-time ratios at micro-batch 4 (with a profile) and 2 (the per-GPU work of TP=4 at micro-batch 4)
@@ -241,7 +242,8 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
     mt_1.3b) mt "$JT" mt_1.3b none 1 --preset "$P13" ;;
     mt_1.3b_r8bf16) mt "$JT" mt_1.3b_r8bf16 none 1 --preset "$P13" \
                       --variants baseline,compact_r1/8_bf16W0 ;;
-    tp2_sp) mt "$JT" mt_tp2_sp_z1 torchrun 2 --preset "$P13" --tp 2 "${VARS[@]}" "${INV[@]}" ;;
+    tp2_sp) mt "$JT" mt_tp2_sp_z1 torchrun 2 --preset "$P13" --tp 2 "${VARS[@]}" ;;
+    inv_tp2) mt "$JT" inv_tp2 torchrun 2 --preset "$P13" --tp 2 --skip-throughput "${INV[@]}" ;;
     inv_tp1) mt "$JT" inv_tp1 none 1 --preset "$P13" --tp 1 --skip-throughput "${INV[@]}" ;;
     inv_fp32)
       t=$(( JT / 2 ))
@@ -301,7 +303,7 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
       [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m")
       x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
         --results-dir "$RES" ${extra[@]+"${extra[@]}"} || rc=$? ;;
-    tp4_sp_z1) mt "$JT" mt_tp4_sp_z1 torchrun 4 --preset "$P13" --tp 4 "${VARS[@]}" "${INV[@]}" ;;
+    tp4_sp_z1) mt "$JT" mt_tp4_sp_z1 torchrun 4 --preset "$P13" --tp 4 "${VARS[@]}" ;;
     tp2_dp2_z1) mt "$JT" mt_tp2_dp2_z1 torchrun 4 --preset "$P13" --tp 2 --zero-stage 1 \
                   "${VARS[@]}" ;;
     tp2_dp2_z2) mt "$JT" mt_tp2_dp2_z2 torchrun 4 --preset "$P13" --tp 2 --zero-stage 2 \
@@ -309,7 +311,7 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
     dp4_z3_1.3b) mt "$JT" mt_dp4_z3_1.3b deepspeed 4 --preset "$P13" --zero-stage 3 \
                    --variants baseline,compact_r1/4_bf16W0 ;;
     dp4_z3_7b) mt "$JT" mt_dp4_z3_7b deepspeed 4 --preset "$P7" --zero-stage 3 \
-                 --variants baseline,compact_r1/8_bf16W0,compact_r1/4_bf16W0 ;;
+                 --variants baseline,compact_r1/4_bf16W0 ;;
     merge_cost)
       [ "$TINY" = 1 ] && extra=(--preset tiny --repeats 2)
       x "$JT" "$PY" "$B"/merge_cost.py ${extra[@]+"${extra[@]}"} --out "$JW/merge_cost.json" \

