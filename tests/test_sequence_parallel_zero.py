@@ -102,6 +102,7 @@ def _train(tp_group, grad_clip):
 
     from compact_dist import CompressionConfig, SubspaceStepper, optimizer_param_groups
     from compact_dist.deepspeed.engine import allreduce_sequence_parallel_grads, deepspeed_config
+    from compact_dist.deepspeed.zero3_factor import keep_factors_out_of_fetch
     from layer_utils import layer_config
 
     sp = tp_group is None
@@ -120,6 +121,7 @@ def _train(tp_group, grad_clip):
         zero_stage=3, micro_batch_size=B // dp, gradient_accumulation_steps=1,
         data_parallel_size=dp, bf16=False, grad_clip=grad_clip))
     assert all(hasattr(p, "ds_id") for p in engine.module.parameters())
+    assert keep_factors_out_of_fetch(engine.module) == 2  # as initialize_engine does
     stepper = SubspaceStepper(engine.module, compression)
     losses, norms = [], []
     for step in range(STEPS):

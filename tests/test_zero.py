@@ -37,11 +37,10 @@ def _reference_losses(moments, projection):
 def _zero_run(rank, stage, moments, projection, expected):
     import logging
 
-    import deepspeed
     from megatron.core import parallel_state as ps
 
     from compact_dist import SubspaceStepper, compact_layers, optimizer_param_groups
-    from compact_dist.deepspeed.engine import MegatronMPU, deepspeed_config
+    from compact_dist.deepspeed.engine import deepspeed_config, initialize_engine
     from compact_dist.core.moments import subspace_step_count
     from gpt_utils import text_batch, tiny_gpt
 
@@ -51,20 +50,32 @@ def _zero_run(rank, stage, moments, projection, expected):
     opt = torch.optim.AdamW(optimizer_param_groups(model, WD), lr=LR)
     config = deepspeed_config(zero_stage=stage, micro_batch_size=2, gradient_accumulation_steps=1,
                               data_parallel_size=dp, bf16=False, grad_clip=0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config,
-                                           mpu=MegatronMPU)
+    engine = initialize_engine(model, opt, config)
     layers = compact_layers(engine.module)
+    gathered = []  # what DeepSpeed's ZeRO-3 fetch all-gathers during the steps
     if stage == 3:  # W0 and A really are partitioned
         assert all(hasattr(l.weight, "ds_id") and hasattr(l.subspace_factor, "ds_id")
                    for l in layers)
         assert all(l.weight.ds_tensor.numel() < l.weight.ds_numel for l in layers)
+        for p in engine.module.parameters():
+            p.all_gather_coalesced = (lambda orig: lambda params, *a, **k: (
+                gathered.extend(params), orig(params, *a, **k))[1])(p.all_gather_coalesced)
     stepper = SubspaceStepper(engine.module, _compression(moments, projection))
     losses = []
     for step in range(STEPS):
         tokens, positions, labels = text_batch(batch=4, seed=step)
         mine = slice(2 * rank, 2 * rank + 2)
+        own_gather = stage == 3 and step == 3
+        if own_gather:  # forward must include A (as after a checkpoint load): the layer
+            for layer in layers:  # gathers A itself, and the gradient still reaches DeepSpeed
+                layer.mark_factor_written()
+            gathered_before = len(gathered)
         loss = engine(tokens[mine], positions[mine], None, labels=labels[mine]).float().mean()
         engine.backward(loss)
+        if own_gather:  # partitioned again once its gradient was reduced
+            assert all(l.subspace_factor.numel() == 0 for l in layers)
+            assert len(gathered) > gathered_before
+            del gathered[gathered_before:]
         engine.step()
         stepper.after_step(LR, WD, engine.optimizer)
         total = loss.detach().clone()
@@ -76,6 +87,12 @@ def _zero_run(rank, stage, moments, projection, expected):
     assert subspace_step_count(engine.optimizer) == (1 if moments == "reset" else STEPS)
     assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6), (stage, losses, expected)
     if stage == 3:
+        # A is zero in every forward and backward here: DeepSpeed never gathers it (each
+        # gather would move A's bytes and cost its per-parameter host work), W0 it does
+        gathered_ids = {id(p) for p in gathered}
+        assert all(id(l.weight) in gathered_ids for l in layers)
+        assert not any(id(l.subspace_factor) in gathered_ids for l in layers)
+        assert all(l.subspace_factor.numel() == 0 for l in layers)  # placeholders again
         # every row count here is even: the merge is partition-local (no gather of A); where
         # rows do not align it gathers every A's master in one collective, not one per layer
         import compact_dist.core.subspace as subspace

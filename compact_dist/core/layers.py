@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from megatron.core.tensor_parallel.layers import (
@@ -123,6 +123,9 @@ class CompactLinearMixin:
         self.basis: Optional[torch.Tensor] = None
         self.sketch: Optional[SubspaceSketch] = None  # open while estimating the next P
         self.subspace_factor: Optional[torch.nn.Parameter] = None
+        # ZeRO-3 only (compact_dist.deepspeed.zero3_factor): A is left out of the module's own
+        # parameter listing, and this maps (A, A known zero) to what forward hands autograd
+        self.zero3_forward_factor: Optional[Callable] = None
         if compression.mode == SUBSPACE:
             w = self.weight
             w.requires_grad_(False)
@@ -145,8 +148,24 @@ class CompactLinearMixin:
         self.projection = dataclasses.replace(self.projection, layer_id=layer_id)
         self._projection_cache.clear()
 
+    def factor_parameter(self) -> Optional[torch.nn.Parameter]:
+        """A, read from the parameter dict without Module.__getattr__: under ZeRO-3 DeepSpeed's
+        dict gathers a partitioned parameter read that way during forward."""
+        return self._parameters.get("subspace_factor")
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator:
+        """Module.named_parameters; the module's own listing (recurse=False: what ZeRO-3
+        gathers around its forward and backward) leaves A out once
+        compact_dist.deepspeed.zero3_factor took it out of that fetch. The model's recursive
+        listing (optimizer, checkpoints) still holds it."""
+        hidden = None if recurse or self.zero3_forward_factor is None else self.factor_parameter()
+        for name, param in super().named_parameters(prefix, recurse, remove_duplicate):
+            if param is not hidden:
+                yield name, param
+
     def _factor_token(self) -> tuple[int, int]:
-        return (self.subspace_factor._version, _OptimizerSteps.count)
+        return (self.factor_parameter()._version, _OptimizerSteps.count)
 
     def _mark_factor_zero(self) -> None:
         self._zero_token: Optional[tuple[int, int]] = self._factor_token()
@@ -154,7 +173,7 @@ class CompactLinearMixin:
     def mark_factor_written(self) -> None:
         """Declare that A may have been written behind autograd's back (through `.data`, or by
         a checkpoint load), so forward uses W0 + s A P^T until the next merge."""
-        if self.subspace_factor is not None:
+        if self.factor_parameter() is not None:
             self._zero_token = None
 
     @property
@@ -165,8 +184,7 @@ class CompactLinearMixin:
         version counter), and mark_factor_written() was not called. Forward then skips the
         A P^T term; otherwise it includes it, so outputs are exact either way. In the usual
         loop (merge right after every optimizer step) every forward skips it."""
-        f = self.subspace_factor
-        return f is None or self._zero_token == self._factor_token()
+        return self.factor_parameter() is None or self._zero_token == self._factor_token()
 
     def get_extra_state(self) -> Any:
         return {"projection_epoch": self.projection_epoch, "merge_count": self.merge_count,
@@ -309,14 +327,17 @@ class CompactLinearMixin:
 
     def _compressed(self, x, bias, sequence_parallel, allreduce_dgrad):
         sketch = self.sketch if self.sketch is not None and self.sketch.open else None
+        factor, factor_is_zero = self.factor_parameter(), self.factor_is_zero
+        if self.zero3_forward_factor is not None:
+            factor = self.zero3_forward_factor(factor, factor_is_zero)
         return compressed_linear(
             x,
             self.weight,
-            self.subspace_factor,
+            factor,
             bias,
             self.projection_blocks(x.dtype),
             self.compression.mode,
-            factor_is_zero=self.factor_is_zero,
+            factor_is_zero=factor_is_zero,
             sequence_parallel=sequence_parallel,
             allreduce_dgrad=allreduce_dgrad,
             tp_group=self.tp_group,

@@ -102,6 +102,11 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
                  lr, weight_decay)
     if not zero3:
         return
+    if any(layer.zero3_forward_factor is not None for layer in zero3):
+        from compact_dist.deepspeed.zero3_factor import release
+
+        for layer in zero3:  # a forward without backward may have left A gathered
+            release(layer.subspace_factor)
     _wait_for_zero3_reduce(zero3[0].subspace_factor)
     local, gathered = _split_partition_local(zero3)
     _merge_partition_local(local, lr, weight_decay)

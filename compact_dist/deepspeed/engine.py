@@ -77,7 +77,9 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
     put back after the cast. Under ZeRO-3 W0 is partitioned in the training dtype; the
     training config rejects that combination up front (use base_dtype bf16 there).
 
-    Any stage3_param_persistence_threshold works (the merge updates the full copy DeepSpeed
+    Under ZeRO-3 the subspace factors A are taken out of DeepSpeed's per-module fetch (they
+    are zero in every forward and backward of the training loop; compact_dist.deepspeed.
+    zero3_factor). Any stage3_param_persistence_threshold works (the merge updates the full copy DeepSpeed
     keeps of a persistent W0). Rejected: ZeRO-3 options that keep other copies of the frozen
     W0 the merge would not update (hpZ secondary partitions, quantized frozen weights).
     """
@@ -104,6 +106,10 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
                     f"ZeRO-3 partitioned W0 in {param.dtype}; compression.base_dtype must match "
                     "the training precision under ZeRO-3 (use base_dtype bf16 with bf16)")
             param.data = data.to(param.device)
+    if zero.get("stage") == 3:
+        from compact_dist.deepspeed.zero3_factor import keep_factors_out_of_fetch
+
+        keep_factors_out_of_fetch(engine.module)
     return engine
 
 
