@@ -9,7 +9,8 @@ the bytes saved for backward per sequence instead) and `<name>.md`.
 All memory_throughput JSONs together: `memory_throughput_summary.md` (one row per run and
 variant: TP, DP, ZeRO, memory, throughput) and, for those with TP-invariance losses,
 `tp_invariance.md` / `.json` / `.png` (losses per TP x DP layout, max difference to the first
-layout with the same settings).
+layout with the same settings). With the step_time JSONs: `scaling.md` (tokens/s per GPU of
+each variant and its run's baseline, by model and GPU count).
 Per merged convergence JSON (`convergence.py --merge`): `<stem>_ppl.png` (validation
 perplexity against training tokens, and its ratio to the mean of the baseline seeds with
 the seeds' spread shaded; unfinished variants dashed) and `<stem>.md`.
@@ -158,6 +159,44 @@ def summary_table(reports: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scaling_table(reports: list[tuple[str, dict]]) -> str:
+    """Tokens/s per GPU of every variant against the baseline of the same run, by model and
+    number of GPUs (memory_throughput: variants one after another; step_time: interleaved
+    rounds, the more reliable ratio). reports: (file stem, JSON) pairs."""
+    rows = []
+    for stem, r in reports:
+        c = r["config"]
+        c = {**c, "tp": c.get("tp") or 1, "dp": c.get("dp") or 1}  # one-GPU step_time runs
+        c["sequence_parallel"] = c.get("sequence_parallel", False)
+        gpus = c["tp"] * c["dp"]
+        base = r["variants"].get("baseline") or {}
+        if not base.get("step_ms"):
+            continue
+
+        def per_gpu(v: dict) -> float:
+            return v.get("tokens_per_s_per_gpu") or v.get("tokens_per_s", 0.0) / gpus
+
+        how = "interleaved" if r["benchmark"] == "step_time" else "sequential"
+        layout = (f"TP{c['tp']} x DP{c['dp']}, ZeRO-{c['zero_stage']}"
+                  f"{', SP' if c['sequence_parallel'] else ''}")
+        for name, v in r["variants"].items():
+            if name == "baseline" or not v.get("step_ms"):
+                continue
+            ratio = v.get("ratio") or v["step_ms"] / base["step_ms"]
+            rows.append((c["preset"], gpus, layout, c["micro_batch_size"], stem, how, name,
+                         per_gpu(base), per_gpu(v), ratio, r.get("device", "")))
+    lines = ["| model | GPUs | layout | micro-batch | run | measured | variant | "
+             "baseline tokens/s/GPU | variant tokens/s/GPU | step time vs baseline | device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda t: (t[0], t[1], t[2], t[4], t[6])):
+        lines.append("| {} | {} | {} | {} | {} | {} | {} | {:,.0f} | {:,.0f} | {:.3f} | {} |"
+                     .format(*row))
+    return ("# Tokens/s per GPU at 1, 2 and 4 GPUs\n\nEach variant against the baseline of "
+            "its own run (step time ratio: interleaved runs give the median of per-round "
+            "ratios; sequential runs the ratio of medians, which drifts with the host).\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def tp_invariance(reports: list[dict]) -> dict[str, Any]:
     """Group runs with TP-invariance losses by settings; per variant, each layout's losses
     and max |loss - loss of the reference layout| (the smallest TP x DP of the group)."""
@@ -257,6 +296,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
             md = out / f"{path.stem}.md"
             md.write_text(merged_markdown(data))
             written.append(md)
+    timed = [(path.stem, data) for path, data in loaded
+             if data["benchmark"] in ("memory_throughput", "step_time")]
+    if timed:
+        (out / "scaling.md").write_text(scaling_table(timed))
+        written.append(out / "scaling.md")
     if mt_reports:
         summary = out / "memory_throughput_summary.md"
         summary.write_text(summary_table(mt_reports))

@@ -310,6 +310,8 @@ def test_plot_results_writes_pngs_and_tables(results, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     summary = (tmp_path / "memory_throughput_summary.md").read_text()
     assert summary.count("| tp1 |") == 3 and summary.count("| tp2 |") == 2
+    scaling = (tmp_path / "scaling.md").read_text()  # each compact variant of a run, once
+    assert scaling.count("| tp1 |") == 2 and scaling.count("| tp2 |") == 1
     inv = json.loads((tmp_path / "tp_invariance.json").read_text())
     (group,) = inv.values()
     assert group["reference"] == "tp1"
