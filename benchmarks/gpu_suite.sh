@@ -40,7 +40,7 @@ mt_1.3b_r8bf16|1|75|50|1|mt_1.3b_r8bf16.{json,md}, mt_1.3b_r8bf16_memory_vs_time
 tp2_sp|2|150|90|2|mt_tp2_sp_z1.{json,md}, mt_tp2_sp_z1_memory_vs_time.png|TP=2 + SP, ZeRO-1, 1.3B
 inv_tp2|2|100|45|1|inv_tp2.{json,md}|TP-invariance at TP=2 + SP, bf16 (20 steps, 350M)
 inv_tp1|1|100|45|1|inv_tp1.{json,md}|TP-invariance reference, TP=1, bf16
-inv_fp32|2|160|100|2|inv_fp32_tp1.{json,md}, inv_fp32_tp2.{json,md}|TP-invariance in fp32 at TP=1 then TP=2
+inv_fp32|2|220|140|3|inv_fp32_tp1.{json,md}, inv_fp32_tp2.{json,md}|TP-invariance in fp32 at TP=1 then TP=2
 dp2_z1|2|110|60|1.5|mt_dp2_z1.{json,md}, mt_dp2_z1_memory_vs_time.png|DP=2 ZeRO-1 (deepspeed launcher), 1.3B
 dp2_z3|2|80|70|1|mt_dp2_z3.{json,md}, mt_dp2_z3_memory_vs_time.png|DP=2 ZeRO-3 (deepspeed launcher, bf16 W0), 1.3B
 mt_1.3b_lean|1|330|120|6|mt_1.3b_lean.{json,md}, mt_1.3b_lean_memory_vs_time.png|1.3B, micro-batch 4, one GPU: Megatron-default (fused) and unfused baselines, CompAct r1/4 with and without lean activations (issue 11)
