@@ -78,10 +78,11 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
     training config rejects that combination up front (use base_dtype bf16 there).
 
     Under ZeRO-3 the subspace factors A are taken out of DeepSpeed's per-module fetch (they
-    are zero in every forward and backward of the training loop; compact_dist.deepspeed.
-    zero3_factor). Any stage3_param_persistence_threshold works (the merge updates the full copy DeepSpeed
-    keeps of a persistent W0). Rejected: ZeRO-3 options that keep other copies of the frozen
-    W0 the merge would not update (hpZ secondary partitions, quantized frozen weights).
+    are zero in every forward and backward of the training loop; see
+    compact_dist.deepspeed.zero3_factor). Any stage3_param_persistence_threshold works (the
+    merge updates the full copy DeepSpeed keeps of a persistent W0). Rejected: ZeRO-3
+    options that keep other copies of the frozen W0 the merge would not update (hpZ
+    secondary partitions, quantized frozen weights).
     """
     import deepspeed
 

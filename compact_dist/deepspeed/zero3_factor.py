@@ -5,7 +5,8 @@ False)`) before the module's forward and again before its backward, and frees it
 In the training contract (merge after every optimizer step) A is zero in both, so those
 gathers only move A's bytes (a quarter of W0's at r = n/4) and cost DeepSpeed's
 per-parameter host work: at 1.3B, DP=4, the 96 A's made its pre/post-backward hooks take
-127 instead of 79 ms of host time per step (results/steptime_dp4_z3_1.3b_profile.md).
+127 instead of 79 ms of host time per step and the step 1.149x the ZeRO-3 baseline's; 0.999x
+without them (benchmarks/results/steptime_dp4_z3_1.3b{_before,}).
 
 `keep_factors_out_of_fetch` (called by initialize_engine at stage 3) takes A out of the
 layer's own listing (the model's recursive listing, which the optimizer, ZeRO's partitioning
