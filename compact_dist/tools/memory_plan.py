@@ -364,8 +364,9 @@ def predict(setup: Setup) -> dict:
         transient["recompute: re-run chunk"] = acts["recompute_chunk"]
     if zero == 3:
         # parameters stay gathered across the forward -> backward turn up to
-        # stage3_max_reuse_distance / stage3_max_live_parameters (DeepSpeed default 1e9 each)
-        total = n["w0"] + n["a"] + n["other"]
+        # stage3_max_reuse_distance / stage3_max_live_parameters (DeepSpeed default 1e9 each);
+        # the subspace factors A are not among them (compact_dist.deepspeed.zero3_factor)
+        total = n["w0"] + n["other"]
         transient["ZeRO-3: parameters kept gathered (<= 1e9 elements)"] = e * min(
             ZERO3_LIVE_PARAMETERS, total)
     backward = acts["total"] + sum(transient.values())
