@@ -102,10 +102,10 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
                  lr, weight_decay)
     if not zero3:
         return
-    if any(layer.zero3_forward_factor is not None for layer in zero3):
-        from compact_dist.deepspeed.zero3_factor import release
+    for layer in zero3:  # a forward without backward may have left A gathered
+        if layer.zero3_forward_factor is not None:
+            from compact_dist.deepspeed.zero3_factor import release
 
-        for layer in zero3:  # a forward without backward may have left A gathered
             release(layer.subspace_factor)
     _wait_for_zero3_reduce(zero3[0].subspace_factor)
     local, gathered = _split_partition_local(zero3)
