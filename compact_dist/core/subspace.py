@@ -93,8 +93,9 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
       whole (a persistent parameter, fewer elements than
       stage3_param_persistence_threshold, or one a no-grad forward left gathered), forward
       uses that copy instead of gathering: A is gathered, every rank merges the copy (the
-      same inputs on every rank: the same bits) and copies its partition out of it. Which layers gather is agreed over the group (one
-      all_reduce of a flag per layer). Both paths give the same bits.
+      same inputs on every rank: the same bits) and copies its partition out of it. Which
+      layers gather is agreed over the group (one all_reduce of a flag per layer). Both
+      paths give the same bits.
     """
     layers = [layer for layer in compact_layers(model) if layer.subspace_factor is not None]
     zero3 = [layer for layer in layers if _is_zero3(layer.subspace_factor)]
@@ -102,10 +103,10 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
                  lr, weight_decay)
     if not zero3:
         return
+    from compact_dist.deepspeed.zero3_factor import release
+
     for layer in zero3:  # a forward without backward may have left A gathered
         if layer.zero3_forward_factor is not None:
-            from compact_dist.deepspeed.zero3_factor import release
-
             release(layer.subspace_factor)
     _wait_for_zero3_reduce(zero3[0].subspace_factor)
     local, gathered = _split_partition_local(zero3)
