@@ -70,12 +70,14 @@ def test_grouped_merge_applies_decay_and_scale_to_w_eff():
 
 
 def test_unproject_many_matches_unproject():
-    from compact_dist.core.projection import unproject
+    from compact_dist.core.projection import operand, unproject
 
     gen = torch.Generator().manual_seed(0)
-    for kb in (1, 4):
+    for kb in (1, 2, 4):
         a = torch.randn(3, 10, kb * 5, generator=gen)
         blocks = torch.randn(3, kb, 8, 5, generator=gen)
-        got = grouped_merge.unproject_many(a, blocks)
-        for i in range(3):
-            torch.testing.assert_close(got[i], unproject(a[i], blocks[i]))
+        # the blocks, and the stacked operands the merge multiplies with (matrices for kb <= 2)
+        for p in (blocks, torch.stack([operand(b) for b in blocks])):
+            got = grouped_merge.unproject_many(a, p)
+            for i in range(3):
+                torch.testing.assert_close(got[i], unproject(a[i], blocks[i]))

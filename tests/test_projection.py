@@ -1,7 +1,9 @@
 import torch
 import pytest
 
-from compact_dist.core.projection import Projection, block_seed, project, unproject
+from compact_dist.core.projection import (
+    DENSE_MAX_BLOCKS, Projection, block_seed, operand, project, unproject,
+)
 
 CPU = torch.device("cpu")
 
@@ -47,14 +49,20 @@ def test_row_parallel_slices_equal_the_tp1_matrix():
 
 
 def test_project_and_unproject_match_dense_matmul():
-    for blocks in (1, 4):
+    for blocks in (1, 2, 4):
         p = Projection(3, 1, 32, 8, num_blocks=blocks, local_blocks=blocks)
         b = p.blocks(0, CPU, torch.float64)
         dense = p.matrix(0, CPU, torch.float64)
         x = torch.randn(5, 2, 32, dtype=torch.float64)
         y = torch.randn(6, 8, dtype=torch.float64)
-        torch.testing.assert_close(project(x, b), x @ dense)
-        torch.testing.assert_close(unproject(y, b), y @ dense.t())
+        # the blocks and the operand forward multiplies with (a matrix up to DENSE_MAX_BLOCKS)
+        op = operand(b)
+        assert op.dim() == (2 if blocks <= DENSE_MAX_BLOCKS else 3)
+        for form in (b, op):
+            torch.testing.assert_close(project(x, form), x @ dense)
+            torch.testing.assert_close(unproject(y, form), y @ dense.t())
+        if blocks <= DENSE_MAX_BLOCKS:
+            torch.testing.assert_close(op, dense, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("blocks", [1, 4])

@@ -19,12 +19,13 @@ its output, which is proj's input, as the same storage): Z's bytes are then save
 Shapes (s: sequence, b: micro-batch, n/m: in/out features of this TP rank's shard, r: columns
 of this rank's P slice): x [s, b, n] (or [s/tp, b, n] with sequence parallelism, gathered
 over the TP group inside), weight [m, n], factor [m, r], bias [m], blocks [kb, n/kb, r/kb]
-(P's diagonal blocks, in x's dtype), output [s, b, m].
+(P's diagonal blocks, in x's dtype; or P as a matrix [n, r]: projection.operand), output
+[s, b, m].
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,24 @@ SUBSPACE = "subspace"
 UNBIASED = "unbiased"
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without a dispatcher call when it already is (host time counts where the
+    step is host-bound: several calls per layer and step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class _Settings(NamedTuple):
+    """What a call fixes besides its tensors: one argument to autograd's apply instead of six
+    (apply walks every argument; host time counts where the step is host-bound)."""
+
+    mode: str
+    sequence_parallel: bool
+    allreduce_dgrad: bool
+    tp_group: Optional[dist.ProcessGroup]
+    factor_scale: float
+    save_input: bool
+
+
 class CompressedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -46,25 +65,21 @@ class CompressedLinearFunction(torch.autograd.Function):
         factor: Optional[torch.Tensor],
         bias: Optional[torch.Tensor],
         blocks: torch.Tensor,
-        mode: str,
         factor_is_zero: bool,
-        sequence_parallel: bool,
-        allreduce_dgrad: bool,
-        tp_group: Optional[dist.ProcessGroup],
-        factor_scale: float,
         sketch: Optional[SubspaceSketch],
-        save_input: bool,
+        settings: _Settings,
     ) -> torch.Tensor:
-        total_x = all_gather_first_dim(x, tp_group)[0] if sequence_parallel else x
-        out = torch.matmul(total_x, weight.to(x.dtype).t())
-        use_factor = mode == SUBSPACE and not factor_is_zero
+        sequence_parallel, save_input = settings.sequence_parallel, settings.save_input
+        total_x = all_gather_first_dim(x, settings.tp_group)[0] if sequence_parallel else x
+        out = torch.matmul(total_x, _cast(weight, x.dtype).t())
+        use_factor = settings.mode == SUBSPACE and not factor_is_zero
         # Z = X P of the local shard: what backward keeps of the input (save_input keeps X
         # instead), and the factor term's input without sequence parallelism
         needs_z = not save_input or (use_factor and not sequence_parallel)
         z = project(x, blocks) if needs_z else None
         if use_factor:
             z_total = project(total_x, blocks) if sequence_parallel else z
-            out = out + factor_scale * torch.matmul(z_total, factor.to(x.dtype).t())
+            out = out + settings.factor_scale * torch.matmul(z_total, _cast(factor, x.dtype).t())
         if bias is not None:
             out = out + bias
         probe = sketch is not None and sketch.kind == "gradient"
@@ -73,45 +88,42 @@ class CompressedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x if save_input else z, weight, factor if use_factor else None,
                               total_x if probe else None)
         ctx.sketch = sketch if probe else None
-        ctx.factor_scale = factor_scale
-        ctx.blocks, ctx.mode = blocks, mode  # P: kept by the layer, not a saved activation
-        ctx.use_factor, ctx.save_input = use_factor, save_input
+        ctx.settings, ctx.use_factor, ctx.use_bias = settings, use_factor, bias is not None
+        ctx.blocks = blocks  # P: kept by the layer, not a saved activation
         ctx.factor_dtype = factor.dtype if factor is not None else None
-        ctx.use_bias = bias is not None
-        ctx.sequence_parallel, ctx.allreduce_dgrad = sequence_parallel, allreduce_dgrad
-        ctx.tp_group = tp_group
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         z, weight, factor, probe_input = ctx.saved_tensors
-        blocks = ctx.blocks.to(grad_out.dtype)
-        if ctx.save_input:
-            z = project(z, blocks.to(z.dtype))  # the saved X of this rank's shard -> Z
+        settings = ctx.settings
+        blocks = _cast(ctx.blocks, grad_out.dtype)
+        if settings.save_input:
+            z = project(z, _cast(blocks, z.dtype))  # the saved X of this rank's shard -> Z
         gather = None
-        if ctx.sequence_parallel:
+        if settings.sequence_parallel:
             # all-gather r columns of Z instead of the n columns of X
-            z, gather = all_gather_first_dim(z, ctx.tp_group, async_op=True)
+            z, gather = all_gather_first_dim(z, settings.tp_group, async_op=True)
 
-        grad_in = torch.matmul(grad_out, weight.to(grad_out.dtype))
+        grad_in = torch.matmul(grad_out, _cast(weight, grad_out.dtype))
         if ctx.use_factor:
-            grad_in = grad_in + ctx.factor_scale * unproject(
-                torch.matmul(grad_out, factor.to(grad_out.dtype)), blocks)
+            grad_in = grad_in + settings.factor_scale * unproject(
+                torch.matmul(grad_out, _cast(factor, grad_out.dtype)), blocks)
 
         reduce = None
-        if ctx.sequence_parallel:
+        if settings.sequence_parallel:
             gather.wait()
-            grad_in, reduce = reduce_scatter_first_dim(grad_in, ctx.tp_group, async_op=True)
-        elif ctx.allreduce_dgrad:
-            reduce = dist.all_reduce(grad_in, group=ctx.tp_group, async_op=True)
+            grad_in, reduce = reduce_scatter_first_dim(grad_in, settings.tp_group, async_op=True)
+        elif settings.allreduce_dgrad:
+            reduce = dist.all_reduce(grad_in, group=settings.tp_group, async_op=True)
 
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         g_hat = torch.matmul(g2.t(), z.reshape(-1, z.shape[-1]))  # [m, r] = G P
         grad_weight = grad_factor = None
-        if ctx.mode == SUBSPACE:
-            grad_factor = g_hat.to(ctx.factor_dtype)
+        if settings.mode == SUBSPACE:
+            grad_factor = _cast(g_hat, ctx.factor_dtype)
         else:
-            grad_weight = unproject(g_hat, blocks).to(weight.dtype)
+            grad_weight = _cast(unproject(g_hat, blocks), weight.dtype)
         grad_bias = g2.sum(dim=0) if ctx.use_bias else None
         if ctx.sketch is not None:  # probe micro-batch: the uncompressed G of this TP shard
             x2 = probe_input.reshape(-1, probe_input.shape[-1])
@@ -119,7 +131,7 @@ class CompressedLinearFunction(torch.autograd.Function):
 
         if reduce is not None:
             reduce.wait()
-        return (grad_in, grad_weight, grad_factor, grad_bias) + (None,) * 9
+        return grad_in, grad_weight, grad_factor, grad_bias, None, None, None, None
 
 
 def compressed_linear(
@@ -143,6 +155,6 @@ def compressed_linear(
     if mode == SUBSPACE and factor is None:
         raise ValueError("subspace mode needs the factor A")
     return CompressedLinearFunction.apply(
-        x, weight, factor, bias, blocks, mode, factor_is_zero,
-        sequence_parallel, allreduce_dgrad, tp_group, factor_scale, sketch, save_input,
+        x, weight, factor, bias, blocks, factor_is_zero, sketch,
+        _Settings(mode, sequence_parallel, allreduce_dgrad, tp_group, factor_scale, save_input),
     )

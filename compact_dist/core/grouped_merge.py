@@ -1,22 +1,22 @@
 """The subspace merge of many layers at once: W0 <- W0 (1 - lr wd) + s A P^T, A <- 0.
 
-CompactLinearMixin.merge_subspace merges one layer with about seven small kernels and some
-Python; after every optimizer step that is repeated for every compact layer (96 in a 24-layer
-GPT), which costs host time that a host-bound step (TP >= 2, small models) pays in full. Here
-layers whose tensors have the same shapes, dtypes, device and merge scale (the same role in
-every transformer layer) are merged together, a chunk at a time:
+Merging layer by layer costs a few small kernels and some Python per layer after every
+optimizer step (96 layers in a 24-layer GPT), host time that a host-bound step (TP >= 2, small
+models) pays in full. Here layers whose tensors have the same shapes, dtypes, device and merge
+scale (the same role in every transformer layer) are merged together, a chunk at a time:
 
-    A [L, m, r] = stack of the module A's        (module dtype, bf16 on GPUs)
-    P [L, kb, n/kb, r/kb] = stack of P's blocks  (A's dtype)
-    delta [L, m, n] = A P^T                      (one bmm, fp32 accumulation)
+    A [L, m, r] = stack of the module A's      (module dtype, bf16 on GPUs)
+    P [L, n, r] or [L, kb, n/kb, r/kb]         (A's dtype, projection.operand's form)
+    delta [L, m, n] = A P^T                    (one bmm, fp32 accumulation)
     fp32 W0: _foreach_mul_(decay), _foreach_add_(delta, alpha=s)
     bf16 W0: one stochastic-rounding kernel over all L (compact_dist.core.rounding)
     A: _foreach_zero_
 
 a constant number of kernels per chunk. The math, the operand dtypes and the stochastic
 rounding streams (seed, layer id, merge count, TP rank, element) are those of
-merge_subspace, so a layer ends in the same state either way (up to the summation order of
-the GEMM). Chunks keep delta under MERGE_CHUNK_BYTES (at least one layer).
+CompactLinearMixin.merge_subspace, which is this update for a group of one (`apply_rows`,
+`finish`), so a layer ends in the same state either way (up to the summation order of the
+GEMM). Chunks keep delta under MERGE_CHUNK_BYTES (at least one layer).
 
 Used for the module's own A (plain torch optimizers and ZeRO 0-2, where DeepSpeed writes the
 updated A into the module, `merge_layers`) and for ZeRO-3's partition-local merge
@@ -48,15 +48,18 @@ def _group_key(layer) -> tuple:
             (p.local_blocks, p.block_in, p.block_rank), layer.merge_scale)
 
 
-def unproject_many(factors: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """A P^T per layer: factors [L, m, kb * rb], blocks [L, kb, b, rb] -> [L, m, kb * b]
-    (compact_dist.core.projection.unproject with a leading layer dimension)."""
+def unproject_many(factors: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A P^T per layer: factors [L, m, r] -> [L, m, n]; p holds each layer's P as a matrix
+    [L, n, r] or as diagonal blocks [L, kb, n/kb, r/kb] (compact_dist.core.projection.unproject
+    with a leading layer dimension; `operand` says which form a layer multiplies with)."""
+    if p.dim() == 3:
+        return torch.bmm(factors, p.transpose(1, 2))
     n_layers, m, _ = factors.shape
-    _, kb, b, rb = blocks.shape
+    _, kb, b, rb = p.shape
     if kb == 1:
-        return torch.bmm(factors, blocks[:, 0].transpose(1, 2))
+        return torch.bmm(factors, p[:, 0].transpose(1, 2))
     a = factors.view(n_layers, m, kb, rb).permute(0, 2, 1, 3).reshape(n_layers * kb, m, rb)
-    out = torch.bmm(a, blocks.reshape(n_layers * kb, b, rb).transpose(1, 2))
+    out = torch.bmm(a, p.reshape(n_layers * kb, b, rb).transpose(1, 2))
     return out.view(n_layers, kb, m, b).permute(0, 2, 1, 3).reshape(n_layers, m, kb * b)
 
 
@@ -93,13 +96,13 @@ def _merge_chunk(layers: list, decay: float) -> None:
     stacked = torch.stack([f.detach() for f in factors])  # [L, m, r]
     mappings = [getattr(f, "_hp_mapping", None) for f in factors]
     if any(m is not None for m in mappings):  # ZeRO 1-2: this rank's fp32 master fragments
-        flat = stacked.view(len(layers), -1)
+        flat = stacked.view(len(layers), -1).float()  # one cast for the chunk (A is small)
         lows, highs = [], []
         for i, mapping in enumerate(mappings):
             if mapping is None:
                 continue
             address = mapping.lp_fragment_address
-            lows.append(flat[i].narrow(0, address.start, address.numel).float())
+            lows.append(flat[i].narrow(0, address.start, address.numel))
             highs.append(mapping.get_hp_fragment())
         torch._foreach_sub_(highs, lows)
     apply_rows(layers, stacked, [layer.weight.view(-1) for layer in layers], 0, 0, decay)
@@ -114,9 +117,9 @@ def apply_rows(layers: list, rows: torch.Tensor, bases: list[torch.Tensor], offs
     `base_start` of W0, `offset` elements into its first row). bf16 bases are rounded
     stochastically with merge_subspace's streams (layer id, merge count, TP rank, start)."""
     first = layers[0]
-    blocks = torch.stack([layer.projection_blocks(rows.dtype) for layer in layers])
+    p = torch.stack([layer.projection_operand(rows.dtype) for layer in layers])
     numel = bases[0].numel()
-    delta = unproject_many(rows, blocks).view(len(layers), -1).narrow(1, offset, numel)
+    delta = unproject_many(rows, p).view(len(layers), -1).narrow(1, offset, numel)
     scale = first.merge_scale
     if bases[0].dtype == torch.float32:
         if decay != 1.0:

@@ -42,8 +42,8 @@ from compact_dist.core.autograd import SUBSPACE, compressed_linear
 from compact_dist.core.basis import SubspaceSketch
 from compact_dist.core.collectives import reduce_scatter_to_sequence_parallel_region
 from compact_dist.core.config import LayerCompression
-from compact_dist.core.projection import Projection, block_seed, unproject
-from compact_dist.core.rounding import merge_into_bf16_
+from compact_dist.core.grouped_merge import apply_rows, finish
+from compact_dist.core.projection import Projection, operand, unproject
 
 _BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -117,7 +117,7 @@ class CompactLinearMixin:
         )
         self.projection_epoch = 0
         self.merge_count = 0
-        self._projection_cache: dict[tuple, torch.Tensor] = {}
+        self._projection_cache: dict[tuple, list] = {}
         # data-aware P (fp32 [local_blocks, block_in, block_rank], orthonormal blocks) once
         # estimated; None: the seeded Gaussian P of the current epoch
         self.basis: Optional[torch.Tensor] = None
@@ -225,15 +225,28 @@ class CompactLinearMixin:
         never anything derived from this step's activations. Only the latest (epoch, dtype,
         device) is kept.
         """
+        return self._cached_projection(dtype)[0]
+
+    def projection_operand(self, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's P as forward and backward multiply it (projection.operand: the [in, r]
+        matrix for at most DENSE_MAX_BLOCKS blocks, else the blocks), cached with the blocks."""
+        entry = self._cached_projection(dtype)
+        if entry[1] is None:
+            entry[1] = operand(entry[0])
+        return entry[1]
+
+    def _cached_projection(self, dtype: torch.dtype) -> list:
+        """[blocks, operand or None] of the current epoch in `dtype` on W0's device."""
         key = (self.projection_epoch, dtype, self.weight.device)
-        blocks = self._projection_cache.get(key)
-        if blocks is None:
+        entry = self._projection_cache.get(key)
+        if entry is None:
             if self.basis is not None:
                 blocks = self.basis.to(self.weight.device, dtype)
             else:
                 blocks = self.projection.blocks(self.projection_epoch, self.weight.device, dtype)
-            self._projection_cache = {key: blocks}
-        return blocks
+            entry = [blocks, None]
+            self._projection_cache = {key: entry}
+        return entry
 
     @property
     def merge_scale(self) -> float:
@@ -281,26 +294,13 @@ class CompactLinearMixin:
         if base.numel():
             # rows of W0 that the slice touches, and A P^T for just those rows, in A's module
             # dtype (bf16 on GPUs: tensor cores with fp32 accumulation; an fp32 GEMM of this
-            # size per layer and step would cost more than the layer's forward)
+            # size per layer and step would cost more than the layer's forward): the grouped
+            # merge's update for a group of one
             row0, row1 = base_start // n, -(-(base_start + base.numel()) // n)
-            dtype = module_factor.dtype
-            delta = unproject(factor[row0:row1].to(dtype), self.projection_blocks(dtype))
-            offset = base_start - row0 * n
-            delta = delta.reshape(-1)[offset : offset + base.numel()]
-            decay = 1.0 - lr * weight_decay
-            if base.dtype == torch.float32:
-                if decay != 1.0:
-                    base.mul_(decay)
-                base.add_(delta, alpha=self.merge_scale)
-            else:
-                # negative "epochs" keep these streams apart from the projections'
-                merge_into_bf16_(base, delta, self.merge_scale, decay, block_seed(
-                    self.compression.seed, self.layer_id, -1 - self.merge_count,
-                    (get_pg_rank(self.tp_group) << 40) + base_start,
-                ))
-        module_factor.zero_()
-        self._mark_factor_zero()
-        self.merge_count += 1
+            rows = factor[row0:row1].to(module_factor.dtype).unsqueeze(0)
+            apply_rows([self], rows, [base], base_start - row0 * n, base_start,
+                       1.0 - lr * weight_decay)
+        finish([self])
 
     def resample_projection(self, basis: Optional[torch.Tensor] = None) -> None:
         """Switch to the next projection epoch: P becomes `basis` (data-aware, fp32
@@ -335,7 +335,7 @@ class CompactLinearMixin:
             self.weight,
             factor,
             bias,
-            self.projection_blocks(x.dtype),
+            self.projection_operand(x.dtype),
             self.compression.mode,
             factor_is_zero=factor_is_zero,
             sequence_parallel=sequence_parallel,

@@ -101,21 +101,44 @@ class Projection:
         return torch.block_diag(*self.blocks(epoch, device, dtype).unbind(0))
 
 
-def project(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Z = X P for a block-diagonal P: x [..., kb * b] -> [..., kb * r_b]."""
-    kb, b, rb = blocks.shape
+# A block-diagonal P of at most this many blocks is multiplied as one dense matrix (zeros off
+# the diagonal): one GEMM of at most DENSE_MAX_BLOCKS x the blocks' flops instead of a batched
+# GEMM plus a copy of its transposed output, i.e. fewer launches and host work where the step is
+# host-bound (row-parallel layers at TP >= 4, whose GEMMs are small).
+DENSE_MAX_BLOCKS = 2
+
+
+def operand(blocks: torch.Tensor) -> torch.Tensor:
+    """P in the form `project` / `unproject` multiply fastest: the [n, r] matrix itself for a
+    single block (a view) or up to DENSE_MAX_BLOCKS blocks (block_diag, a copy), else the
+    blocks [kb, n/kb, r/kb]."""
+    if blocks.shape[0] == 1:
+        return blocks[0]
+    if blocks.shape[0] <= DENSE_MAX_BLOCKS:
+        return torch.block_diag(*blocks.unbind(0))
+    return blocks
+
+
+def project(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Z = X P: x [..., n] -> [..., r]; p is P as a matrix [n, r] or its diagonal blocks
+    [kb, n/kb, r/kb] (see `operand`)."""
+    if p.dim() == 2:
+        return torch.matmul(x, p)
+    kb, b, rb = p.shape
     if kb == 1:
-        return torch.matmul(x, blocks[0])
+        return torch.matmul(x, p[0])
     lead = x.shape[:-1]
     xb = x.reshape(-1, kb, b).transpose(0, 1)  # [kb, T, b]
-    return torch.bmm(xb, blocks).transpose(0, 1).reshape(*lead, kb * rb)
+    return torch.bmm(xb, p).transpose(0, 1).reshape(*lead, kb * rb)
 
 
-def unproject(y: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Y P^T for a block-diagonal P: y [..., kb * r_b] -> [..., kb * b]."""
-    kb, b, rb = blocks.shape
+def unproject(y: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Y P^T: y [..., r] -> [..., n]; p as in `project`."""
+    if p.dim() == 2:
+        return torch.matmul(y, p.t())
+    kb, b, rb = p.shape
     if kb == 1:
-        return torch.matmul(y, blocks[0].t())
+        return torch.matmul(y, p[0].t())
     lead = y.shape[:-1]
     yb = y.reshape(-1, kb, rb).transpose(0, 1)  # [kb, T, r_b]
-    return torch.bmm(yb, blocks.transpose(1, 2)).transpose(0, 1).reshape(*lead, kb * b)
+    return torch.bmm(yb, p.transpose(1, 2)).transpose(0, 1).reshape(*lead, kb * b)

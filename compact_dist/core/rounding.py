@@ -10,8 +10,8 @@ Two implementations of the same rule:
 - torch (any device): fp32 temporaries and a torch.Generator stream (`stochastic_round_to_bf16`);
 - Triton (CUDA): one fused pass that reads W0 and delta and writes W0 (6 bytes per element
   with a bf16 delta, against ~70 for the torch chain), Philox noise from (seed, index);
-  `merge_into_bf16_many_` runs it over many W0s of one size in one launch (a table of
-  their addresses and seeds), with the same bits as one launch each.
+  one kernel serves one W0 or many of one size (`merge_into_bf16_many_`: one launch, a table
+  of their addresses and seeds), with the same bits either way.
 The two draw different noise (both unbiased); a run uses one of them throughout (the Triton one
 whenever W0 is on a CUDA device and triton imports; COMPACT_SR_TRITON=0 forces torch).
 Shapes: base [numel] (a flat bf16 view or slice of W0), delta [numel] (any float dtype).
@@ -48,24 +48,11 @@ def triton_available(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _merge_sr_kernel(base_ptr, delta_ptr, n, scale, decay, seed, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = w * decay + scale * d
-        noise = tl.randint(seed, offs) & 0xFFFF  # Philox, a function of (seed, index)
-        bits = v.to(tl.int32, bitcast=True) + noise.to(tl.int32)
-        rounded = (bits & -65536).to(tl.float32, bitcast=True)
-        tl.store(base_ptr + offs, rounded.to(tl.bfloat16), mask=mask)
-
-
-    @triton.jit
     def _merge_sr_many_kernel(table_ptr, delta_ptr, n, delta_stride, scale, decay,
                               BLOCK: tl.constexpr):
-        # the same per-element rule as _merge_sr_kernel for layer program_id(1), whose W0
-        # address and 32-bit seed are row program_id(1) of the int64 table [L, 2]
+        # v = w * decay + scale * d rounded with Philox noise of (seed, index), for the W0
+        # of program_id(1), whose address and 32-bit seed are that row of the int64 table
+        # [L, 2] (one W0 or many of one size: the same bits either way)
         pid = tl.program_id(0)
         layer = tl.program_id(1).to(tl.int64)
         base_ptr = tl.load(table_ptr + 2 * layer).to(tl.pointer_type(tl.bfloat16))
@@ -102,9 +89,15 @@ def merge_into_bf16_many_(bases: list[torch.Tensor], deltas: torch.Tensor, scale
         for base, delta, seed in zip(bases, deltas, seeds):
             merge_into_bf16_(base, delta, scale, decay, seed)
         return
+    _launch(bases, deltas, scale, decay, seeds)
+
+
+def _launch(bases: list[torch.Tensor], deltas: torch.Tensor, scale: float, decay: float,
+            seeds: list[int]) -> None:
+    """The Triton kernel over contiguous bf16 bases of one length and deltas [L, n]."""
     table = torch.tensor([[b.data_ptr(), _seed32(s)] for b, s in zip(bases, seeds)],
                          dtype=torch.int64).to(bases[0].device, non_blocking=True)
-    block = 4096
+    n, block = bases[0].numel(), 4096
     grid = (triton.cdiv(n, block), len(bases))
     if deltas.stride(1) != 1:
         deltas = deltas.contiguous()
@@ -119,12 +112,8 @@ def merge_into_bf16_(base: torch.Tensor, delta: torch.Tensor, scale: float, deca
         raise ValueError("merge_into_bf16_ needs a 1-D bf16 base and a delta of its shape")
     if not base.numel():
         return
-    if triton_available(base):
-        delta = delta.contiguous()
-        block = 4096
-        grid = (triton.cdiv(base.numel(), block),)
-        _merge_sr_kernel[grid](base, delta, base.numel(), float(scale), float(decay),
-                               _seed32(seed), BLOCK=block)
+    if triton_available(base) and base.is_contiguous():
+        _launch([base], delta.reshape(1, -1), scale, decay, [seed])
         return
     merged = base.float()
     if decay != 1.0:
