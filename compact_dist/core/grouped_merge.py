@@ -71,10 +71,13 @@ def group_layers(layers: list) -> list[list]:
     return list(groups.values())
 
 
-def chunks(group: list, bytes_per_layer: int) -> list[list]:
-    """`group` in consecutive chunks whose deltas stay under MERGE_CHUNK_BYTES (at least one
-    layer each)."""
-    size = max(1, MERGE_CHUNK_BYTES // max(1, bytes_per_layer))
+def chunks(group: list, elements_per_layer: int) -> list[list]:
+    """`group` in consecutive chunks whose deltas (`elements_per_layer` each; in A's dtype,
+    plus their fp32 copy for an fp32 W0) stay under MERGE_CHUNK_BYTES (at least one layer
+    each)."""
+    w, a = group[0].weight, group[0].subspace_factor
+    per_element = a.element_size() + (4 if w.dtype == torch.float32 != a.dtype else 0)
+    size = max(1, MERGE_CHUNK_BYTES // max(1, elements_per_layer * per_element))
     return [group[i:i + size] for i in range(0, len(group), size)]
 
 
@@ -86,8 +89,7 @@ def merge_layers(layers: list, lr: float, weight_decay: float) -> None:
     copy): the update lives on in W0, nothing of it in the optimizer's copy."""
     decay = 1.0 - lr * weight_decay
     for group in group_layers(layers):
-        w, a = group[0].weight, group[0].subspace_factor
-        for chunk in chunks(group, w.numel() * a.element_size()):
+        for chunk in chunks(group, group[0].weight.numel()):
             _merge_chunk(chunk, decay)
 
 
@@ -124,7 +126,9 @@ def apply_rows(layers: list, rows: torch.Tensor, bases: list[torch.Tensor], offs
     if bases[0].dtype == torch.float32:
         if decay != 1.0:
             torch._foreach_mul_(bases, decay)
-        torch._foreach_add_(bases, list(delta.unbind(0)), alpha=scale)
+        # one dtype on both sides: foreach's fused multi-tensor kernels (mixed dtypes fall
+        # back to one add_ per layer)
+        torch._foreach_add_(bases, list(delta.float().unbind(0)), alpha=scale)
         return
     tp_rank = get_pg_rank(first.tp_group)
     seeds = [block_seed(layer.compression.seed, layer.layer_id, -1 - layer.merge_count,

@@ -222,7 +222,7 @@ def _merge_partition_local(layers: list, lr: float, weight_decay: float) -> None
         first = a_lo * r - rank * factor.ds_tensor.ds_numel  # A's row a_lo in the partition
         _, start, valid = _own_partition(w0)
         row0, row1 = start // n, -(-(start + valid) // n)  # rows of W0 the partition touches
-        for chunk in chunks(group, (row1 - row0) * n * factor.element_size()):
+        for chunk in chunks(group, (row1 - row0) * n):
             masters = [_local_master(layer.subspace_factor) for layer in chunk]
             if valid:
                 rows = torch.stack([m.narrow(0, first + (row0 - a_lo) * r, (row1 - row0) * r)
