@@ -8,8 +8,7 @@ scale (the same role in every transformer layer) are merged together, a chunk at
     A [L, m, r] = stack of the module A's      (module dtype, bf16 on GPUs)
     P [L, n, r] or [L, kb, n/kb, r/kb]         (A's dtype, projection.operand's form)
     delta [L, m, n] = A P^T                    (one bmm, fp32 accumulation)
-    fp32 W0: one Triton pass on CUDA (rounding.merge_into_fp32_many_), else
-             _foreach_mul_(decay), _foreach_add_(delta, alpha=s)
+    fp32 W0: _foreach_mul_(decay), _foreach_add_(delta, alpha=s)
     bf16 W0: one stochastic-rounding kernel over all L (compact_dist.core.rounding)
     A: _foreach_zero_
 
@@ -33,7 +32,7 @@ import torch
 from megatron.core.utils import get_pg_rank
 
 from compact_dist.core.projection import block_seed
-from compact_dist.core.rounding import merge_into_bf16_many_, merge_into_fp32_many_
+from compact_dist.core.rounding import merge_into_bf16_many_
 
 # the largest delta [L, m, n] one chunk materialises (bytes); a layer larger than it is
 # merged alone
@@ -125,8 +124,6 @@ def apply_rows(layers: list, rows: torch.Tensor, bases: list[torch.Tensor], offs
     delta = unproject_many(rows, p).view(len(layers), -1).narrow(1, offset, numel)
     scale = first.merge_scale
     if bases[0].dtype == torch.float32:
-        if merge_into_fp32_many_(bases, delta, scale, decay):
-            return
         if decay != 1.0:
             torch._foreach_mul_(bases, decay)
         # one dtype on both sides: foreach's fused multi-tensor kernels (mixed dtypes fall

@@ -1,5 +1,4 @@
-"""The merge's elementwise update W0 <- W0 (1 - lr wd) + s A P^T, stochastically rounded into
-a bf16 W0.
+"""Stochastic rounding of the merge W0 <- W0 (1 - lr wd) + s A P^T into a bf16 W0.
 
 `merge_into_bf16_(base, delta, scale, decay, seed)` updates a bf16 tensor in place:
 v = base * decay + scale * delta in fp32, rounded to one of its two bf16 neighbours with
@@ -12,8 +11,7 @@ Two implementations of the same rule:
 - Triton (CUDA): one fused pass that reads W0 and delta and writes W0 (6 bytes per element
   with a bf16 delta, against ~70 for the torch chain), Philox noise from (seed, index);
   one kernel serves one W0 or many of one size (`merge_into_bf16_many_`: one launch, a table
-  of their addresses and seeds), with the same bits either way. The same kernel without the
-  rounding updates fp32 W0s in one pass (`merge_into_fp32_many_`; torch needs two).
+  of their addresses and seeds), with the same bits either way.
 The two draw different noise (both unbiased); a run uses one of them throughout (the Triton one
 whenever W0 is on a CUDA device and triton imports; COMPACT_SR_TRITON=0 forces torch).
 Shapes: base [numel] (a flat bf16 view or slice of W0), delta [numel] (any float dtype).
@@ -50,30 +48,24 @@ def triton_available(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _merge_many_kernel(table_ptr, delta_ptr, n, delta_stride, scale, decay,
-                           BLOCK: tl.constexpr, STOCHASTIC: tl.constexpr):
-        # v = w * decay + scale * d for the W0 of program_id(1), whose address (and 32-bit
-        # seed) are that row of the int64 table [L, 2] (one W0 or many of one size: the same
-        # bits either way); STOCHASTIC: a bf16 W0, v rounded with Philox noise of (seed,
-        # index); else an fp32 W0, v stored as is
+    def _merge_sr_many_kernel(table_ptr, delta_ptr, n, delta_stride, scale, decay,
+                              BLOCK: tl.constexpr):
+        # v = w * decay + scale * d rounded with Philox noise of (seed, index), for the W0
+        # of program_id(1), whose address and 32-bit seed are that row of the int64 table
+        # [L, 2] (one W0 or many of one size: the same bits either way)
         pid = tl.program_id(0)
         layer = tl.program_id(1).to(tl.int64)
+        base_ptr = tl.load(table_ptr + 2 * layer).to(tl.pointer_type(tl.bfloat16))
+        seed = tl.load(table_ptr + 2 * layer + 1).to(tl.int32)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
+        w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.load(delta_ptr + layer * delta_stride + offs, mask=mask, other=0.0).to(tl.float32)
-        if STOCHASTIC:
-            base_ptr = tl.load(table_ptr + 2 * layer).to(tl.pointer_type(tl.bfloat16))
-            seed = tl.load(table_ptr + 2 * layer + 1).to(tl.int32)
-            w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            v = w * decay + scale * d
-            noise = tl.randint(seed, offs) & 0xFFFF
-            bits = v.to(tl.int32, bitcast=True) + noise.to(tl.int32)
-            rounded = (bits & -65536).to(tl.float32, bitcast=True)
-            tl.store(base_ptr + offs, rounded.to(tl.bfloat16), mask=mask)
-        else:
-            base_ptr = tl.load(table_ptr + 2 * layer).to(tl.pointer_type(tl.float32))
-            w = tl.load(base_ptr + offs, mask=mask, other=0.0)
-            tl.store(base_ptr + offs, w * decay + scale * d, mask=mask)
+        v = w * decay + scale * d
+        noise = tl.randint(seed, offs) & 0xFFFF
+        bits = v.to(tl.int32, bitcast=True) + noise.to(tl.int32)
+        rounded = (bits & -65536).to(tl.float32, bitcast=True)
+        tl.store(base_ptr + offs, rounded.to(tl.bfloat16), mask=mask)
 
 
 def _seed32(seed: int) -> int:
@@ -100,32 +92,17 @@ def merge_into_bf16_many_(bases: list[torch.Tensor], deltas: torch.Tensor, scale
     _launch(bases, deltas, scale, decay, seeds)
 
 
-def merge_into_fp32_many_(bases: list[torch.Tensor], deltas: torch.Tensor, scale: float,
-                          decay: float) -> bool:
-    """bases[i] <- bases[i] * decay + scale * deltas[i] for fp32 bases (1-D, contiguous, one
-    length n; deltas [len(bases), n], rows contiguous, any float dtype) in one Triton pass
-    over W0 (read W0 and delta, write W0) instead of torch's two (scale, then add). Returns
-    False, doing nothing, where Triton does not apply (the caller falls back to torch)."""
-    if not (bases and triton_available(bases[0])
-            and all(b.dtype == torch.float32 and b.is_contiguous() for b in bases)):
-        return False
-    _launch(bases, deltas, scale, decay, None)
-    return True
-
-
 def _launch(bases: list[torch.Tensor], deltas: torch.Tensor, scale: float, decay: float,
-            seeds: list[int] | None) -> None:
-    """The Triton kernel over contiguous bases of one length and deltas [L, n]; seeds: bf16
-    bases, rounded stochastically; None: fp32 bases."""
-    seeds32 = [0] * len(bases) if seeds is None else [_seed32(s) for s in seeds]
-    table = torch.tensor([[b.data_ptr(), s] for b, s in zip(bases, seeds32)],
+            seeds: list[int]) -> None:
+    """The Triton kernel over contiguous bf16 bases of one length and deltas [L, n]."""
+    table = torch.tensor([[b.data_ptr(), _seed32(s)] for b, s in zip(bases, seeds)],
                          dtype=torch.int64).to(bases[0].device, non_blocking=True)
     n, block = bases[0].numel(), 4096
     grid = (triton.cdiv(n, block), len(bases))
     if deltas.stride(1) != 1:
         deltas = deltas.contiguous()
-    _merge_many_kernel[grid](table, deltas, n, deltas.stride(0), float(scale), float(decay),
-                             BLOCK=block, STOCHASTIC=seeds is not None)
+    _merge_sr_many_kernel[grid](table, deltas, n, deltas.stride(0), float(scale), float(decay),
+                                BLOCK=block)
 
 
 def merge_into_bf16_(base: torch.Tensor, delta: torch.Tensor, scale: float, decay: float,
