@@ -8,7 +8,7 @@ scale (the same role in every transformer layer) are merged together, a chunk at
     A [L, m, r] = stack of the module A's      (module dtype, bf16 on GPUs)
     P [L, n, r] or [L, kb, n/kb, r/kb]         (A's dtype, projection.operand's form)
     delta [L, m, n] = A P^T                    (one bmm, fp32 accumulation)
-    fp32 W0: _foreach_mul_(decay), _foreach_add_(delta, alpha=s)
+    fp32 W0: _foreach_mul_(decay), _foreach_add_(fp32 delta, alpha=s)
     bf16 W0: one stochastic-rounding kernel over all L (compact_dist.core.rounding)
     A: _foreach_zero_
 
@@ -117,7 +117,8 @@ def apply_rows(layers: list, rows: torch.Tensor, bases: list[torch.Tensor], offs
     layers of one group: rows [L, k, r] (rows of A in A's module dtype), bases: flat W0
     slices of one length (the whole W0, or a ZeRO-3 partition starting at flat index
     `base_start` of W0, `offset` elements into its first row). bf16 bases are rounded
-    stochastically with merge_subspace's streams (layer id, merge count, TP rank, start)."""
+    stochastically with noise streams of (seed, layer id, -1 - merge count (negative
+    "epochs": apart from the projections' streams), TP rank << 40 + start)."""
     first = layers[0]
     p = torch.stack([layer.projection_operand(rows.dtype) for layer in layers])
     numel = bases[0].numel()
