@@ -56,8 +56,6 @@ def unproject_many(factors: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return torch.bmm(factors, p.transpose(1, 2))
     n_layers, m, _ = factors.shape
     _, kb, b, rb = p.shape
-    if kb == 1:
-        return torch.bmm(factors, p[:, 0].transpose(1, 2))
     a = factors.view(n_layers, m, kb, rb).permute(0, 2, 1, 3).reshape(n_layers * kb, m, rb)
     out = torch.bmm(a, p.reshape(n_layers * kb, b, rb).transpose(1, 2))
     return out.view(n_layers, kb, m, b).permute(0, 2, 1, 3).reshape(n_layers, m, kb * b)
