@@ -83,6 +83,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gaussian_r1/4": {"compression.ratio": 0.25, **_GAUSSIAN},
     # the defaults (pca, transport, T = 200, update_scale 1)
     "pca_r1/4": {"compression.ratio": 0.25, **_PCA},
+    # the defaults with W0 as a bf16 pair / in bf16, and with another initialisation
+    "pca_r1/4_bf16pair": {"compression.ratio": 0.25, **_PCA,
+                          "compression.base_dtype": "bf16_pair"},
+    "pca_r1/4_bf16W0": {"compression.ratio": 0.25, **_PCA, "compression.base_dtype": "bf16"},
+    "pca_r1/4_seed2": {"compression.ratio": 0.25, **_PCA, "_train_seed_offset": 1},
     # lean activations (fused CE exact; FP8 storage lossy: its convergence cost is measured)
     "pca_r1/4_lean": {"compression.ratio": 0.25, **_PCA, "activations.fused_cross_entropy": True,
                       "activations.fp8_storage": ["swiglu", "attention", "norm"]},

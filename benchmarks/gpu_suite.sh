@@ -54,8 +54,8 @@ profile_1.3b|1|150|60|2|profile_1.3b.json|per-kernel CUDA time of forward+backwa
 projection_cost|1|90|30|1|projection_cost.json|P generation, projection, merge per linear role, 1.3B shapes
 convergence33m|all|0|120|3-6 (4/2 GPUs)|convergence/convergence_*.json, convergence/convergence.{json,md}, convergence.md, convergence_ppl.png|33M on the stdlib corpus, 8 variants over the GPUs, resumable (state: .cache/gpu_suite/convergence33m)
 convergence110m|all|0|150|2 x 9 (4 GPUs)|convergence110m.{json,md}, convergence110m_ppl.png, convergence110m/|110M on the host corpus by benchmarks/convergence_gpu.sh, resumable (unfused SwiGLU: the code before the fused default)
-convergence110m_fused|all|0|150|2 x 9 (2 GPUs)|convergence110m_fused.{json,md}, convergence110m_fused_ppl.png, convergence110m_fused/|110M with the Megatron default fusions: 2 baseline seeds, gaussian, pca r1/4 and r1/8, pca + lean activations (FP8 cost), resumable
-tp4_sp_z1|4|200|110|3|mt_tp4_sp_z1.{json,md}, mt_tp4_sp_z1_memory_vs_time.png|TP=4 + SP, ZeRO-1, 1.3B
+convergence110m_fused|all|0|150|2 x 9 (2 GPUs)|convergence110m_fused.{json,md}, convergence110m_fused_ppl.png, convergence110m_fused/|110M with the Megatron default fusions: 2 baseline seeds, gaussian, pca r1/4 (2 seeds; W0 in fp32, as a bf16 pair, in bf16) and r1/8, pca + lean activations (FP8 cost), resumable
+tp4_sp_z1|4|240|130|3|mt_tp4_sp_z1.{json,md}, mt_tp4_sp_z1_memory_vs_time.png|TP=4 + SP, ZeRO-1, 1.3B (r1/4 with an fp32 W0 and a bf16 pair, r1/8)
 tp2_dp2_z1|4|150|70|2|mt_tp2_dp2_z1.{json,md}, mt_tp2_dp2_z1_memory_vs_time.png|TP=2 x DP=2 + SP, ZeRO-1, 1.3B
 tp2_dp2_z2|4|150|70|2|mt_tp2_dp2_z2.{json,md}, mt_tp2_dp2_z2_memory_vs_time.png|TP=2 x DP=2 + SP, ZeRO-2, 1.3B
 dp4_z3_1.3b|4|120|80|2|mt_dp4_z3_1.3b.{json,md}, mt_dp4_z3_1.3b_memory_vs_time.png|DP=4 ZeRO-3 (deepspeed launcher, bf16 W0), 1.3B
@@ -63,7 +63,7 @@ dp4_z3_7b|4|400|240|6|mt_dp4_z3_7b.{json,md}, mt_dp4_z3_7b_memory_vs_time.png|DP
 merge_cost|1|150|60|2|merge_cost.json|merge_cost.py: host and device time of the merge per step, one merge per layer vs grouped by shape, at the per-rank shapes of 1.3B at TP 1, 2, 4
 steptime_dp2_z3|2|200|120|3|steptime_dp2_z3.{json,md}, steptime_dp2_z3_profile.{json,md}|DP=2 ZeRO-3, 1.3B, micro-batch 4: interleaved step-time ratio (step_time.py under torchrun) of r1/4 bf16 W0, and a torch.profiler summary per variant
 steptime_tp2|2|240|120|4|steptime_tp2_mb4.{json,md}, steptime_tp2_mb4_profile.{json,md}, steptime_tp2_mb2.{json,md}|TP=2 + SP, ZeRO-1, 1.3B: interleaved step-time ratios at micro-batch 4 (with a profile) and 2 (the per-GPU work of TP=4 at micro-batch 4)
-steptime_tp4|4|240|120|4|steptime_tp4_mb4.{json,md}, steptime_tp4_mb4_profile.{json,md}|TP=4 + SP, ZeRO-1, 1.3B, micro-batch 4: interleaved step-time ratios and a torch.profiler summary per variant
+steptime_tp4|4|300|150|5|steptime_tp4_mb4.{json,md}, steptime_tp4_mb4_profile.{json,md}|TP=4 + SP, ZeRO-1, 1.3B, micro-batch 4: interleaved step-time ratios (r1/4 with an fp32 W0, a bf16 pair, a bf16 W0) and a torch.profiler summary per variant
 steptime_dp4_z3|4|200|120|3|steptime_dp4_z3_1.3b.{json,md}, steptime_dp4_z3_1.3b_profile.{json,md}|DP=4 ZeRO-3, 1.3B, micro-batch 4: interleaved step-time ratio of r1/4 bf16 W0, and a torch.profiler summary per variant
 steptime_dp4_z3_7b|4|420|240|7|steptime_dp4_z3_7b.{json,md}|DP=4 ZeRO-3, 7B, micro-batch 1: interleaved step-time ratio of r1/4 bf16 W0
 inv_tp4|4|160|100|2|inv_tp4.{json,md}, inv_fp32_tp4.{json,md}|TP-invariance at TP=4, bf16 then fp32'
@@ -186,7 +186,8 @@ VARS=(--variants "baseline,compact_r1/4,compact_r1/8")
 OPTS="baseline,compact_r1/4,compact_r1/4_fusedce,compact_r1/4_fp8swiglu,compact_r1/4_fp8attention"
 OPTS+=",compact_r1/4_fp8norm,compact_r1/4_bf16W0,compact_r1/4_bf16W0_lean,compact_r1/4_gaussian"
 STEPTIME="baseline,compact_r1/4,compact_r1/4_bf16W0_lean,compact_r1/4_lean"
-STTP=(--variants "baseline,compact_r1/4,compact_r1/4_bf16W0" --rounds 12 --steps-per-round 4
+STTP=(--variants "baseline,compact_r1/4,compact_r1/4_bf16pair,compact_r1/4_bf16W0" --rounds 12
+      --steps-per-round 4
       --warmup 4)
 INV=(--tp-invariance-steps 20 --tp-invariance-preset "$PINV"
      --tp-invariance-variants "baseline,compact_r1/4")
@@ -291,7 +292,7 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
       [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m_fused")
       x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
         --prefix convergence110m_fused --results-dir "$RES" \
-        --variants baseline,baseline_seed2,gaussian_r1/4,pca_r1/4,pca_r1/4_lean,pca_r1/8 \
+        --variants baseline,baseline_seed2,gaussian_r1/4,pca_r1/4,pca_r1/4_lean,pca_r1/8,pca_r1/4_seed2,pca_r1/4_bf16pair,pca_r1/4_bf16W0 \
         ${extra[@]+"${extra[@]}"} || rc=$? ;;
     projection_cost)
       [ "$TINY" = 1 ] && extra=(--hidden 128 --ffn 352 --tokens 256)
@@ -303,7 +304,8 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
       [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m")
       x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
         --results-dir "$RES" ${extra[@]+"${extra[@]}"} || rc=$? ;;
-    tp4_sp_z1) mt "$JT" mt_tp4_sp_z1 torchrun 4 --preset "$P13" --tp 4 "${VARS[@]}" ;;
+    tp4_sp_z1) mt "$JT" mt_tp4_sp_z1 torchrun 4 --preset "$P13" --tp 4 \
+                 --variants baseline,compact_r1/4,compact_r1/4_bf16pair,compact_r1/8 ;;
     tp2_dp2_z1) mt "$JT" mt_tp2_dp2_z1 torchrun 4 --preset "$P13" --tp 2 --zero-stage 1 \
                   "${VARS[@]}" ;;
     tp2_dp2_z2) mt "$JT" mt_tp2_dp2_z2 torchrun 4 --preset "$P13" --tp 2 --zero-stage 2 \

@@ -105,6 +105,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "compact_r1/8": {"compression.ratio": 0.125},
     "compact_r1/2": {"compression.ratio": 0.5},
     "compact_r1/4_bf16W0": {"compression.ratio": 0.25, "compression.base_dtype": "bf16"},
+    "compact_r1/4_bf16pair": {"compression.ratio": 0.25, "compression.base_dtype": "bf16_pair"},
     "unbiased_r1/4": {"compression.mode": "unbiased", "compression.ratio": 0.25},
     "baseline_recompute_selective": {"compression.enabled": False,
                                      "recompute.granularity": "selective"},

@@ -234,6 +234,21 @@ def test_zero3_options_that_copy_w0_are_rejected(megatron_tp1, key, value):
         initialize_engine(model, opt, config)
 
 
+def test_zero3_rejects_a_bf16_pair_w0(megatron_tp1):
+    """Its low word is a buffer: ZeRO-3 would keep it whole on every rank, and its merge
+    updates partitions of the high word only."""
+    from compact_dist import optimizer_param_groups
+    from compact_dist.deepspeed.engine import deepspeed_config, initialize_engine
+    from gpt_utils import tiny_gpt
+
+    model = tiny_gpt(_compression("subspace", "bf16_pair"))
+    config = deepspeed_config(zero_stage=3, micro_batch_size=2, gradient_accumulation_steps=1,
+                              data_parallel_size=1, bf16=False, grad_clip=0.0)
+    opt = torch.optim.AdamW(optimizer_param_groups(model, 0.0), lr=LR)
+    with pytest.raises(ValueError, match="bf16-pair"):
+        initialize_engine(model, opt, config)
+
+
 def _local_merge_runs(rank):
     """ZeRO-3, fp32, 2 ranks, every W0 / A row count even: the merge is partition-local for
     every layer (no gather of A) and its W0 partitions equal, bit for bit, those of the

@@ -145,11 +145,12 @@ def test_hf_weights_load_into_plain_megatron(megatron_tp1, trained, exported):
     assert (logits[..., :vocab] - ref["logits"][..., :vocab]).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("data_aware", [False, True])
-def test_export_weight_is_the_layers_effective_weight(megatron_tp1, data_aware):
+@pytest.mark.parametrize("data_aware, base", [(False, "fp32"), (True, "fp32"),
+                                              (False, "bf16_pair")])
+def test_export_weight_is_the_layers_effective_weight(megatron_tp1, data_aware, base):
     """The export's W0 + s A P^T from checkpoint data (the rank file's projection record, the
-    extra state's basis) equals CompactLinearMixin.effective_weight for a seeded Gaussian P
-    (non-zero epoch) and for a data-aware basis."""
+    extra state's basis, a bf16 pair's low word) equals CompactLinearMixin.effective_weight
+    for a seeded Gaussian P (non-zero epoch) and for a data-aware basis."""
     from gpt_utils import tiny_gpt
 
     from compact_dist.deepspeed.checkpoint import _rank_state
@@ -157,10 +158,13 @@ def test_export_weight_is_the_layers_effective_weight(megatron_tp1, data_aware):
     from compact_dist.tools.export import _effective_weight
     from compact_dist.core.subspace import compact_layers
 
-    model = tiny_gpt(CompressionConfig(projection="gaussian", update_scale=1.5))
+    model = tiny_gpt(CompressionConfig(projection="gaussian", update_scale=1.5,
+                                       base_dtype=base))
     gen = torch.Generator().manual_seed(1)
     for layer in compact_layers(model):
         layer.subspace_factor.data.normal_(generator=gen)
+        if base == "bf16_pair":
+            assert layer.weight_lo.abs().max() > 0
         layer.projection_epoch = 3
         if data_aware:
             p = layer.projection
@@ -174,7 +178,7 @@ def test_export_weight_is_the_layers_effective_weight(megatron_tp1, data_aware):
         if layer in compact_layers(model):
             got = _effective_weight(state, name, entries[name])
             assert torch.allclose(got, layer.effective_weight(), atol=1e-6, rtol=0), name
-            assert (got - layer.weight).abs().max() > 1e-2  # A P^T is really there
+            assert (got - layer.weight.float()).abs().max() > 1e-2  # A P^T is really there
             checked += 1
     assert checked == 8
 
@@ -261,11 +265,12 @@ def _gpu_worker(rank, world, port, overrides, ckpt, out):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 training needs CUDA")
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_bf16_checkpoint_exports_on_gpu(tmp_path, stage):
+@pytest.mark.parametrize("stage, base", [(0, "fp32"), (1, "fp32"), (1, "bf16_pair"),
+                                         (3, "bf16")])
+def test_bf16_checkpoint_exports_on_gpu(tmp_path, stage, base):
     """bf16 on one GPU (TP=1): ZeRO-0 (BF16_Optimizer: the module's bf16 weights), ZeRO-1 (fp32
-    masters, fp32 W0), ZeRO-3 (bf16 W0 partitions); the fp32 HF logits agree with the bf16
-    Megatron ones to bf16 accuracy."""
+    masters, fp32 W0 or a bf16 pair), ZeRO-3 (bf16 W0 partitions); the fp32 HF logits agree
+    with the bf16 Megatron ones to bf16 accuracy."""
     import torch.multiprocessing as mp
     from transformers import LlamaForCausalLM
 
@@ -276,7 +281,7 @@ def test_bf16_checkpoint_exports_on_gpu(tmp_path, stage):
     overrides = small(tmp_path, "model.position_embedding=rope", "model.num_query_groups=2",
                       f"train.zero_stage={stage}", "train.precision=bf16", "train.train_steps=2",
                       "data.vocab_size=500", "data.max_bytes=100000", f"checkpoint.dir={ckpt}",
-                      *(["compression.base_dtype=bf16"] if stage == 3 else []))
+                      f"compression.base_dtype={base}")
     mp.start_processes(_gpu_worker, args=(1, free_port(), overrides, str(ckpt),
                                           str(tmp_path / "megatron.pt")),
                        nprocs=1, join=True, start_method="spawn")

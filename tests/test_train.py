@@ -182,6 +182,21 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert resumed == pytest.approx(full[3:], rel=1e-6, abs=1e-6)
 
 
+def test_resume_restores_a_bf16_pair_w0(tmp_path):
+    """ZeRO-2 keeps the pair's low words (buffers) in its module checkpoint: the resumed run
+    merges into the same W0 as the uninterrupted one (a lost low word changes which way the
+    high words round, and the losses after the next merge)."""
+    ckpt = tmp_path / "ckpt"
+    common = small(tmp_path, "train.train_steps=6", "train.zero_stage=2",
+                   "compression.base_dtype=bf16_pair", "optim.lr=3e-3",
+                   f"checkpoint.dir={ckpt}", "checkpoint.save_interval=3",
+                   "checkpoint.keep_last=5")
+    full = train(2, common, tmp_path, "full")["losses"]
+    (ckpt / "latest").write_text("step_00000003")
+    resumed = train(2, common, tmp_path, "resumed")["losses"]
+    assert resumed == pytest.approx(full[3:], rel=1e-6, abs=1e-6)
+
+
 def _killed_save(rank, overrides, out):
     import compact_dist.deepspeed.checkpoint as ckpt_mod
     from compact_dist.training.train import run

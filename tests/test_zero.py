@@ -185,3 +185,9 @@ def test_zero3_bf16_with_fp32_base_is_rejected_before_any_process_group():
         cfg.check_environment(world_size=1, has_cuda=True)
     ok = load_train_config(None, ["train.zero_stage=3", "compression.base_dtype=bf16"])
     ok.check_environment(world_size=1, has_cuda=False)  # fp32 training on CPU: W0 stays fp32
+    # the bf16 pair's low word is a buffer ZeRO-3 would keep whole on every rank
+    pair = load_train_config(None, ["train.zero_stage=3", "compression.base_dtype=bf16_pair"])
+    with pytest.raises(ValueError, match="low word of a bf16-pair"):
+        pair.check_environment(world_size=1, has_cuda=False)
+    load_train_config(None, ["train.zero_stage=2", "compression.base_dtype=bf16_pair"]
+                      ).check_environment(world_size=1, has_cuda=False)

@@ -33,7 +33,7 @@ class LayerCompression(BaseModel):
     ratio: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     rank: Optional[int] = Field(default=None, ge=1)
     seed: int = Field(default=1234, ge=0)
-    base_dtype: Literal["fp32", "bf16"] = "fp32"
+    base_dtype: Literal["fp32", "bf16", "bf16_pair"] = "fp32"
     row_parallel_blocks: int = Field(default=8, ge=1)
     update_scale: float = Field(default=1.0, gt=0.0)
     exact_input: bool = False
@@ -74,8 +74,11 @@ class CompressionConfig(BaseModel):
         (trainable W with the gradient G P P^T, activation memory only).
     ratio / rank: compression size (default ratio 0.25); `ratios` overrides it per role.
     resample_interval: T, draw a new projection every T optimizer steps.
-    base_dtype: storage dtype of the frozen W0 in subspace mode ('bf16' merges with
-        stochastic rounding).
+    base_dtype: storage of the frozen W0 in subspace mode: 'fp32'; 'bf16' (merges with
+        stochastic rounding; half the bytes); 'bf16_pair' (W0 = hi + lo, two bf16 words: 4
+        bytes like fp32, ~16 significant bits, the GEMMs read hi with no cast, which an
+        fp32 W0 pays in every forward and backward, so with fp32 activations the GEMMs see
+        W0 to bf16 precision; not with ZeRO-3; see compact_dist.core.rounding).
     row_parallel_blocks: number of diagonal blocks of P for row-parallel layers; it must be
         divisible by the tensor-parallel size, which keeps TP=1,2,4,... on identical math.
     layers: which of the four GPT linears are compressed; the rest stay Megatron's.
@@ -112,7 +115,7 @@ class CompressionConfig(BaseModel):
     ratios: dict[LinearRole, float] = Field(default_factory=dict)
     seed: int = Field(default=1234, ge=0)
     resample_interval: int = Field(default=200, ge=1)
-    base_dtype: Literal["fp32", "bf16"] = "fp32"
+    base_dtype: Literal["fp32", "bf16", "bf16_pair"] = "fp32"
     row_parallel_blocks: int = Field(default=8, ge=1)
     layers: list[LinearRole] = Field(default_factory=lambda: list(ALL_ROLES))
     moments_on_resample: Literal["keep", "reset", "transport"] = "transport"

@@ -9,7 +9,7 @@ scale (the same role in every transformer layer) are merged together, a chunk at
     P [L, n, r] or [L, kb, n/kb, r/kb]         (A's dtype, projection.operand's form)
     delta [L, m, n] = A P^T                    (one bmm, fp32 accumulation)
     fp32 W0: _foreach_mul_(decay), _foreach_add_(fp32 delta, alpha=s)
-    bf16 W0: one stochastic-rounding kernel over all L (compact_dist.core.rounding)
+    bf16 W0 or bf16 pair: one stochastic-rounding kernel over all L (compact_dist.core.rounding)
     A: _foreach_zero_
 
 a constant number of kernels per chunk. The math, the operand dtypes and the stochastic
@@ -27,6 +27,7 @@ ZeRO-3 layers that need A gathered go through merge_subspace per layer.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Optional
 
 import torch
 from megatron.core.utils import get_pg_rank
@@ -43,7 +44,7 @@ def _group_key(layer) -> tuple:
     w, a = layer.weight, layer.subspace_factor
     p = layer.projection
     # ZeRO-3 parameters hold a placeholder: their full shape is ds_shape
-    return (tuple(getattr(w, "ds_shape", w.shape)), w.dtype,
+    return (tuple(getattr(w, "ds_shape", w.shape)), w.dtype, layer.weight_lo is not None,
             tuple(getattr(a, "ds_shape", a.shape)), a.dtype, w.device,
             (p.local_blocks, p.block_in, p.block_rank), layer.merge_scale)
 
@@ -105,19 +106,27 @@ def _merge_chunk(layers: list, decay: float) -> None:
             lows.append(flat[i].narrow(0, address.start, address.numel))
             highs.append(mapping.get_hp_fragment())
         torch._foreach_sub_(highs, lows)
-    apply_rows(layers, stacked, [layer.weight.view(-1) for layer in layers], 0, 0, decay)
+    lows = (None if layers[0].weight_lo is None
+            else [layer.weight_lo.view(-1) for layer in layers])
+    apply_rows(layers, stacked, [layer.weight.view(-1) for layer in layers], 0, 0, decay, lows)
     finish(layers)
 
 
 def apply_rows(layers: list, rows: torch.Tensor, bases: list[torch.Tensor], offset: int,
-               base_start: int, decay: float) -> None:
+               base_start: int, decay: float,
+               lows: Optional[list[torch.Tensor]] = None) -> None:
     """bases[i] <- bases[i] * decay + s (rows[i] P_i^T).flat[offset : offset + numel] for
     layers of one group: rows [L, k, r] (rows of A in A's module dtype), bases: flat W0
     slices of one length (the whole W0, or a ZeRO-3 partition starting at flat index
-    `base_start` of W0, `offset` elements into its first row). bf16 bases are rounded
-    stochastically with noise streams of (seed, layer id, -1 - merge count (negative
-    "epochs": apart from the projections' streams), TP rank << 40 + start)."""
+    `base_start` of W0, `offset` elements into its first row); lows: the bf16 pair's low
+    words of the same slices (W0 = base + low), required for pair layers. bf16 bases (the
+    pair: the low words) are rounded stochastically with noise streams of (seed, layer id,
+    -1 - merge count (negative "epochs": apart from the projections' streams),
+    TP rank << 40 + start)."""
     first = layers[0]
+    if (first.weight_lo is not None) != (lows is not None):
+        raise ValueError("apply_rows: the low words of a bf16-pair W0 are required (and only "
+                         "for one)")
     p = torch.stack([layer.projection_operand(rows.dtype) for layer in layers])
     numel = bases[0].numel()
     delta = unproject_many(rows, p).view(len(layers), -1).narrow(1, offset, numel)
@@ -132,7 +141,7 @@ def apply_rows(layers: list, rows: torch.Tensor, bases: list[torch.Tensor], offs
     tp_rank = get_pg_rank(first.tp_group)
     seeds = [block_seed(layer.compression.seed, layer.layer_id, -1 - layer.merge_count,
                         (tp_rank << 40) + base_start) for layer in layers]
-    merge_into_bf16_many_(bases, delta, scale, decay, seeds)
+    merge_into_bf16_many_(bases, delta, scale, decay, seeds, lows)
 
 
 def finish(layers: list) -> None:

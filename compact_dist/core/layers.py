@@ -8,7 +8,8 @@ and `bias` with Megatron's own code (same values for the same seed) and return
 
 - subspace mode: `weight` is the frozen base W0 (requires_grad=False, dtype
   `base_dtype`, kept through module.to()/bfloat16()) and `subspace_factor` is the trainable
-  A, zero after every merge, with W_eff = W0 + A P^T;
+  A, zero after every merge, with W_eff = W0 + A P^T; with base_dtype 'bf16_pair' W0 is
+  `weight` (bf16, what forward multiplies with) + the buffer `weight_lo` (bf16, the rest);
 - unbiased mode: `weight` stays trainable and gets the gradient G P P^T.
 
 Either way only Z = X P is saved for backward. Tensor layout per TP rank:
@@ -45,7 +46,8 @@ from compact_dist.core.config import LayerCompression
 from compact_dist.core.grouped_merge import apply_rows, finish
 from compact_dist.core.projection import Projection, operand, unproject
 
-_BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# the dtype of `weight` (W0, or the pair's high word) per base_dtype
+_BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16_pair": torch.bfloat16}
 
 
 class _OptimizerSteps:
@@ -126,10 +128,15 @@ class CompactLinearMixin:
         # ZeRO-3 only (compact_dist.deepspeed.zero3_factor): A is left out of the module's own
         # parameter listing, and this maps (A, A known zero) to what forward hands autograd
         self.zero3_forward_factor: Optional[Callable] = None
+        # the pair's low word: W0 = weight + weight_lo (bf16 each); None otherwise
+        self.register_buffer("weight_lo", None)
         if compression.mode == SUBSPACE:
             w = self.weight
             w.requires_grad_(False)
-            w.data = w.data.to(_BASE_DTYPES[compression.base_dtype])
+            full = w.data
+            w.data = full.to(_BASE_DTYPES[compression.base_dtype])
+            if compression.base_dtype == "bf16_pair":
+                self.weight_lo = (full.float() - w.data.float()).to(torch.bfloat16)
             # column-parallel: [out/tp, r]; row-parallel: [out, r/tp]
             shape = (w.shape[0], self.projection.local_rank)
             self.subspace_factor = torch.nn.Parameter(
@@ -199,20 +206,22 @@ class CompactLinearMixin:
             self._projection_cache.clear()
 
     def _apply(self, fn, recurse=True):
-        """Keep the frozen base W0 in its storage dtype through .to()/.bfloat16()/.cuda()."""
+        """Keep the frozen base W0 (and the pair's low word) in its storage dtype through
+        .to()/.bfloat16()/.cuda()."""
         if self.subspace_factor is None:
             return super()._apply(fn, recurse)
-        params = self._parameters
-        order = list(params)
-        base = params.pop("weight")
+        kept = [(self._parameters, "weight")]
+        if self.weight_lo is not None:
+            kept.append((self._buffers, "weight_lo"))
+        saved = [(table, name, list(table), table.pop(name)) for table, name in kept]
         try:
             super()._apply(fn, recurse)
         finally:
-            device = fn(torch.empty(0, device=base.device)).device
-            base.data = base.data.to(device)
-            rebuilt = {k: (base if k == "weight" else params[k]) for k in order}
-            params.clear()
-            params.update(rebuilt)
+            for table, name, order, tensor in saved:
+                tensor.data = tensor.data.to(fn(torch.empty(0, device=tensor.device)).device)
+                rebuilt = {k: (tensor if k == name else table[k]) for k in order}
+                table.clear()
+                table.update(rebuilt)
         return self
 
     # -------------------------------------------------------------------- projections
@@ -259,6 +268,8 @@ class CompactLinearMixin:
     def effective_weight(self) -> torch.Tensor:
         """W_eff = W0 + s A P^T (fp32) of this rank's shard; W itself in unbiased mode."""
         w = self.weight.float()
+        if self.weight_lo is not None:
+            w = w + self.weight_lo.float()
         if self.subspace_factor is None:
             return w
         delta = unproject(self.subspace_factor.float(), self.projection_blocks(torch.float32))
@@ -280,8 +291,9 @@ class CompactLinearMixin:
             A; ZeRO passes its fp32 master copy). The module's A is zeroed either way; other
             copies (optimizer masters, ZeRO partitions) are the caller's.
         base_flat, base_start: the flat slice W0.view(-1)[base_start : base_start + numel] to
-            update (default: all of W0; under ZeRO-3, this rank's partition of W0).
-        With a bf16 W0 the sum is rounded stochastically, with noise that depends on (seed,
+            update (default: all of W0; under ZeRO-3, this rank's partition of W0; not with
+            the bf16 pair, which ZeRO-3 does not take).
+        With a bf16 W0 the sum is rounded stochastically (the pair: its low word), with noise that depends on (seed,
         layer id, merge count, TP rank, slice start) only, so data-parallel replicas stay
         equal and the TP shards of one W0 draw independent noise.
         """
@@ -291,6 +303,10 @@ class CompactLinearMixin:
         factor = module_factor if factor is None else factor
         base = self.weight.view(-1) if base_flat is None else base_flat
         n = self.weight.shape[1] if base_flat is None else self.projection.local_in
+        if self.weight_lo is not None and base_flat is not None:
+            raise ValueError("merge_subspace: a slice of a bf16-pair W0 (ZeRO-3) is not "
+                             "supported")
+        lows = None if self.weight_lo is None else [self.weight_lo.view(-1)]
         if base.numel():
             # rows of W0 that the slice touches, and A P^T for just those rows, in A's module
             # dtype (bf16 on GPUs: tensor cores with fp32 accumulation; an fp32 GEMM of this
@@ -299,7 +315,7 @@ class CompactLinearMixin:
             row0, row1 = base_start // n, -(-(base_start + base.numel()) // n)
             rows = factor[row0:row1].to(module_factor.dtype).unsqueeze(0)
             apply_rows([self], rows, [base], base_start - row0 * n, base_start,
-                       1.0 - lr * weight_decay)
+                       1.0 - lr * weight_decay, lows)
         finish([self])
 
     def resample_projection(self, basis: Optional[torch.Tensor] = None) -> None:
@@ -409,7 +425,7 @@ class CompactColumnParallelLinear(CompactLinearMixin, ColumnParallelLinear):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         return self._sharded(
-            prefix, sharded_offsets, metadata, {"weight": 0, "bias": 0, "subspace_factor": 0}
+            prefix, sharded_offsets, metadata, {"weight": 0, "weight_lo": 0, "bias": 0, "subspace_factor": 0}
         )
 
 
@@ -465,4 +481,4 @@ class CompactRowParallelLinear(CompactLinearMixin, RowParallelLinear):
         return (out + self.bias if self.bias is not None else out), None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        return self._sharded(prefix, sharded_offsets, metadata, {"weight": 1, "subspace_factor": 1})
+        return self._sharded(prefix, sharded_offsets, metadata, {"weight": 1, "weight_lo": 1, "subspace_factor": 1})

@@ -75,7 +75,8 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
     (bypassing Module._apply), which would turn a frozen `base_dtype: fp32` W0 into bf16. W0 has
     no gradient, master copy or optimizer state, so under ZeRO 0-2 its fp32 storage is simply
     put back after the cast. Under ZeRO-3 W0 is partitioned in the training dtype; the
-    training config rejects that combination up front (use base_dtype bf16 there).
+    training config rejects that combination up front (use base_dtype bf16 there), and the
+    bf16 pair, whose low word is a buffer ZeRO-3 would keep whole on every rank.
 
     Under ZeRO-3 the subspace factors A are taken out of DeepSpeed's per-module fetch (they
     are zero in every forward and backward of the training loop; see
@@ -89,6 +90,10 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
     from compact_dist.core.subspace import compact_layers
 
     zero = config.get("zero_optimization", {}) if isinstance(config, dict) else {}
+    if zero.get("stage") == 3 and any(layer.weight_lo is not None
+                                      for layer in compact_layers(model)):
+        raise ValueError("ZeRO-3 does not partition the low word of a bf16-pair W0 (a buffer): "
+                         "use compression.base_dtype bf16 under ZeRO-3")
     if any(layer.subspace_factor is not None for layer in compact_layers(model)):
         for key, bad in (("zero_hpz_partition_size", lambda v: v > 1),
                          ("zero_quantized_nontrainable_weights", bool)):

@@ -193,10 +193,14 @@ def _compact_layers_by_tp_rank(tag_dir: Path, tp: int) -> list[dict[str, dict]]:
 
 @torch.no_grad()
 def _effective_weight(state: dict, name: str, layer: Optional[dict]) -> torch.Tensor:
-    """fp32 W_eff of one TP shard of `name` (a linear's module name): W0 + s A P^T."""
+    """fp32 W_eff of one TP shard of `name` (a linear's module name): W0 + s A P^T (W0: the
+    weight, plus its low word for base_dtype bf16_pair)."""
     from compact_dist.core.projection import Projection, unproject
 
     weight = state[f"{name}.weight"].float()
+    low = state.get(f"{name}.weight_lo")
+    if low is not None:
+        weight = weight + low.float()
     factor = state.get(f"{name}.subspace_factor")
     if factor is None or layer is None or layer["mode"] != "subspace":
         return weight

@@ -58,7 +58,8 @@ HBM_BYTES_PER_S = 3.35e12    # H100 SXM
 ADAM_BYTES_PER_PARAM = 36
 # bf16: the fused Triton stochastic-rounding pass reads W0 and A P^T, writes W0 (1.3B r1/4,
 # H200, mt_1.3b_options: 183.6 vs 170.0 ms/step for bf16 vs fp32 W0)
-MERGE_BYTES_PER_W0 = {"fp32": 12, "bf16": 30}
+# bf16 pair: the same kernel, reading and writing the low word too (not calibrated apart)
+MERGE_BYTES_PER_W0 = {"fp32": 12, "bf16": 30, "bf16_pair": 34}
 # FP8 storage, measured step-time cost per token per layer (1.3B, micro-batch 4, H200): the
 # three kinds together cost 22 ms per step over CompAct r1/4 (benchmarks/results/
 # steptime_1.3b, interleaved: lean 1.045x vs 0.933x of the baseline's 200.5 ms), split in
@@ -164,7 +165,7 @@ def param_counts(setup: Setup) -> dict[str, int]:
         if s is not None and s.mode == "subspace":
             a = math.prod(info["a_shape"])
             counts["w0"] += full
-            counts["w0_bytes"] += full * (4 if c.base_dtype == "fp32" else 2)
+            counts["w0_bytes"] += full * (2 if c.base_dtype == "bf16" else 4)
             counts["a"] += a
             counts["largest_w0"] = max(counts["largest_w0"], full)
         else:

@@ -78,6 +78,8 @@ def model_static_bytes(model: torch.nn.Module, zero_stage: int, dp: int,
             other += p.numel()
         else:
             frozen_other += p.numel() * p.element_size()
+    w0_bytes += sum(layer.weight_lo.numel() * 2 for layer in compact_layers(model)
+                    if layer.weight_lo is not None)  # the bf16 pair's low words (buffers)
     out = static_bytes(w0_bytes=w0_bytes + frozen_other, w0_elems=w0_elems, a=a, other=other,
                        zero_stage=zero_stage, dp=dp, bf16=bf16)
     return out

@@ -166,8 +166,12 @@ class TrainConfig(_Section):
             )
         bf16 = self.train.precision == "bf16" or (self.train.precision == "auto" and has_cuda)
         c = self.compression
-        if (bf16 and self.train.zero_stage == 3 and c.enabled and c.mode == "subspace"
-                and c.base_dtype == "fp32"):
+        zero3_subspace = self.train.zero_stage == 3 and c.enabled and c.mode == "subspace"
+        if zero3_subspace and c.base_dtype == "bf16_pair":
+            raise ValueError(
+                "ZeRO-3 does not partition the low word of a bf16-pair W0 (a buffer): set "
+                "compression.base_dtype=bf16 (stochastic-rounding merges), or use ZeRO-1/2")
+        if zero3_subspace and bf16 and c.base_dtype == "fp32":
             raise ValueError(
                 "ZeRO-3 with bf16 partitions the frozen W0 in bf16: set compression.base_dtype="
                 "bf16 (stochastic-rounding merges), or use ZeRO-1/2 to keep an fp32 W0")
