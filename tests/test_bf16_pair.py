@@ -151,3 +151,24 @@ def test_pair_merge_needs_its_low_words():
         apply_rows([layer], rows, [layer.weight.view(-1)], 0, 0, 1.0)
     with pytest.raises(ValueError, match="bf16-pair"):
         layer.merge_subspace(base_flat=layer.weight.view(-1)[:10], base_start=0)
+
+
+def _sharded_at_tp2(rank):
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    for kind in ("column", "row"):
+        layer = build(kind, N, M, PAIR)
+        sharded = layer.sharded_state_dict(prefix="l.", metadata={"dp_cp_group": group})
+        weight, low = sharded["l.weight"], sharded["l.weight_lo"]
+        assert low.data is layer.weight_lo
+        assert max(weight.axis_fragmentations) == 2, kind  # split over the 2 TP ranks
+        assert (low.global_shape, low.global_offset, low.axis_fragmentations) == (
+            weight.global_shape, weight.global_offset, weight.axis_fragmentations), kind
+
+
+def test_pair_low_word_is_sharded_like_the_weight():
+    """Megatron's distributed checkpoint splits the low word over TP as it splits W0."""
+    from distributed import run_distributed
+
+    run_distributed(_sharded_at_tp2, 2, tp=2)

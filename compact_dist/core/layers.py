@@ -293,9 +293,9 @@ class CompactLinearMixin:
         base_flat, base_start: the flat slice W0.view(-1)[base_start : base_start + numel] to
             update (default: all of W0; under ZeRO-3, this rank's partition of W0; not with
             the bf16 pair, which ZeRO-3 does not take).
-        With a bf16 W0 the sum is rounded stochastically (the pair: its low word), with noise that depends on (seed,
-        layer id, merge count, TP rank, slice start) only, so data-parallel replicas stay
-        equal and the TP shards of one W0 draw independent noise.
+        With a bf16 W0 the sum is rounded stochastically (the pair: its low word), with noise
+        that depends on (seed, layer id, merge count, TP rank, slice start) only, so
+        data-parallel replicas stay equal and the TP shards of one W0 draw independent noise.
         """
         module_factor = self.subspace_factor
         if module_factor is None:
@@ -424,9 +424,8 @@ class CompactColumnParallelLinear(CompactLinearMixin, ColumnParallelLinear):
         return out, (self.bias if self.skip_bias_add else None)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        return self._sharded(
-            prefix, sharded_offsets, metadata, {"weight": 0, "weight_lo": 0, "bias": 0, "subspace_factor": 0}
-        )
+        return self._sharded(prefix, sharded_offsets, metadata,
+                             {"weight": 0, "weight_lo": 0, "bias": 0, "subspace_factor": 0})
 
 
 class CompactRowParallelLinear(CompactLinearMixin, RowParallelLinear):
@@ -481,4 +480,5 @@ class CompactRowParallelLinear(CompactLinearMixin, RowParallelLinear):
         return (out + self.bias if self.bias is not None else out), None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        return self._sharded(prefix, sharded_offsets, metadata, {"weight": 1, "weight_lo": 1, "subspace_factor": 1})
+        return self._sharded(prefix, sharded_offsets, metadata,
+                             {"weight": 1, "weight_lo": 1, "subspace_factor": 1})
