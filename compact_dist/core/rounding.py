@@ -63,7 +63,8 @@ if triton is not None:
         # same bits either way): v = (w [+ w_low]) * decay + scale * d; bf16 W0: w <- SR(v);
         # pair: w <- RNE(v), w_low <- SR(v - w), Philox noise of (seed, index) either way
         pid = tl.program_id(0)
-        row = table_ptr + 3 * tl.program_id(1).to(tl.int64)
+        layer = tl.program_id(1).to(tl.int64)
+        row = table_ptr + 3 * layer
         base_ptr = tl.load(row).to(tl.pointer_type(tl.bfloat16))
         seed = tl.load(row + 2).to(tl.int32)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -72,8 +73,7 @@ if triton is not None:
         if PAIR:
             low_ptr = tl.load(row + 1).to(tl.pointer_type(tl.bfloat16))
             w += tl.load(low_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d = tl.load(delta_ptr + tl.program_id(1).to(tl.int64) * delta_stride + offs, mask=mask,
-                    other=0.0).to(tl.float32)
+        d = tl.load(delta_ptr + layer * delta_stride + offs, mask=mask, other=0.0).to(tl.float32)
         v = w * decay + scale * d
         out_ptr = base_ptr
         if PAIR:
