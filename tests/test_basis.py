@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compact_dist.core.basis import SubspaceSketch, transport_map
+from compact_dist.core.basis import SubspaceSketch, kept_fraction, transport_map
 from compact_dist.core.config import CompressionConfig, LayerCompression
 from compact_dist.core.moments import reset_moments, subspace_step_count, transport_moments
 from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
@@ -148,7 +148,7 @@ def test_transport_keeps_the_first_moment_when_the_new_basis_spans_the_old():
     torch.testing.assert_close(r, rot, atol=1e-5, rtol=0)
     state = opt.state[layer.subspace_factor]
     m_old, v_old = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
-    transport_moments(opt, [layer.subspace_factor], [r])
+    transport_moments(opt, [layer.subspace_factor], [r], [kept_fraction(old, new, r)])
 
     def full(m, basis):  # M P^T for a block-diagonal P
         return torch.cat([m[:, j * 8:(j + 1) * 8] @ basis[j].t() for j in range(2)], dim=1)
@@ -161,10 +161,52 @@ def test_transport_keeps_the_first_moment_when_the_new_basis_spans_the_old():
     perm = torch.eye(8)[torch.randperm(8)] * torch.tensor([1.0, -1.0] * 4)
     state["exp_avg_sq"].copy_(v_old)
     state["exp_avg"].copy_(m_old)
-    transport_moments(opt, [layer.subspace_factor], [perm.expand(2, 8, 8)])
+    transport_moments(opt, [layer.subspace_factor], [perm.expand(2, 8, 8)],
+                      [torch.ones(2, 8)])
     torch.testing.assert_close(state["exp_avg_sq"],
                                torch.cat([v_old[:, :8] @ perm.abs(), v_old[:, 8:] @ perm.abs()],
                                          dim=1), atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("beta2", [0.95, 0.999])
+def test_transport_new_directions_start_no_larger_than_the_steady_step(beta2):
+    """Half of P_new's directions are new (orthogonal to P_old). Adam (step count kept by
+    transport) then takes its first update there with a transported second moment; it must
+    be at most 1.5x the steady-state update (without the prior of moments.py: ~2.5x at
+    beta2 0.95, ~17x at 0.999), while the kept directions move as before."""
+    rows, kb, n_b, r_b = 64, 2, N // 2, 8
+    layer = build("row", N, M, LayerCompression(ratio=RATIO, row_parallel_blocks=kb))
+    factor = layer.subspace_factor
+    assert factor.shape == (M, kb * r_b)
+    opt = torch.optim.AdamW(optimizer_param_groups(torch.nn.ModuleList([layer]), 0.0), lr=1.0,
+                            betas=(0.9, beta2))
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(kb, n_b, n_b, generator=gen))[0]
+    old = basis[..., :r_b]
+    new = torch.cat([basis[..., :r_b // 2], basis[..., r_b:r_b + r_b // 2]], dim=-1)
+    row_scale = torch.linspace(0.5, 2.0, M)[:, None]  # rows with other gradient scales
+
+    def grad(p):  # G P per block for a fresh G [M, N]
+        g = torch.randn(M, kb, n_b, generator=gen) * row_scale[:, :, None]
+        return torch.einsum("mkn,knr->mkr", g, p).reshape(M, kb * r_b)
+
+    def update(p):
+        before = factor.detach().clone()
+        factor.grad = grad(p)
+        opt.step()
+        return (factor.detach() - before).abs().view(M, kb, r_b)
+
+    steady = torch.stack([update(old).mean() for _ in range(1500)][-300:]).mean()
+    r = transport_map(old, new, orthonormal_old=True)
+    c = kept_fraction(old, new, r)
+    torch.testing.assert_close(c, torch.tensor([1.0] * 4 + [0.0] * 4).expand(kb, r_b),
+                               atol=1e-5, rtol=0)
+    transport_moments(opt, [factor], [r], [c])
+    first = update(new)
+    fresh, kept = first[..., r_b // 2:].mean() / steady, first[..., :r_b // 2].mean() / steady
+    assert fresh <= 1.5, f"first update in new directions {fresh:.2f}x the steady state"
+    assert fresh >= 0.2  # they do move
+    assert 0.8 <= kept <= 1.25, f"kept directions {kept:.2f}x the steady state"
 
 
 def _update_after(opt, param, grad):

@@ -321,3 +321,13 @@ def transport_map(old: torch.Tensor, new: torch.Tensor,
     if orthonormal_old:
         return cross.float()
     return torch.linalg.solve(old.transpose(1, 2) @ old, cross).float()
+
+
+def kept_fraction(old: torch.Tensor, new: torch.Tensor, transport: torch.Tensor) -> torch.Tensor:
+    """[kb, r_b]: per block, the fraction of each new direction's squared norm that lies in
+    the old span, ||P_old R[:, k]||^2 / ||P_new[:, k]||^2 in [0, 1] (R = transport_map(old,
+    new); for orthonormal P_old and P_new this is ||R[:, k]||^2). 1 for a direction the old
+    basis spans, 0 for one orthogonal to it. old, new: [kb, n_b, r_b]."""
+    seen = (old.double() @ transport.double()).pow(2).sum(1)
+    return (seen / new.double().pow(2).sum(1).clamp_min(1e-300)).clamp(0.0, 1.0).float()
+

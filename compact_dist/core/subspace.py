@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from compact_dist.core.basis import top_eigenvectors, transport_map
+from compact_dist.core.basis import kept_fraction, top_eigenvectors, transport_map
 from compact_dist.core.config import ALL_ROLES, CompressionConfig
 from compact_dist.core.grouped_merge import (apply_rows, chunks, finish, group_layers,
                                              merge_layers)
@@ -376,9 +376,12 @@ def resample_projections(model: torch.nn.Module, config: Optional[CompressionCon
     if policy == "reset":
         reset_moments(optimizer)
         return
-    transport_moments(optimizer, [layer.subspace_factor for layer, _ in moved],
-                      [transport_map(old, layer.projection_blocks(torch.float32), orthonormal)
-                       for layer, (old, orthonormal) in moved])
+    maps, kept = [], []
+    for layer, (old, orthonormal) in moved:
+        new = layer.projection_blocks(torch.float32)
+        maps.append(transport_map(old, new, orthonormal))
+        kept.append(kept_fraction(old, new, maps[-1]))
+    transport_moments(optimizer, [layer.subspace_factor for layer, _ in moved], maps, kept)
 
 
 class SubspaceStepper:
