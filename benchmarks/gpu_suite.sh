@@ -55,6 +55,7 @@ projection_cost|1|90|30|1|projection_cost.json|P generation, projection, merge p
 convergence33m|all|0|120|3-6 (4/2 GPUs)|convergence/convergence_*.json, convergence/convergence.{json,md}, convergence.md, convergence_ppl.png|33M on the stdlib corpus, 8 variants over the GPUs, resumable (state: .cache/gpu_suite/convergence33m)
 convergence110m|all|0|150|2 x 9 (4 GPUs)|convergence110m.{json,md}, convergence110m_ppl.png, convergence110m/|110M on the host corpus by benchmarks/convergence_gpu.sh, resumable (unfused SwiGLU: the code before the fused default)
 convergence110m_fused|all|0|150|2 x 9 (2 GPUs)|convergence110m_fused.{json,md}, convergence110m_fused_ppl.png, convergence110m_fused/|110M with the Megatron default fusions: 2 baseline seeds, gaussian, pca r1/4 (2 seeds; W0 in fp32, as a bf16 pair, in bf16) and r1/8, pca + lean activations (FP8 cost), resumable
+convergence110m_prior|1|0|150|9|convergence110m_prior.{json,md}, convergence110m_prior_ppl.png, convergence110m_prior/|110M, pca r1/4 default (2 seeds) after the transport prior for new directions (issue 23 item 3), against the convergence110m_fused baseline seeds (copied: the baseline has no compact layer), resumable
 tp4_sp_z1|4|240|130|3|mt_tp4_sp_z1.{json,md}, mt_tp4_sp_z1_memory_vs_time.png|TP=4 + SP, ZeRO-1, 1.3B (r1/4 with an fp32 W0 and a bf16 pair, r1/8)
 tp2_dp2_z1|4|150|70|2|mt_tp2_dp2_z1.{json,md}, mt_tp2_dp2_z1_memory_vs_time.png|TP=2 x DP=2 + SP, ZeRO-1, 1.3B
 tp2_dp2_z2|4|150|70|2|mt_tp2_dp2_z2.{json,md}, mt_tp2_dp2_z2_memory_vs_time.png|TP=2 x DP=2 + SP, ZeRO-2, 1.3B
@@ -294,6 +295,17 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
         --prefix convergence110m_fused --results-dir "$RES" \
         --variants baseline,baseline_seed2,gaussian_r1/4,pca_r1/4,pca_r1/4_lean,pca_r1/8,pca_r1/4_seed2,pca_r1/4_bf16pair,pca_r1/4_bf16W0 \
         ${extra[@]+"${extra[@]}"} || rc=$? ;;
+    convergence110m_prior)
+      [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m_prior")
+      mkdir -p "$RES/convergence110m_prior"
+      for seed in baseline baseline_seed2; do  # the same runs as convergence110m_fused's
+        [ -e "$RES/convergence110m_fused/convergence110m_fused_$seed.json" ] &&
+          cp "$RES/convergence110m_fused/convergence110m_fused_$seed.json" \
+            "$RES/convergence110m_prior/convergence110m_prior_$seed.json"
+      done
+      x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
+        --prefix convergence110m_prior --results-dir "$RES" \
+        --variants pca_r1/4,pca_r1/4_seed2 ${extra[@]+"${extra[@]}"} || rc=$? ;;
     projection_cost)
       [ "$TINY" = 1 ] && extra=(--hidden 128 --ffn 352 --tokens 256)
       x "$JT" "$PY" "$B"/projection_cost.py ${extra[@]+"${extra[@]}"} \
