@@ -50,6 +50,7 @@ mt_7b_lean|1|240|150|4|mt_7b_lean.{json,md}, mt_7b_lean_mb8.{json,md}|7B on one 
 mt_1.3b_pca_memory|1|200|90|2|mt_1.3b_pca_memory.{json,md}, mt_1.3b_pca_memory_memory_vs_time.png|1.3B, micro-batch 4: peak memory of pca vs gaussian P with the estimate steps inside the measured steps, and r1/4 bf16 W0 lean
 estimate_cost|1|200|90|2|estimate_cost.json|estimate_cost.py: what a data-aware re-estimate of P costs per step, 110M and 1.3B
 eigh_cost|1|90|30|1|eigh_cost.json|eigh_cost.py: the k x k eigendecompositions of a 1.3B estimate, cusolver vs host thread pools
+zero_stages|1|240|120|3|zero_stages.{json,md}|the embedded default at ZeRO-0 and ZeRO-1 side by side, 200 steps, bf16: validation perplexity per evaluation (ZeRO-0 + bf16 merged every update again before issue 23)
 profile_1.3b|1|150|60|2|profile_1.3b.json|per-kernel CUDA time of forward+backward (4 layers of 1.3B): CompAct r1/4 alone and with each FP8 option, baseline
 projection_cost|1|90|30|1|projection_cost.json|P generation, projection, merge per linear role, 1.3B shapes
 convergence33m|all|0|120|3-6 (4/2 GPUs)|convergence/convergence_*.json, convergence/convergence.{json,md}, convergence.md, convergence_ppl.png|33M on the stdlib corpus, 8 variants over the GPUs, resumable (state: .cache/gpu_suite/convergence33m)
@@ -278,6 +279,9 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
     estimate_cost)
       x "$JT" "$PY" "$B"/estimate_cost.py "${EC[@]}" --out "$JW/estimate_cost.json" || rc=$?
       keep estimate_cost.json ;;
+    zero_stages)
+      x "$JT" "$PY" "$B"/zero_stages.py --stages 0 1 --steps 200 --out-dir "$JW" || rc=$?
+      keep zero_stages.json zero_stages.md ;;
     eigh_cost)
       x "$JT" "$PY" "$B"/eigh_cost.py ${EIGH[@]+"${EIGH[@]}"} --out "$JW/eigh_cost.json" || rc=$?
       keep eigh_cost.json ;;
