@@ -125,15 +125,24 @@ def test_scaled_beats_unscaled():
 
 # ---------------------------------------------------------------------------- SwiGLU
 
+@pytest.fixture
+def no_compile():
+    """torch.compile'd functions run eagerly for the test, through torch's own config patch.
+    Not monkeypatch.setattr: torch._dynamo.config keeps its values outside the module's
+    __dict__, so pytest >= 9.2 (which restores from __dict__) undoes the patch with delattr,
+    and torch's __delattr__ hides the key for the rest of the process."""
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
 @pytest.mark.parametrize("fused", [False, True])
-def test_swiglu_mlp_matches_megatron(megatron_tp1, fused, monkeypatch):
+def test_swiglu_mlp_matches_megatron(megatron_tp1, fused, no_compile):
     """Fp8SwiGLUMLP vs Megatron's MLP, same weights: identical output, close gradients.
     fused=True runs Megatron's bias_swiglu path (torch.compile'd; compilation disabled here,
     it costs ~25 s on CPU: the same functions run eagerly)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.mlp import MLP
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     config = tiny_config(bias_activation_fusion=fused, add_bias_linear=True)
     sub = get_gpt_layer_local_spec().submodules.mlp.submodules
     torch.manual_seed(0)
