@@ -69,3 +69,20 @@ def test_shipped_yaml_loads_and_bad_yaml_fails(tmp_path):
     bad.write_text("ratio: 3\n")
     with pytest.raises(ValueError, match="ratio"):
         CompressionConfig.from_yaml(str(bad))
+
+
+def test_compression_yaml_errors_are_one_line(tmp_path):
+    """from_yaml: a syntax error names the file, line and column; an empty file and an
+    unknown key are refused, the key's nearest valid name suggested."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ratio: 0.5\nlayers: [qkv\n")
+    with pytest.raises(ValueError) as info:
+        CompressionConfig.from_yaml(str(bad))
+    assert str(info.value).startswith(f"{bad}:3:1: YAML syntax error: ")
+    assert "\n" not in str(info.value)
+    bad.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="is empty"):
+        CompressionConfig.from_yaml(str(bad))
+    bad.write_text("ratoi: 0.5\n")
+    with pytest.raises(ValueError, match=r"^unknown key 'ratoi'; did you mean 'ratio'\?$"):
+        CompressionConfig.from_yaml(str(bad))

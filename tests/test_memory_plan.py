@@ -5,10 +5,12 @@ saved_tensors_hooks (CPU, fp32, learned positions, SDPA's flash / math backend),
 static breakdown must be the model's actual parameter bytes.
 """
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,8 @@ from compact_dist.tools.memory_plan import (
     activation_bytes,
     main as plan_main,
     param_counts,
+    parse_args as plan_parse_args,
+    plan,
     predict,
     setup_from,
 )
@@ -159,6 +163,75 @@ def test_plan_writes_a_loadable_yaml(tmp_path, capsys):
     plan_main(["--predict", "--config", str(out)])
     line = json.loads(capsys.readouterr().out)
     assert line["peak_allocated_GiB"] > 0 and line["micro_batch"] == 2
+
+
+LLAMA_7B = str(Path(__file__).resolve().parents[1] / "configs" / "train" / "llama_7b.yaml")
+
+
+def test_plan_writes_only_configs_compact_train_accepts(tmp_path, capsys):
+    """For a grid of (world size, TP, device), every candidate compact-plan lists passes
+    compact-train's checks for that world and device, and the written config loads and
+    passes check_environment. The 7B config asks for ZeRO-3 (with a bf16 W0); at
+    data-parallel size 1 the plan takes ZeRO-1 (the lowest stage tried), whose fp32 W0
+    ZeRO-3 with bf16 could not keep."""
+    for config, world, tp, device in itertools.product(
+            (["--config", LLAMA_7B], ["--preset", "tiny", "data.vocab_size=512"]),
+            (1, 2, 8), (1, 2), ("cuda", "cpu")):
+        argv = [*config, "--world-size", str(world), "--tp", str(tp), "--device", device,
+                "--budget-gib", "100000", "--micro-batches", "1,2", "--fp8", "none",
+                "--fused-ce", "false"]
+        out = tmp_path / f"plan_{world}_{tp}_{device}.yaml"
+        where = (config[1], world, tp, device)
+        if world % tp:
+            with pytest.raises(ValueError, match="accepts none of the candidates.*world size "
+                               f"{world} is not divisible by TP size {tp}"):
+                plan(plan_parse_args(argv))
+            continue
+        rows, best = plan(plan_parse_args(argv))
+        for row in rows:
+            row["cfg"].check_launch(world, has_cuda=device == "cuda")
+        plan_main(argv + ["--out", str(out)])
+        capsys.readouterr()
+        cfg = load_train_config(str(out))
+        cfg.check_environment(world, has_cuda=device == "cuda")
+        assert cfg.model_dump() == best["cfg"].model_dump(), where
+        if world // tp == 1:   # nothing to partition: the lowest stage that fits
+            assert cfg.train.zero_stage == 1, where
+        lower = {}             # a higher stage is listed only where it lowers the peak
+        for row in sorted(rows, key=lambda r: r["cfg"].train.zero_stage):
+            others = json.dumps({**row["cfg"].model_dump(), "train": {
+                **row["cfg"].train.model_dump(), "zero_stage": None}})
+            assert row["peak"] < lower.get(others, float("inf")), where
+            lower[others] = row["peak"]
+
+
+def test_plan_of_the_7b_config_on_one_gpu_is_accepted(tmp_path, monkeypatch, capsys):
+    """The issue's command: one GPU, 80 GiB. It writes ./plan.yaml when --out is not given;
+    compact-train accepts that file for one CUDA process."""
+    monkeypatch.chdir(tmp_path)
+    plan_main(["--config", LLAMA_7B, "--world-size", "1", "--tp", "1", "--budget-gib", "80",
+               "--device", "cuda"])
+    assert "written to plan.yaml" in capsys.readouterr().out
+    cfg = load_train_config("plan.yaml")
+    cfg.check_environment(1, has_cuda=True)
+    assert cfg.train.zero_stage == 1
+    assert (tmp_path / "plan.yaml").read_text().startswith(
+        "# written by compact-plan for world size 1 on cuda, 80 GiB per GPU\n")
+
+
+def test_plan_prefers_the_lowest_zero_stage_that_fits(tmp_path, capsys):
+    """7B at TP=2 x DP=8, bf16 W0: ZeRO-1 and ZeRO-3 predict the same step time (the model
+    leaves communication out) and ZeRO-3 the lower peak; the plan takes ZeRO-1 while it
+    fits and ZeRO-3 only when the budget demands it."""
+    out = tmp_path / "plan.yaml"
+    stages = {}
+    for budget in ("40", "22"):
+        plan_main(["--config", LLAMA_7B, "--world-size", "16", "--budget-gib", budget,
+                   "--w0", "bf16", "--ratios", "1/4", "--fp8", "none", "--fused-ce", "false",
+                   "--recompute", "none", "--micro-batches", "2", "--out", str(out)])
+        stages[budget] = load_train_config(str(out)).train.zero_stage
+    capsys.readouterr()
+    assert stages == {"40": 1, "22": 3}
 
 
 def test_impossible_budget_names_the_smallest_peak(capsys):

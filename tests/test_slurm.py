@@ -323,6 +323,26 @@ def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(cluster, tmp_pa
     assert checkpoint_layout(ckpt)[0] == f"step_{steps:08d}"
 
 
+def test_sbatch_without_srun_stops_with_an_explanation(cluster, tmp_path):
+    """A batch script that runs compact-train itself (no srun) in a 2-task job is one process
+    of a world of 2 that never starts: it stops at once with a line saying so (before, rank
+    0 waited for rank 1 until the rendezvous timed out)."""
+    out = tmp_path / "job-%j.out"
+    proc = subprocess.run(
+        ["sbatch", "--parsable", *_layout(cluster, 2), f"--output={out}",
+         f"--wrap=compact-train --config {TINY} train.train_steps=1"],
+        env=cluster.env(), capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    info = cluster.wait_job(job, 120)
+    log = Path(str(out).replace("%j", job)).read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", (info, log)
+    assert log.strip() == (
+        "compact-train: invalid configuration: SLURM_NTASKS=2 but this is Slurm's batch "
+        "script, not one of 2 srun tasks (no SLURM_STEP_ID): start one process per task with "
+        "srun (launch/slurm/pretrain.sbatch does), or torchrun"), log
+
+
 @pytest.mark.parametrize("env, message", [
     ({}, "CONFIG is not set"),
     ({"CONFIG": "configs/train/nope.yaml"}, "CONFIG=configs/train/nope.yaml does not exist"),

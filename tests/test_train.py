@@ -51,7 +51,7 @@ def train(world: int, overrides: list[str], tmp: Path, name: str) -> dict:
         (["parallel.sequence_parallel=true"], "sequence_parallel needs tensor_model_parallel_size > 1"),
         (["train.zero_stage=4"], "zero_stage"),
         (["train.global_batch_size=3"], "not a multiple of micro_batch_size"),
-        (["model.typo=1"], "Extra inputs"),
+        (["model.typo=1"], "unknown key 'model.typo'"),
     ],
 )
 def test_config_errors_fail_with_one_message_before_any_process_group(

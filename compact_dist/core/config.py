@@ -50,19 +50,22 @@ class LayerCompression(BaseModel):
         if in_features % num_blocks:
             raise ValueError(
                 f"in_features={in_features} is not divisible into {num_blocks} projection blocks"
+                " (compression.row_parallel_blocks)"
             )
         block_in = in_features // num_blocks
         if self.rank is not None:
             if self.rank % num_blocks:
                 raise ValueError(
-                    f"rank={self.rank} must be a multiple of the {num_blocks} projection blocks"
+                    f"compression.rank={self.rank} must be a multiple of the {num_blocks} "
+                    "projection blocks (compression.row_parallel_blocks)"
                 )
             per_block = self.rank // num_blocks
         else:
             per_block = max(1, round(self.ratio * block_in))
         if per_block > block_in:
             raise ValueError(
-                f"rank per block {per_block} exceeds the block's {block_in} input columns"
+                f"compression.rank={self.rank}: rank per block {per_block} exceeds the block's "
+                f"{block_in} input columns"
             )
         return per_block * num_blocks
 
@@ -145,10 +148,10 @@ class CompressionConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str) -> "CompressionConfig":
-        import yaml
+        """The settings of a YAML file (the keys of this class at its top level)."""
+        from compact_dist.core.config_loading import read_yaml_mapping, validate
 
-        with open(path) as f:
-            return cls.model_validate(yaml.safe_load(f) or {})
+        return validate(cls, read_yaml_mapping(path))
 
     def for_role(self, role: str) -> Optional[LayerCompression]:
         """The resolved setting for one linear role, or None when that role stays uncompressed."""
@@ -173,6 +176,6 @@ class CompressionConfig(BaseModel):
             self.row_parallel_blocks % tensor_model_parallel_size
         ):
             raise ValueError(
-                f"row_parallel_blocks={self.row_parallel_blocks} must be divisible by the "
-                f"tensor-model-parallel size {tensor_model_parallel_size}"
+                f"compression.row_parallel_blocks={self.row_parallel_blocks} must be divisible "
+                f"by the tensor-model-parallel size {tensor_model_parallel_size}"
             )

@@ -3,6 +3,13 @@
     compact-plan --config configs/train/llama_1_3b.yaml --world-size 8 --budget-gib 40
     compact-plan --predict --config X [section.key=value ...]      # one JSON line
 
+The planner tries every combination of the levers below (ZeRO stage, compression ratio, W0
+dtype, FP8 storage, fused loss, recompute, micro-batch), keeps only what compact-train
+accepts for the target world size and device (TrainConfig.check_launch: the trainer's own
+rules), ranks them by predicted step time, then the lowest ZeRO stage (least communication,
+which the time model leaves out), then the predicted peak, and writes the first that fits
+the budget (default ./plan.yaml).
+
 Prediction (bytes per GPU, this TP rank), every term a short formula below:
 
     peak = persistent + max(forward/backward phase, optimizer phase)
@@ -44,6 +51,7 @@ from typing import Optional
 import yaml
 
 from compact_dist.core.config import ALL_ROLES, COLUMN_ROLES
+from compact_dist.core.config_loading import validate
 from compact_dist.tools.memory_report import static_bytes
 from compact_dist.training.train_config import TrainConfig, load_train_config
 
@@ -120,9 +128,7 @@ class Setup:
 
     @property
     def kv(self) -> int:       # key / value channels (GQA: groups x head dim)
-        m = self.cfg.model
-        return (m.num_query_groups or m.num_attention_heads) * (m.hidden_size
-                                                                 // m.num_attention_heads)
+        return self.cfg.model.kv_channels
 
 
 def roles(setup: Setup) -> dict[str, dict]:
@@ -130,9 +136,7 @@ def roles(setup: Setup) -> dict[str, dict]:
     rank r, the local width of Z ([s, b, r] column-parallel, [s, b, r/tp] row-parallel) and
     the local A shape. `exact`: the role keeps its exact input (compression.exact_input)."""
     m, c, tp = setup.cfg.model, setup.cfg.compression, setup.tp
-    h, ffn = m.hidden_size, m.ffn
-    shapes = {"qkv": (h, h + 2 * setup.kv), "proj": (h, h), "fc1": (h, 2 * ffn),
-              "fc2": (ffn, h)}
+    shapes = {role: (n, mo) for role, (_, n, mo) in m.linear_shapes().items()}
     exact = set(getattr(c, "exact_input", []) or [])
     out = {}
     for role in ALL_ROLES:
@@ -448,13 +452,15 @@ def setup_from(cfg: TrainConfig, world_size: int, device: str, attention: str,
                  vocab=padded_vocab_size(vocab, cfg.parallel.tensor_model_parallel_size))
 
 
-def _candidates(base: TrainConfig, ratios, w0s, fp8s, fused_ce, recomputes, micro_batches):
-    """Overrides (as dicts) of every combination; ratio None = compression disabled."""
-    for ratio, w0, fp8, ce, rec, mbs in itertools.product(ratios, w0s, fp8s, fused_ce,
-                                                          recomputes, micro_batches):
+def _candidates(base: TrainConfig, zeros, ratios, w0s, fp8s, fused_ce, recomputes,
+                micro_batches):
+    """Config trees of every combination; ratio None = compression disabled."""
+    for zero, ratio, w0, fp8, ce, rec, mbs in itertools.product(
+            zeros, ratios, w0s, fp8s, fused_ce, recomputes, micro_batches):
         if ratio is None and w0 != w0s[0]:
             continue                                   # W0 dtype means nothing without CompAct
         tree = base.model_dump()
+        tree["train"]["zero_stage"] = zero
         tree["compression"]["enabled"] = ratio is not None
         if ratio is not None:
             tree["compression"].update(ratio=ratio, rank=None, base_dtype=w0)
@@ -491,7 +497,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="model shape of benchmarks/memory_throughput.py (overrides model.*)")
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--tp", type=int, help="parallel.tensor_model_parallel_size")
-    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="train.zero_stage")
+    p.add_argument("--zero", help="ZeRO stages to try, e.g. 1,2 (default: 1,2,3; ZeRO-0 never "
+                   "predicts less memory or time than ZeRO-1, so it is tried only when listed); "
+                   "with --predict one stage (default: the config's train.zero_stage)")
     p.add_argument("--vocab", type=int, help="vocabulary before padding (default: the data's)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--attention", choices=["flash", "math"], default="flash",
@@ -511,7 +519,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recompute", default="none,selective,full")
     p.add_argument("--micro-batches", default=None,
                    help="micro-batch sizes to try (default: 1, 2, 4, ... up to the config's)")
-    p.add_argument("--out", default="plan.yaml", help="where to write the fastest fitting config")
+    p.add_argument("--out", default="plan.yaml",
+                   help="where to write the fastest fitting config (default: %(default)s in the "
+                   "current directory, replaced if it exists)")
     p.add_argument("--top", type=int, default=20, help="rows of the table")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p.parse_intermixed_args(argv)
@@ -525,9 +535,16 @@ def _load(args) -> TrainConfig:
         overrides += [f"model.{k}={v}" for k, v in shape.items()]
     if args.tp:
         overrides.append(f"parallel.tensor_model_parallel_size={args.tp}")
-    if args.zero is not None:
+    if args.predict and args.zero is not None:
         overrides.append(f"train.zero_stage={args.zero}")
     return load_train_config(args.config, overrides + list(args.overrides))
+
+
+def _zero_stages(text: Optional[str]) -> list[int]:
+    stages = [int(x) for x in (text or "1,2,3").split(",")]
+    if not stages or any(z not in (0, 1, 2, 3) for z in stages):
+        raise ValueError(f"--zero {text}: stages are 0, 1, 2 or 3")
+    return stages
 
 
 def _gib(x: float) -> str:
@@ -560,33 +577,31 @@ def prediction_line(setup: Setup) -> dict:
 
 
 def plan(args) -> tuple[list[dict], Optional[dict]]:
-    """Rows (dicts) of every valid candidate, sorted by step time, and the fastest fitting."""
+    """Rows (dicts) of every candidate compact-train accepts at --world-size on --device,
+    sorted by (step time, ZeRO stage, peak), and the first that fits the budget."""
     base = _load(args)
-    if args.world_size % base.parallel.tensor_model_parallel_size:
-        raise ValueError(f"world size {args.world_size} is not divisible by the TP size "
-                         f"{base.parallel.tensor_model_parallel_size}")
     budget = args.budget_gib * GiB
     if args.micro_batches:
         mbs = [int(x) for x in args.micro_batches.split(",")]
     else:
         mbs = [1 << i for i in range(16) if 1 << i <= base.train.micro_batch_size]
         mbs = mbs if base.train.micro_batch_size in mbs else mbs + [base.train.micro_batch_size]
-    rows = []
-    for tree in _candidates(base, [_ratio(x) for x in args.ratios.split(",")],
+    rows, refused = [], {}
+    dp = args.world_size // base.parallel.tensor_model_parallel_size
+    for tree in _candidates(base, _zero_stages(args.zero),
+                            [_ratio(x) for x in args.ratios.split(",")],
                             [x.strip() for x in args.w0.split(",")], _fp8_subsets(args.fp8),
                             [x.strip().lower() == "true" for x in args.fused_ce.split(",")],
                             [x.strip() for x in args.recompute.split(",")], mbs):
-        dp = args.world_size // max(1, base.parallel.tensor_model_parallel_size)
         # the same tokens per optimizer step as the base config, so step times compare
         tree["train"]["global_batch_size"] = base.train.global_batch_size or (
-            base.train.micro_batch_size * dp)
-        try:
-            if args.world_size % base.parallel.tensor_model_parallel_size:
-                raise ValueError(f"world size {args.world_size} is not divisible by TP")
-            cfg = TrainConfig.model_validate(tree)
-            if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp):
-                raise ValueError("micro-batch does not divide the global batch")
-        except ValueError:
+            base.train.micro_batch_size * max(1, dp))
+        try:  # compact-train's own checks decide what is a candidate
+            cfg = validate(TrainConfig, tree)
+            cfg.check_launch(args.world_size, has_cuda=args.device == "cuda")
+        except ValueError as err:
+            reason = str(err)
+            refused[reason] = refused.get(reason, 0) + 1
             continue
         setup = setup_from(cfg, args.world_size, args.device, args.attention, args.vocab)
         p = predict(setup)
@@ -594,23 +609,44 @@ def plan(args) -> tuple[list[dict], Optional[dict]]:
                      "reserved": p["peak_reserved"], "time": p["step_time_s"],
                      "fits": p["peak_reserved"] <= budget, "phase": p["peak_phase"]})
     if not rows:
-        raise ValueError("no valid candidate configuration (check --tp / --world-size)")
-    rows.sort(key=lambda r: (r["time"], r["peak"]))
+        why = "; ".join(f"{reason} ({n}x)" for reason, n in refused.items())
+        raise ValueError(f"compact-train accepts none of the candidates at world size "
+                         f"{args.world_size} on {args.device}: {why}")
+    rows = _without_idle_stages(rows)
+    rows.sort(key=lambda r: (r["time"], r["cfg"].train.zero_stage, r["peak"]))
     fitting = [r for r in rows if r["fits"]]
     return rows, (fitting[0] if fitting else None)
 
 
+def _without_idle_stages(rows: list[dict]) -> list[dict]:
+    """Drop each candidate whose ZeRO stage predicts no lower peak than a lower stage with
+    the same other settings (at data-parallel size 1 ZeRO-2/3 partition nothing and only add
+    buffers): a higher stage costs communication, so it is listed only where it saves memory."""
+    lowest_peak: dict[tuple, float] = {}
+    kept = []
+    for r in sorted(rows, key=lambda r: r["cfg"].train.zero_stage):
+        others = tuple(_describe(r["cfg"])[1:])
+        if others in lowest_peak and r["peak"] >= lowest_peak[others]:
+            continue
+        lowest_peak[others] = r["peak"]
+        kept.append(r)
+    return kept
+
+
 def _describe(cfg: TrainConfig) -> list[str]:
     c, a = cfg.compression, cfg.activations
-    return [f"{c.ratio:g}" if c.enabled else "off", c.base_dtype if c.enabled else "-",
+    return [str(cfg.train.zero_stage), f"{c.ratio:g}" if c.enabled else "off",
+            c.base_dtype if c.enabled else "-",
             "+".join(a.fp8_storage) or "-", "yes" if a.fused_cross_entropy else "no",
             cfg.recompute.granularity, str(cfg.train.micro_batch_size)]
 
 
-def write_config(cfg: TrainConfig, path: str) -> None:
-    """Write `cfg` as a compact-train YAML (every field explicit) and check it loads back."""
+def write_config(cfg: TrainConfig, path: str, target: str = "") -> None:
+    """Write `cfg` as a compact-train YAML (every field explicit; `target`: the header's
+    description of the world it was planned for) and check it loads back."""
     tree = cfg.model_dump()
-    Path(path).write_text("# written by compact-plan\n" + yaml.safe_dump(tree, sort_keys=False))
+    header = f"# written by compact-plan{' for ' + target if target else ''}\n"
+    Path(path).write_text(header + yaml.safe_dump(tree, sort_keys=False))
     loaded = load_train_config(path)
     if loaded.model_dump() != tree:
         raise ValueError(f"{path} does not load back to the planned configuration")
@@ -632,12 +668,12 @@ def main(argv=None) -> None:
     if best is None:
         small = min(rows, key=lambda r: r["reserved"])
         sys.exit(f"compact-plan: no candidate fits {args.budget_gib:g} GiB per GPU; the "
-                 f"smallest ({', '.join(_describe(small['cfg']))}: ratio, W0, fp8, fused CE, "
-                 f"recompute, micro-batch) is predicted at {_gib(small['reserved'])} GiB "
+                 f"smallest ({', '.join(_describe(small['cfg']))}: ZeRO, ratio, W0, fp8, "
+                 f"fused CE, recompute, micro-batch) is predicted at {_gib(small['reserved'])} GiB "
                  f"reserved ({_gib(small['peak'])} GiB allocated)")
     fitting = [r for r in rows if r["fits"]]
-    head = ["ratio", "W0", "fp8", "fusedCE", "recompute", "mbs", "peak GiB", "reserved GiB",
-            "step s", "peak in"]
+    head = ["ZeRO", "ratio", "W0", "fp8", "fusedCE", "recompute", "mbs", "peak GiB",
+            "reserved GiB", "step s", "peak in"]
     print(f"{len(fitting)} of {len(rows)} candidates fit {args.budget_gib:g} GiB per GPU "
           f"(reserved = peak x {1 + FRAGMENTATION:g} + {CUDA_CONTEXT_GIB} GiB context); "
           "step time: FLOP model at 40% of H100 bf16 peak + optimizer/merge memory traffic "
@@ -648,7 +684,8 @@ def main(argv=None) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(x.rjust(w) for x, w in zip(row, widths)))
-    write_config(best["cfg"], args.out)
+    write_config(best["cfg"], args.out, f"world size {args.world_size} on {args.device}, "
+                 f"{args.budget_gib:g} GiB per GPU")
     print(f"fastest fitting config written to {args.out} (compact-train --config {args.out})")
 
 

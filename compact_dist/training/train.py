@@ -48,8 +48,7 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
     from compact_dist.core.rng import model_parallel_manual_seed
 
     rank, local_rank, world = world_from_environment()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    set_rendezvous_address(world)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -421,6 +420,28 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     return history
 
 
+def set_rendezvous_address(world_size: int) -> None:
+    """MASTER_ADDR / MASTER_PORT of the env:// rendezvous, where the launcher set none.
+
+    A single process listens on a port the OS reports free, so two one-process runs on one
+    host do not both take 29500; several processes must agree on the port without talking,
+    so they keep the fixed 29500 (every launcher here sets its own)."""
+    import socket
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" in os.environ:
+        return
+    if world_size > 1:
+        os.environ["MASTER_PORT"] = "29500"
+        return
+    with socket.socket() as s:
+        s.bind(("", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+INVALID_CONFIGURATION_EXIT = 2  # like a usage error (argparse, the launch scripts' die)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     import warnings
 
@@ -431,8 +452,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         cfg = load_train_config(args.config, args.overrides)
         _, _, world = world_from_environment()
         cfg.check_environment(world, torch.cuda.is_available())
-    except ValueError as err:
-        sys.exit(f"compact-train: invalid configuration: {err}")
+    except ValueError as err:  # one line (compact_dist.core.config_loading); docs/BAD_INPUT.md
+        print(f"compact-train: invalid configuration: {err}", file=sys.stderr)
+        sys.exit(INVALID_CONFIGURATION_EXIT)
     if args.print_config:
         print(json.dumps(cfg.model_dump(), indent=1))
         return

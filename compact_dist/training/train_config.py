@@ -2,20 +2,23 @@
 
 `load_train_config` validates everything it can before any process group exists: field
 ranges (pydantic), divisibility of heads / FFN / batch by the parallel sizes (the world size
-comes from the launcher's environment), supported combinations, and that data paths exist.
+comes from the launcher's environment), the compression rank of every compressed linear for
+the model's shapes, supported combinations, and that data paths exist. Every error is one
+`ValueError` line naming the key (compact_dist.core.config_loading); docs/BAD_INPUT.md lists
+them.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from compact_dist.megatron.activations import ActivationConfig
-from compact_dist.core.config import CompressionConfig
+from compact_dist.core.config import ROW_ROLES, CompressionConfig
+from compact_dist.core.config_loading import validate, read_yaml_mapping, yaml_error_line
 from compact_dist.training.data import DataConfig
 
 
@@ -42,6 +45,21 @@ class ModelConfig(_Section):
         if self.ffn_hidden_size is not None:
             return self.ffn_hidden_size
         return max(64, int(8 * self.hidden_size / 3) // 64 * 64)
+
+    @property
+    def kv_channels(self) -> int:
+        """Key / value width: query groups x head dim (GQA), hidden_size without GQA."""
+        groups = self.num_query_groups or self.num_attention_heads
+        return groups * (self.hidden_size // self.num_attention_heads)
+
+    def linear_shapes(self) -> dict[str, tuple[str, int, int]]:
+        """Per GPT linear role of one layer: (the key its input width comes from, global
+        input features, global output features)."""
+        h, ffn = self.hidden_size, self.ffn
+        return {"qkv": ("model.hidden_size", h, h + 2 * self.kv_channels),
+                "proj": ("model.hidden_size", h, h),
+                "fc1": ("model.hidden_size", h, 2 * ffn),
+                "fc2": ("model.ffn_hidden_size", ffn, h)}
 
 
 class ParallelConfig(_Section):
@@ -110,25 +128,28 @@ class TrainConfig(_Section):
         tp = p.tensor_model_parallel_size
         if m.hidden_size % m.num_attention_heads:
             raise ValueError(
-                f"hidden_size={m.hidden_size} is not divisible by "
-                f"num_attention_heads={m.num_attention_heads}"
+                f"model.hidden_size={m.hidden_size} is not divisible by "
+                f"model.num_attention_heads={m.num_attention_heads}"
             )
         groups = m.num_query_groups or m.num_attention_heads
         if m.num_attention_heads % groups:
-            raise ValueError("num_attention_heads must be divisible by num_query_groups")
+            raise ValueError(f"model.num_attention_heads={m.num_attention_heads} is not "
+                             f"divisible by model.num_query_groups={groups}")
         for name, value in (("num_attention_heads", m.num_attention_heads),
                             ("num_query_groups", groups), ("ffn_hidden_size", m.ffn)):
             if value % tp:
                 raise ValueError(
-                    f"tensor_model_parallel_size={tp} does not divide {name}={value}"
+                    f"parallel.tensor_model_parallel_size={tp} does not divide {name}={value}"
                 )
         if p.sequence_parallel:
             if tp == 1:
-                raise ValueError("sequence_parallel needs tensor_model_parallel_size > 1")
+                raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
             if m.seq_length % tp:
-                raise ValueError(f"seq_length={m.seq_length} is not divisible by TP size {tp}")
+                raise ValueError(f"model.seq_length={m.seq_length} is not divisible by TP size "
+                                 f"{tp} (parallel.sequence_parallel=true)")
         if self.recompute.deepspeed_checkpointing and self.recompute.granularity == "none":
-            raise ValueError("recompute.deepspeed_checkpointing needs granularity full/selective")
+            raise ValueError("recompute.deepspeed_checkpointing=true needs "
+                             "recompute.granularity full or selective")
         c = self.compression
         if c.enabled and c.projection == "gradient":
             # the probe backward must not accumulate .grad: recompute's backward (Megatron's
@@ -141,27 +162,51 @@ class TrainConfig(_Section):
                 raise ValueError("compression.projection=gradient does not support ZeRO-3 "
                                  "(use projection=pca)")
         if self.optim.min_lr > self.optim.lr:
-            raise ValueError("optim.min_lr must not exceed optim.lr")
+            raise ValueError(f"optim.min_lr={self.optim.min_lr} must not exceed "
+                             f"optim.lr={self.optim.lr}")
         self.compression.check_parallel(tp)
+        self._check_ranks()
         self.activations.check_model(m.attention_dropout, self.recompute.granularity)
         return self
 
+    def _check_ranks(self) -> None:
+        """Each compressed linear's projection rank for the model's shapes (what
+        LayerCompression.rank_for computes when the layer is built)."""
+        c = self.compression
+        for role, (key, in_features, _) in self.model.linear_shapes().items():
+            setting = c.for_role(role)
+            if setting is None:
+                continue
+            blocks = c.row_parallel_blocks if role in ROW_ROLES else 1
+            try:
+                setting.rank_for(in_features, blocks)
+            except ValueError as err:
+                raise ValueError(f"linear_{role} (input {key}={in_features}): {err}") from None
+
     def check_environment(self, world_size: int, has_cuda: bool) -> None:
-        """Checks that need the world size and device, still before any process group."""
+        """Checks that need the world size, the device and the filesystem (data paths), still
+        before any process group."""
+        self.check_launch(world_size, has_cuda)
+        self.data.check_paths()
+
+    def check_launch(self, world_size: int, has_cuda: bool) -> None:
+        """What the world size and the device allow; no filesystem access (compact-plan runs
+        it for every candidate)."""
         tp = self.parallel.tensor_model_parallel_size
         if world_size % tp:
-            raise ValueError(f"world size {world_size} is not divisible by TP size {tp}")
+            raise ValueError(f"world size {world_size} is not divisible by TP size {tp} "
+                             "(parallel.tensor_model_parallel_size)")
         dp = world_size // tp
         per_step = self.train.micro_batch_size * dp
         gbs = self.train.global_batch_size or per_step
         if gbs % per_step:
             raise ValueError(
-                f"global_batch_size={gbs} is not a multiple of micro_batch_size x data-parallel "
-                f"size = {self.train.micro_batch_size} x {dp}"
+                f"train.global_batch_size={gbs} is not a multiple of micro_batch_size x "
+                f"data-parallel size = {self.train.micro_batch_size} x {dp}"
             )
         if self.parallel.sequence_parallel and not has_cuda:
             raise ValueError(
-                "sequence_parallel needs CUDA: megatron-core 0.16.1's sequence-parallel "
+                "parallel.sequence_parallel needs CUDA: megatron-core 0.16.1's sequence-parallel "
                 "embedding and output gathers allocate on torch.cuda.current_device()"
             )
         bf16 = self.train.precision == "bf16" or (self.train.precision == "auto" and has_cuda)
@@ -169,15 +214,16 @@ class TrainConfig(_Section):
         zero3_subspace = self.train.zero_stage == 3 and c.enabled and c.mode == "subspace"
         if zero3_subspace and c.base_dtype == "bf16_pair":
             raise ValueError(
-                "ZeRO-3 does not partition the low word of a bf16-pair W0 (a buffer): set "
-                "compression.base_dtype=bf16 (stochastic-rounding merges), or use ZeRO-1/2")
+                "train.zero_stage=3 does not partition the low word of a bf16-pair W0 (a "
+                "buffer): set compression.base_dtype=bf16 (stochastic-rounding merges), or use "
+                "ZeRO-1/2")
         if zero3_subspace and bf16 and c.base_dtype == "fp32":
             raise ValueError(
-                "ZeRO-3 with bf16 partitions the frozen W0 in bf16: set compression.base_dtype="
-                "bf16 (stochastic-rounding merges), or use ZeRO-1/2 to keep an fp32 W0")
+                "train.zero_stage=3 with bf16 partitions the frozen W0 in bf16: set "
+                "compression.base_dtype=bf16 (stochastic-rounding merges), or use ZeRO-1/2 to "
+                "keep an fp32 W0")
         if self.train.precision == "bf16" and not has_cuda:
-            raise ValueError("precision=bf16 needs CUDA; use fp32 (or auto) on CPU")
-        self.data.check_paths()
+            raise ValueError("train.precision=bf16 needs CUDA; use fp32 (or auto) on CPU")
 
     def gradient_accumulation_steps(self, data_parallel_size: int) -> int:
         per_step = self.train.micro_batch_size * data_parallel_size
@@ -191,29 +237,40 @@ def _set_override(tree: dict, dotted: str, raw: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {dotted!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ValueError(yaml_error_line(err, f"override {dotted}={raw}", lines=False)) from None
 
 
 def load_train_config(path: Optional[str], overrides: list[str] = ()) -> TrainConfig:
-    """YAML (or the embedded default when path is None) plus `a.b=value` overrides."""
-    tree: dict = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ValueError(f"config file {path!r} does not exist")
-        tree = yaml.safe_load(Path(path).read_text()) or {}
+    """YAML (or the embedded default when path is None) plus `a.b=value` overrides; every
+    error one ValueError line naming the key (and the file and line of a YAML error)."""
+    tree: dict = read_yaml_mapping(path) if path is not None else {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form section.key=value")
         key, raw = item.split("=", 1)
         _set_override(tree, key.strip(), raw)
-    return TrainConfig.model_validate(tree)
+    return validate(TrainConfig, tree)
 
 
 def world_from_environment() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun / the deepspeed launcher / srun."""
+    """(rank, local_rank, world_size) from torchrun / the deepspeed launcher / srun.
+
+    Slurm's batch script itself (sbatch without srun) has SLURM_PROCID=0 and the job's
+    SLURM_NTASKS but no SLURM_STEP_ID (srun sets it in every task): with SLURM_NTASKS > 1 it
+    is one process of a world that never starts, so this raises instead of letting rank 0
+    wait for the others forever."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
+        ntasks = int(env["SLURM_NTASKS"])
+        if ntasks > 1 and "SLURM_STEP_ID" not in env:
+            raise ValueError(
+                f"SLURM_NTASKS={ntasks} but this is Slurm's batch script, not one of "
+                f"{ntasks} srun tasks (no SLURM_STEP_ID): start one process per task with "
+                "srun (launch/slurm/pretrain.sbatch does), or torchrun")
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), ntasks
     return 0, 0, 1
