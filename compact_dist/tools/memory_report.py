@@ -244,13 +244,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(f"compact-memory: invalid configuration: {err}")
     from compact_dist.training.train import init_distributed, padded_vocab_size
 
-    if "WORLD_SIZE" not in os.environ:
-        import socket
-
-        with socket.socket() as sock:  # a lone process: any free port
-            sock.bind(("127.0.0.1", 0))
-            os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
-    device = init_distributed(cfg)
+    device = init_distributed(cfg)  # a lone process without MASTER_PORT takes a free port
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto"
                                              and device.type == "cuda")
     vocab = args.vocab or (cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 257)
