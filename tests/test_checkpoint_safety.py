@@ -266,7 +266,7 @@ def test_checkpoints_without_a_complete_one_are_an_error(tmp_path, monkeypatch):
     _fails_before_training(
         monkeypatch, small(tmp_path, f"checkpoint.dir={ckpt}"),
         f"{ckpt} has no complete checkpoint to resume (latest names step_00000004, which is "
-        "not a complete checkpoint; step_00000004 lack the 'complete' marker): set "
+        "not a complete checkpoint; without the 'complete' marker: step_00000004): set "
         "checkpoint.resume=false or another checkpoint.dir to start at step 0")
 
 
@@ -312,3 +312,25 @@ def test_second_sigint_quits_only_after_a_pause(monkeypatch):
     now[0] += stop.REPEAT_S + 0.1
     with pytest.raises(KeyboardInterrupt):
         stop._handler(signal.SIGINT, None)
+
+
+def _different_tags(rank, out):
+    from compact_dist.deepspeed.checkpoint_dir import CheckpointError
+    from compact_dist.training.resume import same_on_every_rank
+
+    try:
+        same_on_every_rank("step_00000004" if rank == 0 else None)
+    except CheckpointError as err:
+        Path(f"{out}.{rank}").write_text(str(err))
+
+
+def test_ranks_that_see_different_checkpoints_stop(tmp_path):
+    """A checkpoint.dir on node-local disks: rank 0 finds step_4, rank 1 nothing. Every rank
+    raises instead of one resuming and the other starting at step 0."""
+    from distributed import run_distributed
+
+    run_distributed(_different_tags, 2, str(tmp_path / "err"))
+    for rank in (0, 1):
+        assert (tmp_path / f"err.{rank}").read_text() == (
+            "the ranks found different checkpoints to resume ({0: 'step_00000004', 1: None}): "
+            "checkpoint.dir must be one directory every node sees")

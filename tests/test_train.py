@@ -52,6 +52,7 @@ def train(world: int, overrides: list[str], tmp: Path, name: str) -> dict:
         (["train.zero_stage=4"], "zero_stage"),
         (["train.global_batch_size=3"], "not a multiple of micro_batch_size"),
         (["model.typo=1"], "Extra inputs"),
+        (["checkpoint.load_step=3"], "checkpoint.load_step needs checkpoint.dir"),
     ],
 )
 def test_config_errors_fail_with_one_message_before_any_process_group(

@@ -174,7 +174,7 @@ def choose(root: Path, load_step: Optional[int] = None) -> Choice:
         found = ", ".join(unmarked[:3]) + (" ..." if len(unmarked) > 3 else "")
         raise CheckpointError(
             f"{root} has no complete checkpoint to resume ({LATEST} {problem}"
-            + (f"; {found} lack the {COMPLETE!r} marker" if unmarked else "")
+            + (f"; without the {COMPLETE!r} marker: {found}" if unmarked else "")
             + "): set checkpoint.resume=false or another checkpoint.dir to start at step 0")
     scratch = [p.name for p in scratch_dirs(root)] if root.is_dir() else []
     if scratch:
