@@ -270,6 +270,21 @@ def test_checkpoints_without_a_complete_one_are_an_error(tmp_path, monkeypatch):
         "checkpoint.resume=false or another checkpoint.dir to start at step 0")
 
 
+def test_resume_false_next_to_checkpoints_says_what_happens_to_them(tmp_path):
+    from compact_dist.training.resume import plan
+    from compact_dist.training.train_config import load_train_config
+
+    ckpt = tmp_path / "ckpt"
+    cfg = load_train_config(None, small(tmp_path, f"checkpoint.dir={ckpt}",
+                                        "checkpoint.resume=false"))
+    for step in (2, 4):
+        _complete(ckpt, step, cfg)
+    got = plan(cfg)
+    assert got.tag is None and got.notes == [
+        f"checkpoint.resume=false: starting at step 0; this run's saves replace or rotate out "
+        f"the checkpoints in {ckpt} (step_00000002 .. step_00000004)"]
+
+
 def test_latest_that_is_not_text_falls_back(tmp_path):
     from compact_dist.deepspeed.checkpoint_dir import choose
     from compact_dist.training.train_config import load_train_config
