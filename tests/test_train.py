@@ -52,6 +52,7 @@ def train(world: int, overrides: list[str], tmp: Path, name: str) -> dict:
         (["train.zero_stage=4"], "zero_stage"),
         (["train.global_batch_size=3"], "not a multiple of micro_batch_size"),
         (["model.typo=1"], "unknown key 'model.typo'"),
+        (["checkpoint.load_step=3"], "checkpoint.load_step needs checkpoint.dir"),
     ],
 )
 def test_config_errors_fail_with_one_message_before_any_process_group(
@@ -222,9 +223,12 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     run_distributed_raw(_killed_save, 1, common, str(tmp_path / "killed"))
     assert (tmp_path / "killed.0").exists()
     assert (ckpt / "latest").read_text() == "step_00000002"
-    assert (ckpt / "step_00000004").exists()  # the half-written one
+    assert (ckpt / "step_00000004.partial").exists()  # the half-written one, under its
+    assert not (ckpt / "step_00000004").exists()      # temporary name
     resumed = train(1, common, tmp_path, "after_kill")["losses"]
     assert len(resumed) == 2  # steps 3 and 4, continuing from step 2
+    assert not (ckpt / "step_00000004.partial").exists()  # removed by the next save
+    assert (ckpt / "step_00000004" / "complete").is_file()
 
 
 def _stopped_by_signal(rank, overrides, out, stop_rank, stop_step):

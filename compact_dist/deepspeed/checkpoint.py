@@ -1,6 +1,6 @@
 """Atomic, resumable training checkpoints on top of DeepSpeed's engine checkpoints.
 
-Layout under `dir`:
+Layout under `dir` (names and the choice of the checkpoint to resume: checkpoint_dir):
     step_00000100/          DeepSpeed engine checkpoint (module, ZeRO optimizer, scheduler,
                             client state: step, data position, subspace stepper)
     step_00000100/compact_rank{R}.pt
@@ -14,9 +14,11 @@ Layout under `dir`:
     step_00000100/compact_run.json, tokenizer.json
                             the resolved run config and the tokenizer (compact-train writes
                             them; compact_dist.tools.export reads them)
-    latest                  name of the newest *complete* checkpoint, replaced atomically
-                            (os.replace) after every rank finished writing; a save killed
-                            midway leaves `latest` on the previous checkpoint.
+    step_00000100/complete  the marker: rank 0 writes it after every rank finished writing
+                            into step_00000100.partial/, then renames that directory
+    latest                  name of the newest complete checkpoint, replaced atomically
+                            (os.replace) after the rename; a save killed midway leaves
+                            `latest` and every complete checkpoint as they were.
 """
 
 from __future__ import annotations
@@ -32,17 +34,9 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import random as mpu_random
 
 from compact_dist.core.subspace import compact_layers
+from compact_dist.deepspeed import checkpoint_dir
 
-LATEST = "latest"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+LATEST = checkpoint_dir.LATEST
 
 
 def _rank_state(model: torch.nn.Module) -> dict[str, Any]:
@@ -101,48 +95,56 @@ def _zero_module_factor(layer) -> None:
 
 def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep_last: int,
                     write_run_files: Optional[Callable[[Path], None]] = None) -> str:
-    """Collective: every rank calls. Returns the tag written. write_run_files(tag directory):
-    called on rank 0 before `latest` moves, for files that describe the run (the resolved
-    config and the tokenizer, compact_dist.tools.export.write_run_files)."""
+    """Collective: every rank calls. Returns the tag written. Every rank writes into
+    `step_N.partial/`; rank 0 then writes the marker, renames it `step_N/` (replacing an
+    earlier save of step N), points `latest` at it and deletes the complete checkpoints older
+    than step N beyond the newest `keep_last` (checkpoint_dir.rotate). write_run_files(tag
+    directory): called on rank 0 before the rename, for files that describe the run (the
+    resolved config and the tokenizer, compact_dist.tools.export.write_run_files)."""
     root = Path(directory)
-    tag = f"step_{step:08d}"
+    tag = checkpoint_dir.tag_of(step)
+    partial = tag + checkpoint_dir.PARTIAL
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / tag, ignore_errors=True)  # a leftover of a killed save
+        for leftover in checkpoint_dir.scratch_dirs(root):  # of killed saves and rotations
+            shutil.rmtree(leftover)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    rank_file = root / tag / f"compact_rank{dist.get_rank()}.pt"
+    engine.save_checkpoint(str(root), tag=partial, client_state=client_state, save_latest=False)
+    rank_file = root / partial / f"compact_rank{dist.get_rank()}.pt"
     tmp = rank_file.with_suffix(".tmp")
     torch.save(_rank_state(engine.module), tmp)
     os.replace(tmp, rank_file)
     if write_run_files is not None and dist.get_rank() == 0:
-        write_run_files(root / tag)
+        write_run_files(root / partial)
     dist.barrier()
     if dist.get_rank() == 0:
-        _atomic_write_bytes(root / LATEST, tag.encode())
-        tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
-        for old in tags[:-keep_last]:
-            shutil.rmtree(root / old, ignore_errors=True)
+        checkpoint_dir.mark_complete(root / partial, step, dist.get_world_size())
+        replaced = root / (tag + checkpoint_dir.OLD)
+        if (root / tag).exists():
+            os.rename(root / tag, replaced)
+        os.rename(root / partial, root / tag)
+        checkpoint_dir.fsync_dir(root)
+        checkpoint_dir.write_atomic(root / checkpoint_dir.LATEST, tag)
+        shutil.rmtree(replaced, ignore_errors=True)
+        checkpoint_dir.rotate(root, step, keep_last)
     dist.barrier()
     return tag
 
 
 def latest_tag(directory: str) -> Optional[str]:
-    pointer = Path(directory) / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    return tag if (Path(directory) / tag).is_dir() else None
+    """The complete checkpoint `latest` names, or None."""
+    return checkpoint_dir.read_latest(Path(directory))[0]
 
 
-def load_checkpoint(engine, directory: str) -> Optional[dict]:
-    """Collective. Loads the newest complete checkpoint; returns its client state or None."""
-    tag = latest_tag(directory)
-    if tag is None:
-        return None
+def load_checkpoint(engine, directory: str, tag: str) -> dict:
+    """Collective. Loads checkpoint `tag` (checkpoint_dir.choose picks it); returns its client
+    state. Raises CheckpointError when DeepSpeed finds no engine checkpoint there."""
     _, client_state = engine.load_checkpoint(
         directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
+    if client_state is None:
+        raise checkpoint_dir.CheckpointError(
+            f"{Path(directory) / tag}: DeepSpeed found no engine checkpoint to load")
     state = torch.load(
         Path(directory) / tag / f"compact_rank{dist.get_rank()}.pt", weights_only=False
     )

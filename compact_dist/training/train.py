@@ -20,10 +20,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 import torch
 
+from compact_dist.deepspeed.checkpoint_dir import CheckpointError
+from compact_dist.training.nonfinite import NonFiniteError
 from compact_dist.training.train_config import TrainConfig, load_train_config, world_from_environment
 
 
@@ -110,21 +113,37 @@ def lr_lambda(cfg: TrainConfig):
 
 
 class GracefulStop:
-    """SIGTERM / SIGUSR1 end training after the current optimizer step, with a checkpoint when
-    checkpoint.dir is set. The handler only sets a flag; `requested_anywhere` all-reduces it
-    over the world group once per step, so every rank stops after the same step. `install`
-    (before the training loop) and `restore` (when run() returns or raises) swap the previous
-    handlers in and out; before the loop the signals keep their previous meaning."""
+    """SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) end training after the current optimizer step, with
+    a checkpoint when checkpoint.dir is set. The handler only sets a flag; `requested_anywhere`
+    all-reduces it over the world group once per step, so every rank stops after the same step.
+    A second SIGINT more than REPEAT_S after the first raises KeyboardInterrupt (quit at once;
+    saves are atomic); sooner ones are ignored, because a launcher forwards the terminal's
+    Ctrl-C to workers that already got it (torchrun). `install` (before the training loop) and
+    `restore` (when run() returns or raises) swap the previous handlers in and out; before the
+    loop the signals keep their previous meaning."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    REPEAT_S = 2.0
 
     def __init__(self) -> None:
         self.requested = False
         self.signal: Optional[int] = None
         self._previous: dict = {}
+        self._first_sigint: Optional[float] = None
 
     def _handler(self, signum, frame) -> None:
-        self.requested, self.signal = True, signum
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is None:
+                self._first_sigint = now
+                if os.environ.get("RANK", "0") == "0":
+                    os.write(2, b"compact-train: SIGINT: stopping after this step (with a "
+                                b"checkpoint if checkpoint.dir is set); Ctrl-C again to quit "
+                                b"at once\n")
+            elif now - self._first_sigint > self.REPEAT_S:
+                raise KeyboardInterrupt
+        if not self.requested:
+            self.requested, self.signal = True, signum
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -305,15 +324,19 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from compact_dist.deepspeed.checkpoint import load_checkpoint, save_checkpoint
+    from compact_dist.deepspeed.checkpoint import save_checkpoint
+    from compact_dist.training import resume
     from compact_dist.training.data import build_data
     from compact_dist.deepspeed.engine import use_deepspeed_checkpointing
+    from compact_dist.training.nonfinite import NonFiniteCheck
     from compact_dist.tools.export import write_run_files
     from compact_dist.tools.memory import linear_memory_table
 
     rank, _, world = world_from_environment()
     cfg.check_environment(world, torch.cuda.is_available())
+    plan = resume.plan(cfg)  # checkpoint.dir writable, what to resume: before any group
     device = init_distributed(cfg)
+    resume.same_on_every_rank(plan.tag)
     bf16 = cfg.train.precision == "bf16" or (
         cfg.train.precision == "auto" and device.type == "cuda")
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -330,14 +353,15 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
                                   device))
     engine, stepper = build_engine(cfg, model, bf16, dp, schedule=True)
 
-    step = 0
-    if cfg.checkpoint.dir and cfg.checkpoint.resume:
-        state = load_checkpoint(engine, cfg.checkpoint.dir)
-        if state is not None:
-            step = state["step"]
-            stepper.steps = state["stepper_steps"]
-            train_iter.load_state_dict(state["data"])
-            log.print(f"resumed from step {step} in {cfg.checkpoint.dir}")
+    step, saved = 0, plan.tag  # saved: the newest checkpoint of this run's trajectory
+    for note in plan.notes:
+        log.print(note)
+    if plan.tag is not None:
+        state = resume.load_with_run_settings(engine, cfg.checkpoint.dir, plan.tag)
+        step = state["step"]
+        stepper.steps = state["stepper_steps"]
+        train_iter.load_state_dict(state["data"])
+        log.print(f"resumed from step {step} in {cfg.checkpoint.dir}")
     if log.bar:
         log.bar.n = step
 
@@ -362,6 +386,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     meter = throughput_meter(cfg, tokens_per_step=cfg.train.micro_batch_size * grad_accum * dp
                              * cfg.model.seq_length, bf16=bf16, device=device, start_step=step,
                              vocab_size=tokenizer.vocab_size)
+    nonfinite = NonFiniteCheck(engine)
     engine.train()
     while step < cfg.train.train_steps:
         loss_sum = torch.zeros((), device=device)
@@ -383,6 +408,13 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         scalars = {"train/loss": mean_loss, "train/lr": lr, "perf/memory_GiB": memory_gib(device),
                    **(meter.interval(step) if line else {})}
         log.step(step, scalars, line=line)
+        problem = nonfinite.problem(step, mean_loss)  # before this step's checkpoint
+        if problem:
+            log.close()
+            where = (f"the last checkpoint is {os.path.join(cfg.checkpoint.dir, saved)}" if saved
+                     else "no checkpoint was saved" if cfg.checkpoint.dir
+                     else "checkpoint.dir is not set")
+            raise NonFiniteError(f"{problem}: stopped without saving this step; {where}")
         if step % cfg.train.eval_interval == 0 or step == cfg.train.train_steps:
             vloss = evaluate()
             history["valid"].append((step, vloss))
@@ -395,7 +427,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         stopping = stop.requested_anywhere(device)  # every rank agrees (all-reduced flag)
         if cfg.checkpoint.dir and ((interval and step % interval == 0) or stopping
                                    or step == cfg.train.train_steps):
-            save_checkpoint(engine, cfg.checkpoint.dir, step, {
+            saved = save_checkpoint(engine, cfg.checkpoint.dir, step, {
                 "step": step, "stepper_steps": stepper.steps, "data": train_iter.state_dict()},
                 cfg.checkpoint.keep_last, run_files)
         if stopping:
@@ -404,6 +436,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
             log.print(f"stopped by {by} after step {step}"
                       + (f", checkpoint in {cfg.checkpoint.dir}" if cfg.checkpoint.dir else ""))
             break
+    nonfinite.close()
     history["step"] = step
     if history["losses"]:
         first, last = history["losses"][0], history["losses"][-1]
@@ -460,6 +493,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     try:
         run(cfg)
+    except (CheckpointError, NonFiniteError) as err:  # one line on every rank, exit status 1
+        sys.exit(f"compact-train: {err}")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -99,10 +99,22 @@ class RecomputeConfig(_Section):
 
 
 class CheckpointConfig(_Section):
+    """dir: where checkpoints go (checked writable before step 1); resume: from load_step's
+    checkpoint, else the one `latest` names, else the newest complete one (compact_dist.
+    training.resume); keep_last: complete checkpoints kept (older ones deleted by step)."""
+
     dir: Optional[str] = None
     save_interval: int = Field(0, ge=0)  # 0: only at the end (when dir is set)
     resume: bool = True
     keep_last: int = Field(2, ge=1)
+    load_step: Optional[int] = Field(None, ge=1)  # resume exactly this step (error if absent)
+
+    @model_validator(mode="after")
+    def _load_step_needs_resume(self) -> "CheckpointConfig":
+        if self.load_step is not None and not (self.dir and self.resume):
+            raise ValueError("checkpoint.load_step needs checkpoint.dir and "
+                             "checkpoint.resume=true")
+        return self
 
 
 class LoggingConfig(_Section):
