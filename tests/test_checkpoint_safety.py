@@ -349,3 +349,18 @@ def test_ranks_that_see_different_checkpoints_stop(monkeypatch):
     assert str(info.value) == (
         "the ranks found different checkpoints to resume ({0: 'step_00000004', 1: None}): "
         "checkpoint.dir must be one directory every node sees")
+
+
+def test_a_checkpoint_from_before_the_marker_that_latest_names_is_resumed(tmp_path):
+    """compact_dist before the `complete` marker moved `latest` only after every rank wrote
+    its files: that checkpoint is resumed; an unmarked newer one (a killed save then) is not."""
+    from compact_dist.deepspeed.checkpoint_dir import CheckpointError, choose
+
+    for step in (4, 6):
+        (tmp_path / f"step_0000000{step}").mkdir()
+    (tmp_path / "step_00000004" / "compact_rank0.pt").write_bytes(b"")
+    (tmp_path / "latest").write_text("step_00000004")
+    assert choose(tmp_path).tag == "step_00000004"
+    (tmp_path / "latest").write_text("step_00000006")  # no per-rank files: not complete
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        choose(tmp_path)

@@ -11,7 +11,9 @@ no process group), so compact-train decides and checks it before any process gro
 
 Scratch directories (`.partial`, `.old`) are removed by the next save. A `step_*` directory
 without the marker was not written by this code (or predates the marker): never loaded, and
-deleted only when a save of the same step replaces it. Rotation deletes only complete
+deleted only when a save of the same step replaces it; except the one `latest` names when it
+holds per-rank files (`compact_rank*.pt`): compact_dist before the marker moved `latest` only
+after every rank had written, so that one is complete (a legacy checkpoint, resumed). Rotation deletes only complete
 checkpoints older, by step, than the one just written.
 """
 
@@ -137,9 +139,15 @@ def read_latest(root: Path) -> tuple[Optional[str], Optional[str]]:
         return None, "is empty"
     if step_of(text) is None:
         return None, f"names {text[:40]!r}, not a step_NNNNNNNN tag"
-    if not is_complete(root, text):
+    if not is_complete(root, text) and not is_legacy_complete(root, text):
         return None, f"names {text}, which is not a complete checkpoint"
     return text, None
+
+
+def is_legacy_complete(root: Path, tag: str) -> bool:
+    """A checkpoint written before the marker existed: `latest` names it (only then is this
+    asked) and it holds the per-rank files, written before the old code moved `latest`."""
+    return (root / tag).is_dir() and any((root / tag).glob("compact_rank*.pt"))
 
 
 @dataclasses.dataclass
