@@ -227,14 +227,18 @@ def _merge_partition_local(layers: list, lr: float, weight_decay: float) -> None
         factor, w0 = group[0].subspace_factor, group[0].weight
         rank = dist.get_rank(group=factor.ds_process_group)
         r, n = factor.ds_shape[1], w0.ds_shape[1]
-        a_lo, _ = _row_span(factor, rank, r, whole=True)
-        first = a_lo * r - rank * factor.ds_tensor.ds_numel  # A's row a_lo in the partition
+        a_start = rank * factor.ds_tensor.ds_numel  # flat index of A's partition in A
         _, start, valid = _own_partition(w0)
         row0, row1 = start // n, -(-(start + valid) // n)  # rows of W0 the partition touches
+        # A's rows row0..row1 lie whole in this rank's A partition (_rows_align), from flat
+        # row0 r - a_start on. (Where _rows_align holds on every rank, both partitions start
+        # on a row boundary: a row of A split between two ranks is whole on neither, yet one
+        # of them updates that row of W0; a row of W0 split between two would need its row
+        # of A whole on both.)
         for chunk in chunks(group, (row1 - row0) * n):
             masters = [_local_master(layer.subspace_factor) for layer in chunk]
             if valid:
-                rows = torch.stack([m.narrow(0, first + (row0 - a_lo) * r, (row1 - row0) * r)
+                rows = torch.stack([m.narrow(0, row0 * r - a_start, (row1 - row0) * r)
                                     for m in masters]).view(len(chunk), row1 - row0, r)
                 apply_rows(chunk, rows.to(factor.dtype),
                            [_own_partition(layer.weight)[0] for layer in chunk],
