@@ -12,9 +12,10 @@ then a step at lr 0, which must leave W0 (and W_eff: A is zero after every merge
   copy rounded away (at most 2^-9 of each element of A), which the next step merges: the mean
   change of W0 at most 2^-7 of the previous step's (measured ~2^-9.3; an update merged again:
   about 1x).
-Then A's Adam moments are found where the optimizer keeps them: transport with R = 2 I doubles
-exp_avg, reset zeroes it and the step count. Losses against the torch reference (torch AdamW, the same model, W0 storage and projection,
+Losses against the torch reference (torch AdamW, the same model, W0 storage and projection,
 fp32, no DeepSpeed): fp32 within rel 1e-5; bf16 within rel 1e-3 (measured up to 5e-4).
+Then A's Adam moments are found where the optimizer keeps them: transport with R = 2 I doubles
+exp_avg, reset zeroes it and the step count.
 """
 
 import pytest
