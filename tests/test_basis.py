@@ -289,10 +289,24 @@ def _estimates_agree(rank, tp):
     """DP=2 (tp=1: each rank sketches its half of the batch) or TP=2 (column-parallel with
     and without sequence parallelism, row-parallel with 8 blocks): every rank ends with
     bit-identical P where P is replicated, and P spans what a single process finds on the
-    whole input."""
+    whole input. CPU ranks would compute the same bits from the same reduced sketch anyway;
+    GPUs need not (reduction order, kernels), so here each rank perturbs its reduced sketch
+    in the last bits: only the broadcasts (_share_bases) make P identical."""
     import torch.distributed as dist
 
+    import compact_dist.core.subspace as subspace
     from layer_utils import layer_config
+
+    solve = subspace.top_eigenvectors
+
+    def perturbed(sketches):
+        gen = torch.Generator().manual_seed(rank)
+        for sketch in sketches:
+            noise = torch.randn(sketch.sums.shape, generator=gen).to(sketch.sums.dtype)
+            sketch.sums.mul_(1 + noise * 2.0 ** -21)
+        return solve(sketches)
+
+    subspace.top_eigenvectors = perturbed
 
     world = dist.get_world_size()
     singles = [dist.new_group([r]) for r in range(world)]

@@ -314,3 +314,33 @@ def _local_merge_runs(rank):
 
 def test_zero3_partition_local_merge_equals_the_gathered_merge(megatron_tp1):
     run_distributed(_local_merge_runs, 2, tp=1)
+
+
+def test_partition_local_layers_have_partitions_on_row_boundaries():
+    """Where the partition-local merge applies (_rows_align on every rank), every rank's W0
+    and A partitions start on a row boundary (DeepSpeed's ceil(numel / world) partitions;
+    the comment in _merge_partition_local): checked over small shapes and 2-5 ranks."""
+    from types import SimpleNamespace
+
+    from compact_dist.core.subspace import _rows_align
+
+    def param(rows, cols, world):
+        numel = rows * cols
+        return SimpleNamespace(ds_numel=numel, ds_shape=(rows, cols),
+                               ds_tensor=SimpleNamespace(ds_numel=-(-numel // world)))
+
+    aligned = 0
+    for world in range(2, 6):
+        for rows in range(1, 24):
+            for n in (4, 6, 9, 16):
+                for r in range(1, n + 1):
+                    layer = SimpleNamespace(weight=param(rows, n, world),
+                                            subspace_factor=param(rows, r, world))
+                    if not _rows_align(layer, world):
+                        continue
+                    aligned += 1
+                    for p in (layer.weight, layer.subspace_factor):
+                        starts = [min(k * p.ds_tensor.ds_numel, p.ds_numel)
+                                  for k in range(world)]
+                        assert all(s % p.ds_shape[1] == 0 for s in starts), (world, rows, n, r)
+    assert aligned > 100

@@ -71,3 +71,32 @@ def test_many_bases_in_one_call_give_the_bits_of_one_call_each(device):
         merge_into_bf16_many_(bases, deltas, 0.5, 1.0, seeds[:2])
     with pytest.raises(ValueError, match="one length"):
         merge_into_bf16_many_(bases, deltas[:, :10], 0.5, 1.0, seeds)
+
+
+def test_successive_merges_round_independently(megatron_tp1):
+    """N merges of the same delta d (|d| < one ulp) into a bf16 W0 on one binade: each element
+    ends within the binomial spread of W0 + N d (the merge count is in the rounding seed, so
+    each merge draws new noise). With one seed for every merge an element would round the
+    same way N times (moving 0 or N ulps): an error sqrt(N) times larger."""
+    from compact_dist.core.config import LayerCompression
+    from compact_dist.core.subspace import merge_subspace_factors
+    from layer_utils import build
+
+    layer = build("column", 64, 48, LayerCompression(ratio=0.25, base_dtype="bf16"))
+    ulp, merges = 2.0 ** -7, 32  # W0 in [1.25, 1.75]: one binade, ulp 2^-7
+    with torch.no_grad():
+        layer.weight.fill_(1.5)
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(layer.subspace_factor.shape, generator=gen)
+        layer.subspace_factor.copy_(a)
+        d = layer.effective_weight() - 1.5
+        a *= 0.5 * ulp / d.abs().max()  # |d| <= ulp / 2
+        d *= 0.5 * ulp / d.abs().max()
+        for _ in range(merges):
+            layer.subspace_factor.copy_(a)
+            merge_subspace_factors(torch.nn.ModuleList([layer]), lr=0.0, weight_decay=0.0)
+    ups = (layer.weight.float() - 1.5 - merges * d) / ulp  # error in ulps, per element
+    q = torch.frac(d / ulp).abs()  # each merge rounds up (or down) with probability q
+    variance = (merges * q * (1 - q)).mean()
+    assert ups.pow(2).mean() <= 1.2 * variance, (ups.pow(2).mean(), variance)
+    assert ups.mean().abs() <= 4 * (variance / ups.numel()).sqrt()  # unbiased

@@ -19,7 +19,8 @@ CompactLinearMixin.merge_subspace, which is this update for a group of one (`app
 GEMM). Chunks keep delta under MERGE_CHUNK_BYTES (at least one layer).
 
 Used for the module's own A (plain torch optimizers and ZeRO 0-2, where DeepSpeed writes the
-updated A into the module, `merge_layers`) and for ZeRO-3's partition-local merge
+updated A into the module, `merge_layers`; the optimizer's fp32 copies of A keep only the
+rounding residual) and for ZeRO-3's partition-local merge
 (compact_dist.core.subspace, through `group_layers`, `chunks`, `apply_rows`, `finish`); the
 ZeRO-3 layers that need A gathered go through merge_subspace per layer.
 """
@@ -81,31 +82,37 @@ def chunks(group: list, elements_per_layer: int) -> list[list]:
 
 
 @torch.no_grad()
-def merge_layers(layers: list, lr: float, weight_decay: float) -> None:
+def merge_layers(layers: list, lr: float, weight_decay: float,
+                 masters: Optional[dict[int, torch.Tensor]] = None) -> None:
     """Merge each layer's module A into its full W0 and zero A (what merge_subspace(lr,
-    weight_decay) does for each), grouped by shape. With DeepSpeed ZeRO 1-2 each layer's fp32
-    master fragment keeps only what the bf16 module copy rounded away (the fragment minus the
-    copy): the update lives on in W0, nothing of it in the optimizer's copy."""
+    weight_decay) does for each), grouped by shape. Every fp32 copy of A the optimizer steps
+    keeps only what the (bf16) module A rounded away (the copy minus A): the update lives on
+    in W0, nothing of it in the optimizer's copy. Those copies: DeepSpeed ZeRO 1-2's fp32
+    master fragments (`A._hp_mapping`), and `masters` (id(A) -> a full fp32 master [out, r],
+    DeepSpeed ZeRO-0 with bf16; compact_dist.core.masters)."""
     decay = 1.0 - lr * weight_decay
     for group in group_layers(layers):
         for chunk in chunks(group, group[0].weight.numel()):
-            _merge_chunk(chunk, decay)
+            _merge_chunk(chunk, decay, masters or {})
 
 
-def _merge_chunk(layers: list, decay: float) -> None:
+def _merge_chunk(layers: list, decay: float, masters: dict[int, torch.Tensor]) -> None:
     factors = [layer.subspace_factor for layer in layers]
     stacked = torch.stack([f.detach() for f in factors])  # [L, m, r]
-    mappings = [getattr(f, "_hp_mapping", None) for f in factors]
-    if any(m is not None for m in mappings):  # ZeRO 1-2: this rank's fp32 master fragments
-        flat = stacked.view(len(layers), -1).float()  # one cast for the chunk (A is small)
-        lows, highs = [], []
-        for i, mapping in enumerate(mappings):
-            if mapping is None:
-                continue
+    highs, spans = [], []  # the fp32 copies, and (layer, start, numel) of A they hold
+    for i, factor in enumerate(factors):
+        mapping = getattr(factor, "_hp_mapping", None)
+        if mapping is not None:  # ZeRO 1-2: this rank's fp32 master fragment
             address = mapping.lp_fragment_address
-            lows.append(flat[i].narrow(0, address.start, address.numel))
             highs.append(mapping.get_hp_fragment())
-        torch._foreach_sub_(highs, lows)
+            spans.append((i, address.start, address.numel))
+        elif id(factor) in masters:  # ZeRO-0 with bf16: the full fp32 master
+            highs.append(masters[id(factor)].view(-1))
+            spans.append((i, 0, factor.numel()))
+    if highs:
+        flat = stacked.view(len(layers), -1).float()  # one cast for the chunk (A is small)
+        torch._foreach_sub_(highs, [flat[i].narrow(0, start, numel)
+                                    for i, start, numel in spans])
     lows = (None if layers[0].weight_lo is None
             else [layer.weight_lo.view(-1) for layer in layers])
     apply_rows(layers, stacked, [layer.weight.view(-1) for layer in layers], 0, 0, decay, lows)

@@ -29,7 +29,9 @@ P', per diagonal block (A's columns j r_b ... (j+1) r_b belong to block j):
 Works with a torch optimizer and with DeepSpeed's ZeRO 0-3 optimizers (pass
 `engine.optimizer`). A's states are found through the optimizer param group flagged
 `compact_subspace` (compact_dist.core.subspace.optimizer_param_groups): DeepSpeed flattens each
-param group into its own fp32 partitions, so that group's states are exactly A's.
+param group into its own fp32 partitions, so that group's states are exactly A's; at ZeRO-0
+with bf16 they are keyed by A's fp32 masters (compact_dist.core.masters). A state that is
+missing raises: it is never skipped.
 """
 
 from __future__ import annotations
@@ -38,29 +40,29 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from compact_dist.core.masters import plain_masters, zero_linked
+
 SUBSPACE_GROUP_KEY = "compact_subspace"
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _subspace_states(optimizer) -> Iterator[dict]:
-    """The optimizer-state dicts that hold (this rank's part of) the A's moments."""
+def _subspace_states(optimizer) -> Iterator[Optional[dict]]:
+    """The optimizer-state dicts of the tensors the optimizer steps for the A's (ZeRO: this
+    rank's flat fp32 partitions; DeepSpeed ZeRO-0 with bf16: the fp32 masters; else the A's),
+    None for one that has no state yet (no optimizer step)."""
     if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: one flat per sub-group
         inner = optimizer.optimizer
         for sub, group in optimizer.sub_group_to_group_id.items():
             if inner.param_groups[group].get(SUBSPACE_GROUP_KEY):
-                state = inner.state.get(optimizer.fp32_partitioned_groups_flat[sub])
-                if state:
-                    yield state
+                yield inner.state.get(optimizer.fp32_partitioned_groups_flat[sub]) or None
         return
     inner = getattr(optimizer, "optimizer", None)
     if not isinstance(inner, torch.optim.Optimizer):  # a plain torch optimizer
         inner = optimizer
-    for group in inner.param_groups:  # ZeRO 0-2: the group's flat fp32 partition
-        if group.get(SUBSPACE_GROUP_KEY):
+    for group in inner.param_groups:  # ZeRO 1-2: the group's flat fp32 partition; ZeRO-0
+        if group.get(SUBSPACE_GROUP_KEY):  # with bf16: the fp32 masters
             for p in group["params"]:
-                state = inner.state.get(p)
-                if state:
-                    yield state
+                yield inner.state.get(p) or None
 
 
 def _check_has_subspace_group(optimizer) -> None:
@@ -82,6 +84,9 @@ def reset_moments(optimizer) -> None:
                          "after_step(..., optimizer=opt or engine.optimizer)")
     _check_has_subspace_group(optimizer)
     for state in _subspace_states(optimizer):
+        if state is None:
+            raise RuntimeError("moments_on_resample='reset': the optimizer has no state for "
+                               "the subspace factors A (no optimizer step yet?)")
         for key in MOMENT_KEYS:
             if key in state:
                 state[key].zero_()
@@ -120,15 +125,18 @@ def transport_moments(optimizer, factors: Sequence[torch.Tensor],
         raise ValueError("moments_on_resample='transport' needs the optimizer: "
                          "after_step(..., optimizer=opt or engine.optimizer)")
     _relink_zero_fragments(optimizer, factors)
+    plain = [p for p in factors if not zero_linked(p)]
+    stepped = {id(p): p if m is None else m for p, m in zip(plain, plain_masters(optimizer, plain))}
     for p, r, c in zip(factors, maps, kept, strict=True):
-        zero = hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+        zero = id(p) not in stepped
         for key, rmap in (("exp_avg", r), ("exp_avg_sq", r * r)):
             if zero:
                 value = safe_get_full_optimizer_state(p, key)
-            else:
-                value = optimizer.state.get(p, {}).get(key)
+            else:  # the state of what the optimizer steps: A, or its fp32 master
+                value = optimizer.state.get(stepped[id(p)], {}).get(key)
             if value is None:
-                continue  # no step yet: nothing to move
+                raise RuntimeError(f"moments_on_resample='transport': no {key} in the "
+                                   f"optimizer state of A {tuple(p.shape)} (no step yet?)")
             rows = value.shape[0]
             kb, rb, _ = rmap.shape
             blocks = value.reshape(rows, kb, rb).float()
@@ -146,7 +154,7 @@ def transport_moments(optimizer, factors: Sequence[torch.Tensor],
 def subspace_step_count(optimizer) -> Optional[float]:
     """The step count of (this rank's first) A optimizer state, None before any step."""
     for state in _subspace_states(optimizer):
-        step = state.get("step")
+        step = None if state is None else state.get("step")
         if step is not None:
             return float(step)
     return None

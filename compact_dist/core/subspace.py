@@ -18,6 +18,7 @@ from compact_dist.core.config import ALL_ROLES, CompressionConfig
 from compact_dist.core.grouped_merge import (apply_rows, chunks, finish, group_layers,
                                              merge_layers)
 from compact_dist.core.layers import CompactLinearMixin
+from compact_dist.core.masters import plain_masters, zero_linked
 from compact_dist.core.moments import SUBSPACE_GROUP_KEY, reset_moments, transport_moments
 
 
@@ -70,16 +71,21 @@ def _is_zero3(p: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: float) -> None:
+def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: float,
+                           optimizer=None) -> None:
     """Merge every compact layer: W0 <- W0 (1 - lr wd) + A P^T, A <- 0.
 
+    optimizer: the torch optimizer or `engine.optimizer`, which keeps A's master; needed for
+    a bf16 A outside ZeRO 1-3 (DeepSpeed ZeRO-0 with bf16 keeps full fp32 masters that
+    nothing links to A: compact_dist.core.masters); without it A must be fp32.
     Works with plain torch optimizers and DeepSpeed (ZeRO 0-3, fp32 or bf16); every rank must
     call it. Every copy of A ends at zero:
     - ZeRO 0-2: the module's A (after DeepSpeed's step, the bf16 copy of its fp32 master,
       identical on all data-parallel ranks) is merged without any communication; each rank's
-      fp32 master fragment keeps only what the bf16 copy rounded away (zero in fp32), so
-      nothing of the update is lost to rounding. Layers of one shape are merged together
-      (compact_dist.core.grouped_merge: a few launches per group instead of ~7 per layer).
+      fp32 master (ZeRO 1-2: its fragment) keeps only what the bf16 copy rounded away (zero
+      in fp32), so nothing of the update is lost to rounding and nothing is merged twice.
+      Layers of one shape are merged together (compact_dist.core.grouped_merge: a few
+      launches per group instead of ~7 per layer).
     - ZeRO-3: each rank updates only its own partition of W0, and A's partitions and masters
       are zeroed. Partition-local (no communication) where every rank's W0 partition covers
       only rows of W0 whose rows of A lie in that rank's own A partition (both are flat,
@@ -99,8 +105,11 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
     """
     layers = [layer for layer in compact_layers(model) if layer.subspace_factor is not None]
     zero3 = [layer for layer in layers if _is_zero3(layer.subspace_factor)]
+    plain = [layer.subspace_factor for layer in layers
+             if not zero_linked(layer.subspace_factor)]
+    masters = {id(f): m for f, m in zip(plain, plain_masters(optimizer, plain)) if m is not None}
     merge_layers([layer for layer in layers if not _is_zero3(layer.subspace_factor)],
-                 lr, weight_decay)
+                 lr, weight_decay, masters)
     if not zero3:
         return
     from compact_dist.deepspeed.zero3_factor import release
@@ -218,14 +227,18 @@ def _merge_partition_local(layers: list, lr: float, weight_decay: float) -> None
         factor, w0 = group[0].subspace_factor, group[0].weight
         rank = dist.get_rank(group=factor.ds_process_group)
         r, n = factor.ds_shape[1], w0.ds_shape[1]
-        a_lo, _ = _row_span(factor, rank, r, whole=True)
-        first = a_lo * r - rank * factor.ds_tensor.ds_numel  # A's row a_lo in the partition
+        a_start = rank * factor.ds_tensor.ds_numel  # flat index of A's partition in A
         _, start, valid = _own_partition(w0)
         row0, row1 = start // n, -(-(start + valid) // n)  # rows of W0 the partition touches
+        # A's rows row0..row1 lie whole in this rank's A partition (_rows_align), from flat
+        # row0 r - a_start on. (Where _rows_align holds on every rank, both partitions start
+        # on a row boundary: a row of A split between two ranks is whole on neither, yet one
+        # of them updates that row of W0; a row of W0 split between two would need its row
+        # of A whole on both.)
         for chunk in chunks(group, (row1 - row0) * n):
             masters = [_local_master(layer.subspace_factor) for layer in chunk]
             if valid:
-                rows = torch.stack([m.narrow(0, first + (row0 - a_lo) * r, (row1 - row0) * r)
+                rows = torch.stack([m.narrow(0, row0 * r - a_start, (row1 - row0) * r)
                                     for m in masters]).view(len(chunk), row1 - row0, r)
                 apply_rows(chunk, rows.to(factor.dtype),
                            [_own_partition(layer.weight)[0] for layer in chunk],
@@ -458,8 +471,11 @@ class SubspaceStepper:
     def after_step(
         self, lr: float, weight_decay: float, optimizer: Optional[torch.optim.Optimizer] = None
     ) -> bool:
-        """Merge; returns True when this step also resampled the projections."""
-        merge_subspace_factors(self.model, lr=lr, weight_decay=weight_decay)
+        """Merge; returns True when this step also resampled the projections. optimizer:
+        the torch optimizer or `engine.optimizer` (A's master and moments; required for a
+        bf16 A outside ZeRO 1-3 and for moments_on_resample reset / transport)."""
+        merge_subspace_factors(self.model, lr=lr, weight_decay=weight_decay,
+                               optimizer=optimizer)
         estimated = self._estimating(self._steps)
         self._steps += 1
         if estimated:

@@ -78,6 +78,9 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
     training config rejects that combination up front (use base_dtype bf16 there), and the
     bf16 pair, whose low word is a buffer ZeRO-3 would keep whole on every rank.
 
+    At ZeRO-0 with bf16 DeepSpeed's FP16_UnfusedOptimizer keeps full fp32 masters of the
+    parameters; the step it takes on zero gradients when built is undone (`_unprime`).
+
     Under ZeRO-3 the subspace factors A are taken out of DeepSpeed's per-module fetch (they
     are zero in every forward and backward of the training loop; see
     compact_dist.deepspeed.zero3_factor). Any stage3_param_persistence_threshold works (the
@@ -116,7 +119,21 @@ def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
         from compact_dist.deepspeed.zero3_factor import keep_factors_out_of_fetch
 
         keep_factors_out_of_fetch(engine.module)
+    _unprime(engine.optimizer)
     return engine
+
+
+def _unprime(optimizer) -> None:
+    """Undo the step DeepSpeed's FP16_UnfusedOptimizer (ZeRO-0 with bf16) takes on zero
+    gradients when it is built: AdamW's step count would start at 1 (the first real update
+    0.74x Adam's at betas 0.9 / 0.95) and the fp32 masters of decayed parameters would shrink
+    once by 1 - lr wd. Empty states and masters copied from the parameters: ZeRO-0 then
+    trains as ZeRO 1-3 and a torch optimizer do."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        optimizer.optimizer.state.clear()
+        optimizer.refresh_fp32_params()
 
 
 def deepspeed_config(
