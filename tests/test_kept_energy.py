@@ -1,0 +1,130 @@
+"""Kept-energy telemetry: what P keeps of the exact weight gradient G = dY^T X, measured by the
+probe (one process, TP=2 row- and column-parallel, DP=2), against a direct computation."""
+
+import pytest
+import torch
+
+from compact_dist.core.config import CompressionConfig, LayerCompression
+from compact_dist.core.subspace import SubspaceStepper
+from layer_utils import build
+
+N, M, S, B, RATIO, BLOCKS = 64, 48, 16, 4, 0.25, 8
+
+
+def _inputs():
+    """X [S, B, N] with a few dominant directions and dY [S, B, M] (probe loss sum(Y * dY))."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(S, B, 6, generator=gen) @ torch.randn(6, N, generator=gen) * 3
+    x = x + torch.randn(S, B, N, generator=gen)
+    return x, torch.randn(S, B, M, generator=gen)
+
+
+def _orthonormal_basis(kind: str) -> torch.Tensor:
+    """A data-aware-like P: orthonormal blocks [kb, n_b, r_b] of the whole (TP=1) layer."""
+    kb = BLOCKS if kind == "row" else 1
+    gen = torch.Generator().manual_seed(11)
+    blocks = torch.randn(kb, N // kb, int(RATIO * N) // kb, generator=gen, dtype=torch.float64)
+    return torch.linalg.qr(blocks)[0].float()
+
+
+def _reference(kind: str, x: torch.Tensor, dy: torch.Tensor, blocks: torch.Tensor,
+               parts: int = 1) -> float:
+    """sum_d ||G_d Q||^2 / sum_d ||G_d||^2, G_d = dY_d^T X_d over `parts` micro-batch slices
+    (data-parallel ranks), Q an orthonormal basis of span(P) per block, in fp64."""
+    q = torch.block_diag(*[torch.linalg.qr(b.double())[0] for b in blocks])
+    kept = total = 0.0
+    for xd, gd in zip(x.double().chunk(parts, 1), dy.double().chunk(parts, 1)):
+        g = torch.einsum("sbm,sbn->mn", gd, xd)
+        kept += (g @ q).pow(2).sum().item()
+        total += g.pow(2).sum().item()
+    return kept / total
+
+
+def _measure(layer, x, dy, orthonormal_basis=None) -> float:
+    """The stepper's measurement on one probe (resample_interval=1: every step measures)."""
+    if orthonormal_basis is not None:
+        layer.resample_projection(orthonormal_basis)
+    stepper = SubspaceStepper(torch.nn.ModuleList([layer]), CompressionConfig(
+        ratio=RATIO, row_parallel_blocks=BLOCKS, projection="gaussian", resample_interval=1),
+        measure_kept_energy=True)
+
+    def probe():
+        y, _ = layer(x)
+        return (y * dy).sum()
+
+    assert stepper.before_step(probe)
+    assert layer.subspace_factor.grad is None and layer.bias.grad is None
+    (value,) = stepper.kept_energy.tolist()
+    return value
+
+
+@pytest.mark.usefixtures("megatron_tp1")
+@pytest.mark.parametrize("kind", ["column", "row"])
+@pytest.mark.parametrize("p", ["gaussian", "orthonormal"])
+def test_kept_energy_equals_the_direct_computation_from_the_exact_gradient(kind, p):
+    x, dy = _inputs()
+    comp = LayerCompression(ratio=RATIO, row_parallel_blocks=BLOCKS)
+    layer = build(kind, N, M, comp)
+    basis = _orthonormal_basis(kind) if p == "orthonormal" else None
+    blocks = basis if basis is not None else layer.projection_blocks()
+    expected = _reference(kind, x, dy, blocks)
+    assert _measure(layer, x, dy, basis) == pytest.approx(expected, rel=1e-5)
+    if p == "gaussian":  # the projection onto span(P), not ||G P||^2 (~ ||G||^2 on average)
+        assert expected < 0.9
+
+
+def test_kept_energy_is_measured_right_before_each_resample_only():
+    x, dy = _inputs()
+    layer = build("column", N, M, LayerCompression(ratio=RATIO))
+    stepper = SubspaceStepper(torch.nn.ModuleList([layer]), CompressionConfig(
+        ratio=RATIO, projection="gaussian", resample_interval=3), measure_kept_energy=True)
+    measured = []
+    for _ in range(6):
+        measured.append(stepper.before_step(lambda: (layer(x)[0] * dy).sum()))
+        assert (stepper.kept_energy is not None) == measured[-1]
+        stepper.after_step(0.0, 0.0)
+    assert measured == [False, False, True, False, False, True]
+    with pytest.raises(ValueError, match="probe_loss"):
+        stepper.steps = 2
+        stepper.before_step()
+
+
+def _distributed_case(rank, tp):
+    """TP=2 (column- and row-parallel) or DP=2 (tp=1): each rank probes its shard; the
+    fraction matches the single-process computation on the whole G (DP: the stacked ranks'
+    micro-batch gradients), and is the same on every rank."""
+    import torch.distributed as dist
+
+    from layer_utils import layer_config
+
+    singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    x, dy = _inputs()
+    comp = LayerCompression(ratio=RATIO, row_parallel_blocks=BLOCKS)
+    for kind in ("column", "row"):
+        for p in ("gaussian", "orthonormal"):
+            whole = build(kind, N, M, comp, tp_group=singles[rank])
+            basis = _orthonormal_basis(kind) if p == "orthonormal" else None
+            blocks = basis if basis is not None else whole.projection_blocks()
+            expected = _reference(kind, x, dy, blocks, parts=1 if tp > 1 else 2)
+            ours = build(kind, N, M, comp,
+                         config=layer_config(tensor_model_parallel_size=tp))
+            x_in, dy_in = x, dy
+            if tp == 1:  # data parallel: this rank's half of the micro-batch
+                x_in, dy_in = x.chunk(2, 1)[rank], dy.chunk(2, 1)[rank]
+            elif kind == "column":  # rows of W (and of G) are sharded
+                dy_in = dy.chunk(tp, -1)[rank]
+            else:  # columns of W and of G, and P's blocks over them
+                x_in = x.chunk(tp, -1)[rank]
+                basis = None if basis is None else basis.chunk(tp, 0)[rank]
+            value = _measure(ours, x_in, dy_in, basis)
+            assert value == pytest.approx(expected, rel=1e-5), (kind, p, tp)
+            values = [None, None]
+            dist.all_gather_object(values, value)
+            assert values[0] == values[1], (kind, p, tp)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_kept_energy_sums_over_tensor_and_data_parallel_ranks(tp):
+    from distributed import run_distributed
+
+    run_distributed(_distributed_case, 2, tp, tp=tp)
