@@ -190,9 +190,11 @@ class Logger:
         if self.active:
             (self.bar.write if self.bar else print)(text)
 
-    def step(self, step: int, scalars: dict[str, float], line: bool) -> None:
+    def step(self, step: int, scalars: dict[str, float], line: bool, fields: str = "") -> None:
         """scalars: train/loss, train/lr, perf/memory_GiB every step; on `line` steps also the
-        ThroughputMeter's rates over the steps since the previous line."""
+        ThroughputMeter's rates over the steps since the previous line; on steps that measured
+        the kept energy its scalars (compact_dist.training.quality) and `fields` for the
+        line."""
         if not self.active:
             return
         if self.writer:
@@ -211,7 +213,7 @@ class Logger:
                 f"step {step:5d} | loss {scalars['train/loss']:.4f} | lr "
                 f"{scalars['train/lr']:.2e} | {scalars['perf/step_time_s'] * 1e3:,.0f} ms/step | "
                 f"{self.rates.strip().replace(' MFU', ' | MFU')} | "
-                f"mem {scalars['perf/memory_GiB']:.2f} GiB")
+                f"mem {scalars['perf/memory_GiB']:.2f} GiB" + (f" | {fields}" if fields else ""))
 
     def close(self) -> None:
         if self.bar:
@@ -329,6 +331,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     from compact_dist.training.data import build_data
     from compact_dist.deepspeed.engine import use_deepspeed_checkpointing
     from compact_dist.training.nonfinite import NonFiniteCheck
+    from compact_dist.training.quality import KeptEnergyReport
     from compact_dist.tools.export import write_run_files
     from compact_dist.tools.memory import linear_memory_table
 
@@ -352,6 +355,12 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     log.print(linear_memory_table(model, cfg.model.seq_length, cfg.train.micro_batch_size,
                                   device))
     engine, stepper = build_engine(cfg, model, bf16, dp, schedule=True)
+    stepper.measure_kept_energy = cfg.measures_kept_energy()
+    quality = KeptEnergyReport(engine.module, cfg.compression, cfg.logging.kept_energy_warn_below)
+    if cfg.compression.enabled and not stepper.measure_kept_energy:
+        log.print("kept-energy telemetry off: " + (cfg.kept_energy_unsupported()
+                                                    if cfg.logging.kept_energy is None
+                                                    else "logging.kept_energy=false"))
 
     step, saved = 0, plan.tag  # saved: the newest checkpoint of this run's trajectory
     for note in plan.notes:
@@ -404,10 +413,13 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
         mean_loss = (loss_sum / (grad_accum * dp)).item()
         history["losses"].append(mean_loss)
-        line = step % cfg.train.log_interval == 0 or step == 1
+        kept = {} if stepper.kept_energy is None else quality.record(step, stepper.kept_energy)
+        line = step % cfg.train.log_interval == 0 or step == 1 or bool(kept)
         scalars = {"train/loss": mean_loss, "train/lr": lr, "perf/memory_GiB": memory_gib(device),
-                   **(meter.interval(step) if line else {})}
-        log.step(step, scalars, line=line)
+                   **(meter.interval(step) if line else {}), **kept}
+        log.step(step, scalars, line=line, fields=quality.fields() if kept else "")
+        if kept and quality.warning():
+            log.print(quality.warning())
         problem = nonfinite.problem(step, mean_loss)  # before this step's checkpoint
         if problem:
             log.close()
@@ -445,6 +457,8 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         if history["valid"]:
             vloss = history["valid"][-1][1]
             summary += f", validation loss {vloss:.3f} (perplexity {math.exp(min(vloss, 50)):.1f})"
+        if quality.summary():
+            summary += "\n" + quality.summary()
         total = meter.totals(step)
         log.print(summary + f"\ntotals: {total['steps']} steps, {total['tokens']:,} tokens in "
                   f"{total['seconds']:.1f} s ({total['tokens_per_s']:,.0f} tok/s with "
