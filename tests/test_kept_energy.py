@@ -128,3 +128,68 @@ def test_kept_energy_sums_over_tensor_and_data_parallel_ranks(tp):
     from distributed import run_distributed
 
     run_distributed(_distributed_case, 2, tp, tp=tp)
+
+
+def _events(directory) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the scalars in a tensorboardX event directory (TFRecord
+    framing: length, its CRC, the Event proto, its CRC)."""
+    import struct
+    from pathlib import Path
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    for path in Path(directory).glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 16 + length
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = value.simple_value
+    return out
+
+
+def test_compact_train_reports_kept_energy_and_the_probe_leaves_training_alone(
+        tmp_path, capfd):
+    """A run with dropout (the probe draws from the RNG) measures at steps 2 and 4
+    (resample_interval=2): the progress line's fields, the warning (threshold above the
+    measured mean), the summary line, and TensorBoard scalars per layer; its losses are the
+    losses of the same run without telemetry."""
+    from test_train import small, train
+
+    tb = tmp_path / "tb"
+    overrides = small(tmp_path, "model.hidden_dropout=0.1", "model.attention_dropout=0.1")
+    got = train(1, overrides + ["logging.kept_energy_warn_below=1.0",
+                                f"logging.tensorboard_dir={tb}"], tmp_path, "on")
+    out = capfd.readouterr().out
+    lines = out.splitlines()
+    measured = [line for line in lines if "kept energy" in line and line.startswith("step")]
+    assert [line.split("|")[0].split()[1] for line in measured] == ["2", "4"], out
+    assert all("worst" in line and "fc2" in line for line in measured), measured
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 2 and "compression.resample_interval" in warnings[0], out
+    assert any(line.startswith("kept energy at step 4: mean") for line in lines), out
+    scalars = _events(tb)
+    layers = [t for t in scalars if t.startswith("quality/kept_energy/decoder.layers.")]
+    assert len(layers) == 8, layers  # 2 layers x qkv, proj, fc1, fc2
+    for tag in layers + ["quality/kept_energy/mean", "quality/kept_energy/role/fc2"]:
+        assert set(scalars[tag]) == {2, 4} and all(0 < v <= 1 for v in scalars[tag].values())
+    mean = float(measured[-1].split("kept energy ")[1].split()[0])
+    assert scalars["quality/kept_energy/mean"][4] == pytest.approx(mean, abs=5e-4)
+    off = train(1, overrides + ["logging.kept_energy=false"], tmp_path, "off")
+    assert got["losses"] == off["losses"]
+    assert "kept-energy telemetry off: logging.kept_energy=false" in capfd.readouterr().out
+
+
+def test_kept_energy_config_is_checked_at_load():
+    from compact_dist.training.train_config import load_train_config
+
+    assert load_train_config(None, []).measures_kept_energy()
+    assert not load_train_config(None, ["train.zero_stage=3"]).measures_kept_energy()
+    assert not load_train_config(None, ["compression.enabled=false"]).measures_kept_energy()
+    with pytest.raises(ValueError, match="logging.kept_energy=true: .*recompute"):
+        load_train_config(None, ["logging.kept_energy=true", "recompute.granularity=full"])
+    with pytest.raises(ValueError, match="kept_energy_warn_below"):
+        load_train_config(None, ["logging.kept_energy_warn_below=1.5"])

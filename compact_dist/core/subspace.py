@@ -20,6 +20,7 @@ from compact_dist.core.grouped_merge import (apply_rows, chunks, finish, group_l
 from compact_dist.core.kept_energy import fractions
 from compact_dist.core.layers import CompactLinearMixin
 from compact_dist.core.moments import SUBSPACE_GROUP_KEY, reset_moments, transport_moments
+from compact_dist.core.rng import rng_untouched
 
 
 def compact_layers(model: torch.nn.Module) -> list[CompactLinearMixin]:
@@ -450,8 +451,9 @@ class SubspaceStepper:
         """Call at the start of each optimizer step. When a probe is due, runs `probe_loss()`
         (a forward on a probe micro-batch returning the scalar loss) and a backward that
         feeds the uncompressed gradients G = dY^T X of every compact layer to what this step
-        needs, and leaves every .grad untouched: with projection 'gradient', the sketches of
-        the next P (when an estimate is due); with kept-energy telemetry
+        needs, and leaves every .grad and every RNG state (compact_dist.core.rng.rng_untouched)
+        as they were: with projection 'gradient', the sketches of the next P (when an
+        estimate is due); with kept-energy telemetry
         (`measure_kept_energy`, on `_measuring` steps), a compact_dist.core.kept_energy
         accumulator per layer, whose fractions are then in `kept_energy` ([layers] fp32, in
         compact_layers(model) order; None on steps that do not measure). One probe serves
@@ -476,8 +478,9 @@ class SubspaceStepper:
         for consumer in accumulators + ([layer.sketch for layer in layers] if estimate else []):
             consumer.open = True
         try:
-            loss = probe_loss()
-            torch.autograd.grad(loss, trainable, allow_unused=True)
+            with rng_untouched():  # dropout in the probe leaves training's draws alone
+                loss = probe_loss()
+                torch.autograd.grad(loss, trainable, allow_unused=True)
         finally:
             for layer in layers:
                 layer.kept_energy = None
