@@ -451,8 +451,11 @@ class SubspaceStepper:
         """Call at the start of each optimizer step. When a probe is due, runs `probe_loss()`
         (a forward on a probe micro-batch returning the scalar loss) and a backward that
         feeds the uncompressed gradients G = dY^T X of every compact layer to what this step
-        needs, and leaves every .grad and every RNG state (compact_dist.core.rng.rng_untouched)
-        as they were: with projection 'gradient', the sketches of the next P (when an
+        needs. The model's parameters are frozen meanwhile (requires_grad off, then restored),
+        so no backward inside the probe reaches their .grad or DeepSpeed's gradient hooks,
+        also those that activation recompute runs inside it; probe_loss must therefore make
+        an input upstream of the compact layers require grad (a leaf of its own, which gets
+        a .grad). Every RNG state is as before (compact_dist.core.rng.rng_untouched). With projection 'gradient', the sketches of the next P (when an
         estimate is due); with kept-energy telemetry
         (`measure_kept_energy`, on `_measuring` steps), a compact_dist.core.kept_energy
         accumulator per layer, whose fractions are then in `kept_energy` ([layers] fp32, in
@@ -467,8 +470,7 @@ class SubspaceStepper:
             raise ValueError("projection='gradient' and kept-energy telemetry need "
                              "before_step(probe_loss) at the start of every step")
         layers = compact_layers(self.model)
-        trainable = [p for layer in layers for p in layer.parameters(recurse=False)
-                     if p.requires_grad]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         # 'pca' sketches open for this step's training forwards must not see the probe
         paused = [layer.sketch for layer in layers
                   if layer.sketch is not None and layer.sketch.open]
@@ -477,11 +479,21 @@ class SubspaceStepper:
             sketch.open = False
         for consumer in accumulators + ([layer.sketch for layer in layers] if estimate else []):
             consumer.open = True
+        for p in trainable:  # no backward inside the probe's (recompute's) may reach .grad
+            p.requires_grad_(False)
         try:
             with rng_untouched():  # dropout in the probe leaves training's draws alone
                 loss = probe_loss()
-                torch.autograd.grad(loss, trainable, allow_unused=True)
+                if not loss.requires_grad:
+                    raise RuntimeError(
+                        "the probe loss does not require grad: the model's parameters are "
+                        "frozen during the probe, so probe_loss must make an input of the "
+                        "compact layers require grad (compact-train's probe_loss makes the "
+                        "embedding's output a leaf)")
+                loss.backward()
         finally:
+            for p in trainable:
+                p.requires_grad_(True)
             for layer in layers:
                 layer.kept_energy = None
                 if estimate:

@@ -281,11 +281,19 @@ def throughput_meter(cfg: TrainConfig, tokens_per_step: int, bf16: bool, device:
 
 def probe_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Loss of the first half (at least one) of a micro-batch's sequences: the probe that
-    projection='gradient' runs at each resample. Half a micro-batch with uncompressed linear
-    inputs saves fewer bytes than a full compressed one, so the probe does not raise the peak."""
+    projection='gradient' runs at each resample and the kept-energy telemetry before it. Half
+    a micro-batch with uncompressed linear inputs saves fewer bytes than a full compressed
+    one, so the probe does not raise the peak. The stepper freezes the parameters during the
+    probe: the embedding's output is made a leaf that requires grad, for the backward to
+    flow from."""
     half = max(1, batch["tokens"].shape[0] // 2)
-    return model(batch["tokens"][:half], batch["position_ids"][:half], None,
-                 labels=batch["labels"][:half]).float().mean()
+    hook = model.embedding.register_forward_hook(
+        lambda module, args, out: out.detach().requires_grad_())
+    try:
+        return model(batch["tokens"][:half], batch["position_ids"][:half], None,
+                     labels=batch["labels"][:half]).float().mean()
+    finally:
+        hook.remove()
 
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_parallel_size: int,
@@ -355,12 +363,8 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     log.print(linear_memory_table(model, cfg.model.seq_length, cfg.train.micro_batch_size,
                                   device))
     engine, stepper = build_engine(cfg, model, bf16, dp, schedule=True)
-    stepper.measure_kept_energy = cfg.measures_kept_energy()
+    stepper.measure_kept_energy = cfg.logging.kept_energy
     quality = KeptEnergyReport(engine.module, cfg.compression, cfg.logging.kept_energy_warn_below)
-    if cfg.compression.enabled and not stepper.measure_kept_energy:
-        log.print("kept-energy telemetry off: " + (cfg.kept_energy_unsupported()
-                                                    if cfg.logging.kept_energy is None
-                                                    else "logging.kept_energy=false"))
 
     step, saved = 0, plan.tag  # saved: the newest checkpoint of this run's trajectory
     for note in plan.notes:

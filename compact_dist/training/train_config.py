@@ -120,14 +120,12 @@ class CheckpointConfig(_Section):
 class LoggingConfig(_Section):
     """kept_energy: measure what the projection P keeps of every compact layer's weight
     gradient on a probe micro-batch right before each resample (compact_dist.core.kept_energy;
-    the progress line, TensorBoard quality/kept_energy/<layer> and the summary show it);
-    None: on wherever the probe runs (activation recompute off, ZeRO 0-2), said in a line at
-    start where it does not. kept_energy_warn_below: a warning line when the mean over the
-    layers falls below it."""
+    the progress line, TensorBoard quality/kept_energy/<layer> and the summary show it).
+    kept_energy_warn_below: a warning line when the mean over the layers falls below it."""
 
     tensorboard_dir: Optional[str] = None
     progress: bool = True
-    kept_energy: Optional[bool] = None
+    kept_energy: bool = True
     kept_energy_warn_below: float = Field(0.8, ge=0, le=1)
 
 
@@ -182,10 +180,6 @@ class TrainConfig(_Section):
             if self.train.zero_stage == 3:
                 raise ValueError("compression.projection=gradient does not support ZeRO-3 "
                                  "(use projection=pca)")
-        if self.logging.kept_energy and c.enabled:
-            unsupported = self.kept_energy_unsupported()
-            if unsupported:
-                raise ValueError(f"logging.kept_energy=true: {unsupported}")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr={self.optim.min_lr} must not exceed "
                              f"optim.lr={self.optim.lr}")
@@ -193,23 +187,6 @@ class TrainConfig(_Section):
         self._check_ranks()
         self.activations.check_model(m.attention_dropout, self.recompute.granularity)
         return self
-
-    def kept_energy_unsupported(self) -> Optional[str]:
-        """Why this run's kept-energy probe cannot run (None: it can). The probe's backward
-        must not accumulate .grad, as for projection=gradient."""
-        if self.recompute.granularity != "none":
-            return "its probe does not support activation recompute (recompute.granularity)"
-        if self.train.zero_stage == 3:
-            return "its probe does not support ZeRO-3 (train.zero_stage)"
-        return None
-
-    def measures_kept_energy(self) -> bool:
-        """logging.kept_energy resolved: explicit, or (None) wherever the probe runs."""
-        if not self.compression.enabled:
-            return False
-        if self.logging.kept_energy is None:
-            return self.kept_energy_unsupported() is None
-        return self.logging.kept_energy
 
     def _check_ranks(self) -> None:
         """Each compressed linear's projection rank for the model's shapes (what
