@@ -455,12 +455,12 @@ class SubspaceStepper:
         so no backward inside the probe reaches their .grad or DeepSpeed's gradient hooks,
         also those that activation recompute runs inside it; probe_loss must therefore make
         an input upstream of the compact layers require grad (a leaf of its own, which gets
-        a .grad). Every RNG state is as before (compact_dist.core.rng.rng_untouched). With projection 'gradient', the sketches of the next P (when an
-        estimate is due); with kept-energy telemetry
-        (`measure_kept_energy`, on `_measuring` steps), a compact_dist.core.kept_energy
-        accumulator per layer, whose fractions are then in `kept_energy` ([layers] fp32, in
-        compact_layers(model) order; None on steps that do not measure). One probe serves
-        both. Returns True when it probed."""
+        a .grad). Every RNG state is as before (compact_dist.core.rng.rng_untouched). G feeds:
+        with projection 'gradient', the sketches of the next P (when an estimate is due); with
+        kept-energy telemetry (`measure_kept_energy`, on `_measuring` steps), a
+        compact_dist.core.kept_energy accumulator per layer, whose fractions are then in
+        `kept_energy` ([layers] fp32, in compact_layers(model) order; None on steps that do
+        not measure). One probe serves both. Returns True when it probed."""
         self.kept_energy = None
         estimate = self.config.projection == "gradient" and self._estimating(self._steps)
         measure = self._measuring(self._steps)
