@@ -192,3 +192,27 @@ def test_kept_energy_warning_threshold_is_checked_at_load():
 
     with pytest.raises(ValueError, match="kept_energy_warn_below"):
         load_train_config(None, ["logging.kept_energy_warn_below=1.5"])
+
+
+@pytest.mark.usefixtures("megatron_tp1")
+def test_report_names_layers_and_warns_only_below_the_threshold_with_the_right_advice():
+    from compact_dist.training.quality import KeptEnergyReport
+
+    model = torch.nn.ModuleDict({
+        "qkv": build("column", N, M, LayerCompression(ratio=RATIO), tp_comm_buffer_name="qkv"),
+        "fc2": build("row", N, M, LayerCompression(ratio=RATIO), tp_comm_buffer_name="fc2")})
+    pca = CompressionConfig(ratio=RATIO, resample_interval=50)
+    report = KeptEnergyReport(model, pca, warn_below=0.8)
+    scalars = report.record(50, torch.tensor([0.9, 0.6]))
+    assert scalars["quality/kept_energy/qkv"] == pytest.approx(0.9)
+    assert scalars["quality/kept_energy/role/fc2"] == pytest.approx(0.6)
+    assert scalars["quality/kept_energy/worst"] == pytest.approx(0.6)
+    assert "worst 0.600 fc2" in report.fields()
+    assert "resample_interval (now 50)" in report.warning()  # mean 0.75 < 0.8
+    report.record(100, torch.tensor([0.9, 0.8]))
+    assert report.warning() is None  # mean 0.85
+    assert "lowest mean 0.750 at step 50" in report.summary()
+    gaussian = KeptEnergyReport(model, CompressionConfig(ratio=RATIO, projection="gaussian"),
+                                warn_below=0.8)
+    gaussian.record(1, torch.tensor([0.25, 0.25]))
+    assert "compression.projection=pca" in gaussian.warning()
