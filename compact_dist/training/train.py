@@ -319,9 +319,10 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_para
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train per `cfg`; returns {"losses": [...], "valid": [(step, loss)], "step": int,
-    "stopped_early": bool} (rank-local, DP-averaged): the losses of the steps this call ran,
-    the step reached, and whether SIGTERM / SIGUSR1 stopped it before train.train_steps
+    """Train per `cfg`; returns {"losses": [...], "valid": [(step, loss)], "kept_energy":
+    [(step, {layer name: fraction})], "step": int, "stopped_early": bool} (rank-local,
+    DP-averaged): the losses of the steps this call ran, the kept-energy measurements, the
+    step reached, and whether SIGTERM / SIGUSR1 stopped it before train.train_steps
     (GracefulStop; it saved a checkpoint at that step when checkpoint.dir is set)."""
     stop = GracefulStop()
     try:
@@ -394,7 +395,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return (total / (count * dp)).item()
 
-    history = {"losses": [], "valid": [], "stopped_early": False}
+    history = {"losses": [], "valid": [], "kept_energy": [], "stopped_early": False}
     stop.install()
     meter = throughput_meter(cfg, tokens_per_step=cfg.train.micro_batch_size * grad_accum * dp
                              * cfg.model.seq_length, bf16=bf16, device=device, start_step=step,
@@ -422,8 +423,10 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         scalars = {"train/loss": mean_loss, "train/lr": lr, "perf/memory_GiB": memory_gib(device),
                    **(meter.interval(step) if line else {}), **kept}
         log.step(step, scalars, line=line, fields=quality.fields() if kept else "")
-        if kept and quality.warning():
-            log.print(quality.warning())
+        if kept:
+            history["kept_energy"].append((step, dict(zip(quality.names, quality.values))))
+            if quality.warning():
+                log.print(quality.warning())
         problem = nonfinite.problem(step, mean_loss)  # before this step's checkpoint
         if problem:
             log.close()
