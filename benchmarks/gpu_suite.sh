@@ -48,6 +48,7 @@ mt_1.3b_options|1|330|150|6|mt_1.3b_options.{json,md}, mt_1.3b_options_memory_vs
 steptime_1.3b|1|420|150|3|steptime_1.3b.{json,md}|1.3B, micro-batch 4, one GPU: step-time ratios to the baseline of r1/4, bf16 W0 lean, lean, measured interleaved (step_time.py: 8 rounds of 5 steps, balanced order)
 mt_7b_lean|1|240|150|4|mt_7b_lean.{json,md}, mt_7b_lean_mb8.{json,md}|7B on one GPU without recompute: r1/8, bf16 W0, lean activations at micro-batch 4 and 8
 mt_1.3b_pca_memory|1|200|90|2|mt_1.3b_pca_memory.{json,md}, mt_1.3b_pca_memory_memory_vs_time.png|1.3B, micro-batch 4: peak memory of pca vs gaussian P with the estimate steps inside the measured steps, and r1/4 bf16 W0 lean
+kept_energy_1.3b|1|480|300|8|kept_energy_1.3b.{json,md}|kept_energy.py: what P of the pca r1/4 default keeps of the weight gradient of every layer at 1.3B, micro-batch 8, host corpus, 300 steps from scratch, measured before each re-estimate (every 25 steps)
 estimate_cost|1|200|90|2|estimate_cost.json|estimate_cost.py: what a data-aware re-estimate of P costs per step, 110M and 1.3B
 eigh_cost|1|90|30|1|eigh_cost.json|eigh_cost.py: the k x k eigendecompositions of a 1.3B estimate, cusolver vs host thread pools
 zero_stages|1|240|120|3|zero_stages.{json,md}|the embedded default at ZeRO-0 and ZeRO-1 side by side, 200 steps, bf16: validation perplexity per evaluation (ZeRO-0 + bf16 merged every update again before issue 23)
@@ -116,10 +117,13 @@ WORK=${WORK:-.cache/gpu_suite/$(date +%Y%m%d-%H%M%S)}
 if [ "$TINY" = 1 ]; then
   P350=tiny P13=tiny P7=tiny PINV=tiny CVX=(--tiny) RES=${RES:-$WORK/results}
   EC=(--preset tiny --steps 20 --interval 6) EIGH=(--shapes "4x64,8x32")
+  KE=(--config configs/train/tiny.yaml --steps 6 --resample-interval 2 --warmup 1
+      --corpus-max-bytes 2000000)
   CV33_STATE=$WORK/convergence33m
 else
   P350=350m P13=1.3b P7=7b PINV=350m CVX=() RES=${RES:-$B/results}
   EC=(--preset 110m --preset 1.3b) EIGH=()
+  KE=(--steps 300 --resample-interval 25)
   CV33_STATE=.cache/gpu_suite/convergence33m
 fi
 CV33_VARIANTS=${CV33_VARIANTS:-baseline,r1/2,r1/4,r1/4_bf16W0,unbiased_r1/4,r1/4_reset,r1/4_T50,r1/4_T50_reset}
@@ -276,6 +280,10 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
     mt_1.3b_pca_memory) mt "$JT" mt_1.3b_pca_memory none 1 --preset "$P13" --micro-batch 4 \
                           --no-max-mbs --warmup 3 --steps 12 \
                           --variants compact_r1/4,compact_r1/4_gaussian,compact_r1/4_bf16W0_lean ;;
+    kept_energy_1.3b)
+      x "$JT" "$PY" "$B"/kept_energy.py "${KE[@]}" --out-dir "$JW" --name kept_energy_1.3b \
+        --cache-dir "$WORK/kept_energy" || rc=$?
+      keep kept_energy_1.3b.json kept_energy_1.3b.md ;;
     estimate_cost)
       x "$JT" "$PY" "$B"/estimate_cost.py "${EC[@]}" --out "$JW/estimate_cost.json" || rc=$?
       keep estimate_cost.json ;;

@@ -85,7 +85,7 @@ def test_gradient_probe_finds_gradient_row_space_and_leaves_grads_alone():
     target = torch.randn(M, N, generator=gen) @ (u @ u.t())  # loss pulls W only along U
 
     def probe():
-        y, _ = layer(x)
+        y, _ = layer(x.clone().requires_grad_())  # parameters are frozen in the probe
         return (y * (x @ target.t())).mean()
 
     model = torch.nn.ModuleList([layer])

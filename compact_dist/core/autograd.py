@@ -11,7 +11,9 @@ estimated from data; P is never derived from anything this call saves). Backward
     P; the projection of G onto span(P) for an orthonormal P).
 With an open sketch (compact_dist.core.basis) the call also feeds the estimate of the next P:
 'pca' adds X^T (X Q0) in forward; 'gradient' (a probe micro-batch) keeps the uncompressed
-input and adds G^T (G Q0) in backward.
+input and adds G^T (G Q0) in backward. Any probe consumer of kind 'gradient' gets that G of
+this TP shard (fp32): the kept-energy accumulator (compact_dist.core.kept_energy), or both
+through GradientConsumers.
 save_input (a layer's `exact_input`): save X itself instead of Z and project it in backward;
 the gradients are the same. It pays where another op keeps X anyway (linear_proj: SDPA keeps
 its output, which is proj's input, as the same storage): Z's bytes are then saved too.

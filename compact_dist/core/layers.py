@@ -20,6 +20,7 @@ Either way only Z = X P is saved for backward. Tensor layout per TP rank:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import Any, Callable, Iterator, Optional
 
@@ -44,6 +45,7 @@ from compact_dist.core.basis import SubspaceSketch
 from compact_dist.core.collectives import reduce_scatter_to_sequence_parallel_region
 from compact_dist.core.config import LayerCompression
 from compact_dist.core.grouped_merge import apply_rows, finish
+from compact_dist.core.kept_energy import GradientConsumers, KeptEnergy
 from compact_dist.core.projection import Projection, operand, unproject
 
 # the dtype of `weight` (W0, or the pair's high word) per base_dtype
@@ -124,6 +126,8 @@ class CompactLinearMixin:
         # estimated; None: the seeded Gaussian P of the current epoch
         self.basis: Optional[torch.Tensor] = None
         self.sketch: Optional[SubspaceSketch] = None  # open while estimating the next P
+        # open while a probe measures what P keeps of G (compact_dist.core.kept_energy)
+        self.kept_energy: Optional[KeptEnergy] = None
         self.subspace_factor: Optional[torch.nn.Parameter] = None
         # ZeRO-3 only (compact_dist.deepspeed.zero3_factor): A is left out of the module's own
         # parameter listing, and this maps (A, A known zero) to what forward hands autograd
@@ -341,8 +345,29 @@ class CompactLinearMixin:
             self.projection_epoch, p.first_block, orthonormal=self.basis is not None)
         return self.sketch
 
-    def _compressed(self, x, bias, sequence_parallel, allreduce_dgrad):
+    def start_kept_energy(self) -> KeptEnergy:
+        """Begin measuring the kept energy of the current P (fed by the next probe)."""
+        self.kept_energy = KeptEnergy(functools.partial(self.projection_blocks, torch.float32),
+                                      orthonormal=self.basis is not None)
+        return self.kept_energy
+
+    def _probe_consumer(self):
+        """What this call's data feeds: the open sketch, the open kept-energy accumulator
+        (a probe), or both from the same probe gradient; None when nothing is open."""
         sketch = self.sketch if self.sketch is not None and self.sketch.open else None
+        energy = self.kept_energy if self.kept_energy is not None and self.kept_energy.open \
+            else None
+        if energy is None:
+            return sketch
+        if sketch is None:
+            return energy
+        if sketch.kind != "gradient":
+            raise RuntimeError("a kept-energy probe ran with a 'pca' sketch open: the probe's "
+                               "inputs would enter the estimate of P")
+        return GradientConsumers([sketch, energy])
+
+    def _compressed(self, x, bias, sequence_parallel, allreduce_dgrad):
+        sketch = self._probe_consumer()
         factor, factor_is_zero = self.factor_parameter(), self.factor_is_zero
         if self.zero3_forward_factor is not None:
             factor = self.zero3_forward_factor(factor, factor_is_zero)

@@ -60,3 +60,23 @@ def model_parallel_manual_seed(seed: int) -> None:
     if not torch.cuda.is_available():
         install_cpu_rng_tracker()
     mpu_random.model_parallel_cuda_manual_seed(seed)
+
+
+@contextlib.contextmanager
+def rng_untouched():
+    """Run the body and restore every RNG state it may draw from: the default CPU generator,
+    the current CUDA device's, and Megatron's tracker states (dropout). A probe forward
+    inside it leaves the training run's random stream as if it had not run."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    tracker = (mpu_random._CUDA_RNG_STATE_TRACKER
+               if mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED else None)
+    states = tracker.get_states() if tracker is not None else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+        if states is not None:
+            tracker.set_states(states)

@@ -17,9 +17,11 @@ from compact_dist.core.basis import kept_fraction, top_eigenvectors, transport_m
 from compact_dist.core.config import ALL_ROLES, CompressionConfig
 from compact_dist.core.grouped_merge import (apply_rows, chunks, finish, group_layers,
                                              merge_layers)
+from compact_dist.core.kept_energy import fractions
 from compact_dist.core.layers import CompactLinearMixin
 from compact_dist.core.masters import plain_masters, zero_linked
 from compact_dist.core.moments import SUBSPACE_GROUP_KEY, reset_moments, transport_moments
+from compact_dist.core.rng import rng_untouched
 
 
 def compact_layers(model: torch.nn.Module) -> list[CompactLinearMixin]:
@@ -407,12 +409,18 @@ class SubspaceStepper:
     'gradient' needs `before_step(probe_loss)` at the start of every step, which runs one
     probe forward/backward when an estimate is due. P switches right after the sketching
     step. `moments_on_resample` applies to A's Adam state at each change of P (pass the torch
-    optimizer, or `engine.optimizer`).
+    optimizer, or `engine.optimizer`). measure_kept_energy: also measure, with the same
+    probe, what P keeps of every compact layer's gradient at the last step of every
+    `resample_interval` steps (compact_dist.core.kept_energy; then `before_step(probe_loss)`
+    is needed whatever the projection).
     """
 
-    def __init__(self, model: torch.nn.Module, config: CompressionConfig):
+    def __init__(self, model: torch.nn.Module, config: CompressionConfig,
+                 measure_kept_energy: bool = False):
         self.model = model
         self.config = config
+        self.measure_kept_energy = measure_kept_energy
+        self.kept_energy: Optional[torch.Tensor] = None  # this step's measurement
         self._steps = 0
         self._arm()
 
@@ -444,28 +452,70 @@ class SubspaceStepper:
         for layer in layers:
             layer.start_sketch(self.config.projection).open = self.config.projection == "pca"
 
+    def _measuring(self, step: int) -> bool:
+        """Does (0-based) optimizer step `step` measure the kept energy? The last step of every
+        `resample_interval` steps: right before P is re-estimated (data-aware) or redrawn
+        (Gaussian), when P is the oldest (the first data-aware estimate, at step 0, replaces
+        the initial Gaussian P and is not preceded by one)."""
+        return (self.measure_kept_energy and self.config.enabled
+                and (step + 1) % self.config.resample_interval == 0)
+
     def before_step(self, probe_loss: Optional[Callable[[], torch.Tensor]] = None) -> bool:
-        """Call at the start of each optimizer step. With projection 'gradient', when an
-        estimate is due, runs `probe_loss()` (a forward on a probe micro-batch returning the
-        scalar loss) and a backward that feeds the sketches with the uncompressed gradients
-        G = dY^T X of every compact layer and leaves every .grad untouched. Returns True when
-        it probed."""
-        if self.config.projection != "gradient" or not self._estimating(self._steps):
+        """Call at the start of each optimizer step. When a probe is due, runs `probe_loss()`
+        (a forward on a probe micro-batch returning the scalar loss) and a backward that
+        feeds the uncompressed gradients G = dY^T X of every compact layer to what this step
+        needs. The model's parameters are frozen meanwhile (requires_grad off, then restored),
+        so no backward inside the probe reaches their .grad or DeepSpeed's gradient hooks,
+        also those that activation recompute runs inside it; probe_loss must therefore make
+        an input upstream of the compact layers require grad (a leaf of its own, which gets
+        a .grad). Every RNG state is as before (compact_dist.core.rng.rng_untouched). G feeds:
+        with projection 'gradient', the sketches of the next P (when an estimate is due); with
+        kept-energy telemetry (`measure_kept_energy`, on `_measuring` steps), a
+        compact_dist.core.kept_energy accumulator per layer, whose fractions are then in
+        `kept_energy` ([layers] fp32, in compact_layers(model) order; None on steps that do
+        not measure). One probe serves both. Returns True when it probed."""
+        self.kept_energy = None
+        estimate = self.config.projection == "gradient" and self._estimating(self._steps)
+        measure = self._measuring(self._steps)
+        if not (estimate or measure):
             return False
         if probe_loss is None:
-            raise ValueError("projection='gradient' needs before_step(probe_loss) at the "
-                             "start of every step")
+            raise ValueError("projection='gradient' and kept-energy telemetry need "
+                             "before_step(probe_loss) at the start of every step")
         layers = compact_layers(self.model)
-        trainable = [p for layer in layers for p in layer.parameters(recurse=False)
-                     if p.requires_grad]
-        for layer in layers:
-            layer.sketch.open = True
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # 'pca' sketches open for this step's training forwards must not see the probe
+        paused = [layer.sketch for layer in layers
+                  if layer.sketch is not None and layer.sketch.open]
+        accumulators = [layer.start_kept_energy() for layer in layers] if measure else []
+        for sketch in paused:
+            sketch.open = False
+        for consumer in accumulators + ([layer.sketch for layer in layers] if estimate else []):
+            consumer.open = True
+        for p in trainable:  # no backward inside the probe's (recompute's) may reach .grad
+            p.requires_grad_(False)
         try:
-            loss = probe_loss()
-            torch.autograd.grad(loss, trainable, allow_unused=True)
+            with rng_untouched():  # dropout in the probe leaves training's draws alone
+                loss = probe_loss()
+                if not loss.requires_grad:
+                    raise RuntimeError(
+                        "the probe loss does not require grad: the model's parameters are "
+                        "frozen during the probe, so probe_loss must make an input of the "
+                        "compact layers require grad (compact-train's probe_loss makes the "
+                        "embedding's output a leaf)")
+                loss.backward()
         finally:
+            for p in trainable:
+                p.requires_grad_(True)
             for layer in layers:
-                layer.sketch.open = False
+                layer.kept_energy = None
+                if estimate:
+                    layer.sketch.open = False
+            for sketch in paused:
+                sketch.open = True
+        if measure:
+            dp, _, tp, _ = _groups()
+            self.kept_energy = fractions(accumulators, dp, tp)
         return True
 
     def after_step(

@@ -190,9 +190,11 @@ class Logger:
         if self.active:
             (self.bar.write if self.bar else print)(text)
 
-    def step(self, step: int, scalars: dict[str, float], line: bool) -> None:
+    def step(self, step: int, scalars: dict[str, float], line: bool, fields: str = "") -> None:
         """scalars: train/loss, train/lr, perf/memory_GiB every step; on `line` steps also the
-        ThroughputMeter's rates over the steps since the previous line."""
+        ThroughputMeter's rates over the steps since the previous line; on steps that measured
+        the kept energy its scalars (compact_dist.training.quality) and `fields` for the
+        line."""
         if not self.active:
             return
         if self.writer:
@@ -211,7 +213,7 @@ class Logger:
                 f"step {step:5d} | loss {scalars['train/loss']:.4f} | lr "
                 f"{scalars['train/lr']:.2e} | {scalars['perf/step_time_s'] * 1e3:,.0f} ms/step | "
                 f"{self.rates.strip().replace(' MFU', ' | MFU')} | "
-                f"mem {scalars['perf/memory_GiB']:.2f} GiB")
+                f"mem {scalars['perf/memory_GiB']:.2f} GiB" + (f" | {fields}" if fields else ""))
 
     def close(self) -> None:
         if self.bar:
@@ -279,11 +281,19 @@ def throughput_meter(cfg: TrainConfig, tokens_per_step: int, bf16: bool, device:
 
 def probe_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Loss of the first half (at least one) of a micro-batch's sequences: the probe that
-    projection='gradient' runs at each resample. Half a micro-batch with uncompressed linear
-    inputs saves fewer bytes than a full compressed one, so the probe does not raise the peak."""
+    projection='gradient' runs at each resample and the kept-energy telemetry before it. Half
+    a micro-batch with uncompressed linear inputs saves fewer bytes than a full compressed
+    one, so the probe does not raise the peak. The stepper freezes the parameters during the
+    probe: the embedding's output is made a leaf that requires grad, for the backward to
+    flow from."""
     half = max(1, batch["tokens"].shape[0] // 2)
-    return model(batch["tokens"][:half], batch["position_ids"][:half], None,
-                 labels=batch["labels"][:half]).float().mean()
+    hook = model.embedding.register_forward_hook(
+        lambda module, args, out: out.detach().requires_grad_())
+    try:
+        return model(batch["tokens"][:half], batch["position_ids"][:half], None,
+                     labels=batch["labels"][:half]).float().mean()
+    finally:
+        hook.remove()
 
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_parallel_size: int,
@@ -309,9 +319,10 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_para
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train per `cfg`; returns {"losses": [...], "valid": [(step, loss)], "step": int,
-    "stopped_early": bool} (rank-local, DP-averaged): the losses of the steps this call ran,
-    the step reached, and whether SIGTERM / SIGUSR1 stopped it before train.train_steps
+    """Train per `cfg`; returns {"losses": [...], "valid": [(step, loss)], "kept_energy":
+    [(step, {layer name: fraction})], "step": int, "stopped_early": bool} (rank-local,
+    DP-averaged): the losses of the steps this call ran, the kept-energy measurements, the
+    step reached, and whether SIGTERM / SIGUSR1 stopped it before train.train_steps
     (GracefulStop; it saved a checkpoint at that step when checkpoint.dir is set)."""
     stop = GracefulStop()
     try:
@@ -329,6 +340,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     from compact_dist.training.data import build_data
     from compact_dist.deepspeed.engine import use_deepspeed_checkpointing
     from compact_dist.training.nonfinite import NonFiniteCheck
+    from compact_dist.training.quality import KeptEnergyReport
     from compact_dist.tools.export import write_run_files
     from compact_dist.tools.memory import linear_memory_table
 
@@ -352,6 +364,8 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     log.print(linear_memory_table(model, cfg.model.seq_length, cfg.train.micro_batch_size,
                                   device))
     engine, stepper = build_engine(cfg, model, bf16, dp, schedule=True)
+    stepper.measure_kept_energy = cfg.logging.kept_energy
+    quality = KeptEnergyReport(engine.module, cfg.compression, cfg.logging.kept_energy_warn_below)
 
     step, saved = 0, plan.tag  # saved: the newest checkpoint of this run's trajectory
     for note in plan.notes:
@@ -381,7 +395,7 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return (total / (count * dp)).item()
 
-    history = {"losses": [], "valid": [], "stopped_early": False}
+    history = {"losses": [], "valid": [], "kept_energy": [], "stopped_early": False}
     stop.install()
     meter = throughput_meter(cfg, tokens_per_step=cfg.train.micro_batch_size * grad_accum * dp
                              * cfg.model.seq_length, bf16=bf16, device=device, start_step=step,
@@ -404,10 +418,15 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
         mean_loss = (loss_sum / (grad_accum * dp)).item()
         history["losses"].append(mean_loss)
-        line = step % cfg.train.log_interval == 0 or step == 1
+        kept = {} if stepper.kept_energy is None else quality.record(step, stepper.kept_energy)
+        line = step % cfg.train.log_interval == 0 or step == 1 or bool(kept)
         scalars = {"train/loss": mean_loss, "train/lr": lr, "perf/memory_GiB": memory_gib(device),
-                   **(meter.interval(step) if line else {})}
-        log.step(step, scalars, line=line)
+                   **(meter.interval(step) if line else {}), **kept}
+        log.step(step, scalars, line=line, fields=quality.fields() if kept else "")
+        if kept:
+            history["kept_energy"].append((step, dict(zip(quality.names, quality.values))))
+            if quality.warning():
+                log.print(quality.warning())
         problem = nonfinite.problem(step, mean_loss)  # before this step's checkpoint
         if problem:
             log.close()
@@ -445,6 +464,8 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         if history["valid"]:
             vloss = history["valid"][-1][1]
             summary += f", validation loss {vloss:.3f} (perplexity {math.exp(min(vloss, 50)):.1f})"
+        if quality.summary():
+            summary += "\n" + quality.summary()
         total = meter.totals(step)
         log.print(summary + f"\ntotals: {total['steps']} steps, {total['tokens']:,} tokens in "
                   f"{total['seconds']:.1f} s ({total['tokens_per_s']:,.0f} tok/s with "

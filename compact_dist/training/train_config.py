@@ -118,8 +118,15 @@ class CheckpointConfig(_Section):
 
 
 class LoggingConfig(_Section):
+    """kept_energy: measure what the projection P keeps of every compact layer's weight
+    gradient on a probe micro-batch right before each resample (compact_dist.core.kept_energy;
+    the progress line, TensorBoard quality/kept_energy/<layer> and the summary show it).
+    kept_energy_warn_below: a warning line when the mean over the layers falls below it."""
+
     tensorboard_dir: Optional[str] = None
     progress: bool = True
+    kept_energy: bool = True
+    kept_energy_warn_below: float = Field(0.8, ge=0, le=1)
 
 
 class TrainConfig(_Section):
