@@ -205,7 +205,7 @@ def test_files_source_txt_and_jsonl(tmp_path):
     (dict(source="files"), "paths"),
     (dict(paths=["x.txt"]), "paths"),
     (dict(vocab_size=10), "vocab_size"),
-    (dict(tokenizer="wordpiece"), "tokenizer"),
+    (dict(source="indexed", paths=["/d/a"]), "tokenizer"),
     (dict(max_bytes=-1), "max_bytes"),
     (dict(shuffle=True), "shuffle"),
 ])
