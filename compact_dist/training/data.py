@@ -109,11 +109,11 @@ class DataConfig(BaseModel):
                                  "set 'tokenizer' to its tokenizer.json, directory or .model")
             if self.valid_paths and self.split is not None:
                 raise ValueError("set only one of 'split' and 'valid_paths'")
-            parse_blend(self.paths, "data.paths")
+            parse_blend(self.paths, "paths")  # the error line's "data: " names the section
             if self.valid_paths:
-                parse_blend(self.valid_paths, "data.valid_paths")
+                parse_blend(self.valid_paths, "valid_paths")
             if self.split is not None:
-                split_matrix(self.split)
+                split_matrix(self.split, "split")
         else:
             for key in ("valid_paths", "split"):
                 if getattr(self, key):

@@ -62,7 +62,7 @@ def parse_blend(entries: list[str], key: str) -> Blend:
     return list(entries[1::2]), weights
 
 
-def split_matrix(split: str) -> list[Optional[tuple[float, float]]]:
+def split_matrix(split: str, key: str = "data.split") -> list[Optional[tuple[float, float]]]:
     """megatron-core's (begin, end) fraction of the documents per split (train, valid, test),
     None for an empty split; ValueError naming data.split when it does not parse."""
     from megatron.core.datasets.blended_megatron_dataset_config import (
@@ -74,7 +74,7 @@ def split_matrix(split: str) -> list[Optional[tuple[float, float]]]:
     except ValueError:
         values = []
     if not 1 <= len(values) <= 3 or any(v < 0 for v in values) or sum(values) <= 0:
-        raise ValueError(f"data.split={split!r}: expected up to 3 non-negative weights of the "
+        raise ValueError(f"{key}={split!r}: expected up to 3 non-negative weights of the "
                          "train, valid and test splits, e.g. 98,2,0")
     return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
 
@@ -151,8 +151,8 @@ def check_token_ids(info: PrefixInfo, vocab_size: int, spec: str, key: str,
     top = int(ids.max())
     if top >= vocab_size:
         raise ValueError(f"{key}: {info.prefix}.bin holds token id {top}, beyond the "
-                         f"vocabulary of data.tokenizer={spec!r} ({vocab_size} tokens, the "
-                         "model's embedding rows): the prefix was made with another tokenizer")
+                         f"vocabulary of data.tokenizer={spec!r} ({vocab_size} tokens, which size the "
+                         "model's embedding): the prefix was made with another tokenizer")
 
 
 class SplitPlan(NamedTuple):
