@@ -215,8 +215,12 @@ def gpt_datasets(plan: SplitPlan, tokenizer, seq_length: int, seed: int, cache_d
         random_seed=seed, sequence_length=seq_length, path_to_cache=os.path.abspath(cache_dir),
         tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=False, create_attention_mask=False, **blends)
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
+    builder = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config)
+    # The rank that built the indices holds them in memory (O(corpus tokens / seq_length));
+    # built again, every dataset loads them memory-mapped from the cache, like the other ranks.
+    del builder.build()[:]
+    train, valid, _ = builder.build()
     return train, valid
 
 
