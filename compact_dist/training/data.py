@@ -137,7 +137,8 @@ class DataConfig(BaseModel):
                       self.tokenizer)
 
     def check_paths(self) -> list[Path]:
-        """Files the corpus is read from, in order; ValueError if a glob matches no file.
+        """Files the corpus is read from, in order (a directory: the files under it, sorted);
+        ValueError if a glob matches no file.
 
         Touches only the filesystem, so it runs before any process group exists.
         """
@@ -147,9 +148,10 @@ class DataConfig(BaseModel):
             return list(_stdlib_files())
         files: list[Path] = []
         for pattern in self.paths:
-            matched = sorted(
-                Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                if os.path.isfile(p)
+            matched = sorted(  # a directory means the files under it
+                f for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                for f in (sorted(q for q in Path(p).rglob("*") if q.is_file())
+                          if os.path.isdir(p) else [Path(p)])
             )
             if not matched:
                 raise ValueError(f"no files match data.paths entry {pattern!r} "
