@@ -151,8 +151,9 @@ def check_token_ids(info: PrefixInfo, vocab_size: int, spec: str, key: str,
     top = int(ids.max())
     if top >= vocab_size:
         raise ValueError(f"{key}: {info.prefix}.bin holds token id {top}, beyond the "
-                         f"vocabulary of data.tokenizer={spec!r} ({vocab_size} tokens, which size the "
-                         "model's embedding): the prefix was made with another tokenizer")
+                         f"vocabulary of data.tokenizer={spec!r} ({vocab_size} tokens, which "
+                         "size the model's embedding): the prefix was made with another "
+                         "tokenizer")
 
 
 class SplitPlan(NamedTuple):
