@@ -116,6 +116,27 @@ def test_tokenizer_kinds_and_eod(corpus, tmp_path, monkeypatch):
         load_tokenizer(str(tmp_path / "sp.model"))
 
 
+def test_sentencepiece_model_tokenizes_and_preprocesses(corpus, tmp_path):
+    import io
+
+    import sentencepiece as spm
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    rng = random.Random(1)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([_text(rng) for _ in range(100)]),
+                                   model_writer=model, vocab_size=30, minloglevel=2)
+    (tmp_path / "sp.model").write_bytes(model.getvalue())
+    tok = load_tokenizer(str(tmp_path / "sp.model"))
+    assert (tok.kind, tok.vocab_size, tok.eod) == ("sentencepiece", 30, 2)  # eos </s>
+    assert tok.decode(tok.encode("alpha beta") + [tok.eod]) == "alpha beta"
+    preprocess([str(corpus / "a.jsonl")], str(tmp_path / "sp.model"), str(tmp_path / "sp"),
+               progress=False)
+    first = json.loads((corpus / "a.jsonl").read_text().splitlines()[0])["text"]
+    ds = IndexedDataset(str(tmp_path / "sp"))  # held: its items view its memory map
+    assert ds[0].tolist() == tok.encode(first) + [2]
+
+
 def _dp_batches(rank, corpus, cache, out):
     """Rank r of DP=2 (micro 2) and, on each rank, the DP=1 stream (micro 4) of one blend."""
     from compact_dist.training.data import build_data
