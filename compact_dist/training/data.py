@@ -3,9 +3,11 @@
 Entry point used by the trainer::
 
     cfg = DataConfig(...)                 # validated at load (pydantic, ValueError on bad values)
-    cfg.check_paths()                     # before any process group: globs must match files
+    cfg.check(seq_length)                 # before any process group: files, tokenizer, prefixes
     tokenizer, train_iter, valid_batches = build_data(cfg, seq_length, micro_batch_size,
-                                                      dp_rank, dp_size)
+                                                      dp_rank, dp_size, train_samples,
+                                                      valid_samples)
+    train_iter.summary                    # the data summary lines (compact-train prints them)
     batch = next(train_iter)              # {"tokens", "labels", "position_ids"}: LongTensor[b, s]
     state = train_iter.state_dict()       # {"consumed_samples": int, ...}; put in the checkpoint
     train_iter.load_state_dict(state)     # the next batches equal those of an uninterrupted run
@@ -14,13 +16,15 @@ Entry point used by the trainer::
 
 with b = micro_batch_size and s = seq_length.
 
-Pipeline:
+`source="indexed"` reads Megatron `.bin`/`.idx` prefixes and blends through megatron-core's
+GPTDataset / BlendedDataset (compact_dist/training/indexed.py; tokenizers:
+compact_dist/training/tokenizer.py). The stdlib / files sources go through this pipeline:
 1. Corpus. `source="stdlib"`: the running interpreter's standard-library `.py` files (walked
    in sorted order; test directories and site-packages skipped). `source="files"`: the `paths`
-   globs (sorted); `.jsonl` files give one document per line (`obj[jsonl_key]`), any other file
-   is one UTF-8 text document. Reading stops at `max_bytes` of UTF-8 text.
-2. Tokenizer. `byte`: bytes 0..255 and end-of-document 256 (vocab 257). `bpe`: HF `tokenizers`
-   byte-level BPE with `vocab_size` entries (id 0 is `<|endoftext|>`) trained on the corpus,
+   globs (sorted; a directory means the files under it); `.jsonl` files give one document
+   per line (`obj[jsonl_key]`), any other file is one UTF-8 text document. Reading stops at `max_bytes` of UTF-8 text.
+2. Tokenizer. A path (tokenizer.py), or `byte`: bytes 0..255 and end-of-document 256 (vocab
+   257), or `bpe`: HF `tokenizers` byte-level BPE with `vocab_size` entries (id 0 is `<|endoftext|>`) trained on the corpus,
    or with `tokenizer_train_bytes` on a sample of it (`tokenizer_sample`: every k-th document,
    k = ceil(corpus bytes / budget), cut at the budget) that bounds the training time on large
    corpora; every document is still tokenized with it.
