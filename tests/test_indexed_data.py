@@ -137,6 +137,32 @@ def test_sentencepiece_model_tokenizes_and_preprocesses(corpus, tmp_path):
     assert ds[0].tolist() == tok.encode(first) + [2]
 
 
+def test_separate_validation_blend_and_a_path_tokenizer_for_files(corpus, tmp_path):
+    """data.valid_paths: validation reads only its own prefix (one prefix per split needs no
+    process group); source=files with data.tokenizer=tok.json tokenizes with that file."""
+    from compact_dist.training.data import build_data
+
+    tok = load_tokenizer(str(corpus / "tok.json"))
+    cfg = DataConfig(source="indexed", paths=[f"{corpus}/a"], valid_paths=[f"{corpus}/b"],
+                     tokenizer=f"{corpus}/tok.json", cache_dir=str(tmp_path / "cache"))
+    _, train, valid = build_data(cfg, 32, 2, train_samples=20, valid_samples=4)
+    summary = "\n".join(train.summary)
+    assert f"valid {corpus}/b: weight 1.000, 200 documents" in summary, summary
+    assert f"train {corpus}/a: weight 1.000, 200 documents" in summary
+    docs = {n: "\0".join(json.loads(x)["text"] for x in
+                          (corpus / f"{n}.jsonl").read_text().splitlines()) for n in "ab"}
+    pieces = [tok.decode(piece) for batch in valid(3) for row in batch["tokens"].tolist()
+              for piece in np.split(row, np.flatnonzero(np.asarray(row) == tok.eod))]
+    pieces = [p.strip() for p in pieces if len(p) > 40]  # samples span shuffled documents
+    assert pieces and all(p in docs["b"] and p not in docs["a"] for p in pieces), pieces
+    files = DataConfig(source="files", paths=[str(corpus / "a.jsonl")],
+                       tokenizer=str(corpus / "tok.json"), cache_dir=str(tmp_path / "c2"))
+    got, it, _ = build_data(files, 32, 2)
+    assert (got.vocab_size, got.eod) == (300, 0)
+    first = json.loads((corpus / "a.jsonl").read_text().splitlines()[0])["text"]
+    assert next(it)["tokens"].max() < 300 and got.encode(first) == tok.encode(first)
+
+
 def _dp_batches(rank, corpus, cache, out):
     """Rank r of DP=2 (micro 2) and, on each rank, the DP=1 stream (micro 4) of one blend."""
     from compact_dist.training.data import build_data

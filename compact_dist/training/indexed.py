@@ -207,8 +207,9 @@ def gpt_datasets(plan: SplitPlan, tokenizer, seq_length: int, seed: int, cache_d
         BlendedMegatronDatasetBuilder)
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    if not torch.distributed.is_initialized():
-        raise RuntimeError("megatron-core's dataset builder needs a process group "
+    if not torch.distributed.is_initialized() and max(len(plan.train[0]),
+                                                      len(plan.valid[0])) > 1:
+        raise RuntimeError("megatron-core's BlendedDataset needs a process group "
                            "(torch.distributed.init_process_group; compact-train has one)")
     blends = dict(blend=plan.train, split=plan.split) if plan.split else dict(
         blend_per_split=[plan.train, plan.valid, None])
