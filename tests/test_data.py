@@ -205,7 +205,7 @@ def test_files_source_txt_and_jsonl(tmp_path):
     (dict(source="files"), "paths"),
     (dict(paths=["x.txt"]), "paths"),
     (dict(vocab_size=10), "vocab_size"),
-    (dict(tokenizer="wordpiece"), "tokenizer"),
+    (dict(source="indexed", paths=["/d/a"]), "tokenizer"),
     (dict(max_bytes=-1), "max_bytes"),
     (dict(shuffle=True), "shuffle"),
 ])
@@ -277,3 +277,24 @@ def test_tokenizer_train_bytes_samples_spread_documents(tmp_path):
     assert meta["tokenizer_train_bytes"] <= budget and meta["tokenizer_train_documents"] < 40
     assert meta["train_tokens"] + meta["valid_tokens"] == sum(
         len(ids) + 1 for ids in tok.encode_batch(docs))
+
+
+def test_directory_paths_and_summary_warnings(tmp_path):
+    """A directory in data.paths means the files under it; the start-up summary counts the
+    splits and warns when max_bytes truncates the corpus and when the run repeats data."""
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    for i in range(4):
+        (corpus / ("sub" if i % 2 else "") / f"d{i}.txt").write_text(f"document {i} " * 50)
+    cfg = DataConfig(source="files", paths=[str(corpus)], tokenizer="byte", max_bytes=1500,
+                     valid_fraction=0.3, cache_dir=str(tmp_path / "cache"))
+    assert cfg.check_paths() == sorted(corpus.rglob("*.txt"))
+    _, train, _ = build_data(cfg, 16, 2, train_samples=1000)
+    summary = "\n".join(train.summary)
+    assert "data: files, tokenizer byte (vocab 257, eod 256)" in summary
+    assert "  train: 2 documents" in summary and "  valid: 1 documents" in summary, summary
+    assert "this run: 1,000 samples x 16 = 16,000 tokens" in summary
+    assert "warning: the run repeats data" in summary
+    assert "warning: data.max_bytes=1,500 truncated the corpus" in summary
+    whole = cfg.model_copy(update={"max_bytes": 10**6})
+    assert "warning" not in "\n".join(build_data(whole, 16, 2, train_samples=10)[1].summary)

@@ -3,9 +3,11 @@
 Entry point used by the trainer::
 
     cfg = DataConfig(...)                 # validated at load (pydantic, ValueError on bad values)
-    cfg.check_paths()                     # before any process group: globs must match files
+    cfg.check(seq_length)                 # before any process group: files, tokenizer, prefixes
     tokenizer, train_iter, valid_batches = build_data(cfg, seq_length, micro_batch_size,
-                                                      dp_rank, dp_size)
+                                                      dp_rank, dp_size, train_samples,
+                                                      valid_samples)
+    train_iter.summary                    # the data summary lines (compact-train prints them)
     batch = next(train_iter)              # {"tokens", "labels", "position_ids"}: LongTensor[b, s]
     state = train_iter.state_dict()       # {"consumed_samples": int, ...}; put in the checkpoint
     train_iter.load_state_dict(state)     # the next batches equal those of an uninterrupted run
@@ -14,13 +16,15 @@ Entry point used by the trainer::
 
 with b = micro_batch_size and s = seq_length.
 
-Pipeline:
+`source="indexed"` reads Megatron `.bin`/`.idx` prefixes and blends through megatron-core's
+GPTDataset / BlendedDataset (compact_dist/training/indexed.py; tokenizers:
+compact_dist/training/tokenizer.py). The stdlib / files sources go through this pipeline:
 1. Corpus. `source="stdlib"`: the running interpreter's standard-library `.py` files (walked
    in sorted order; test directories and site-packages skipped). `source="files"`: the `paths`
-   globs (sorted); `.jsonl` files give one document per line (`obj[jsonl_key]`), any other file
-   is one UTF-8 text document. Reading stops at `max_bytes` of UTF-8 text.
-2. Tokenizer. `byte`: bytes 0..255 and end-of-document 256 (vocab 257). `bpe`: HF `tokenizers`
-   byte-level BPE with `vocab_size` entries (id 0 is `<|endoftext|>`) trained on the corpus,
+   globs (sorted; a directory means the files under it); `.jsonl` files give one document
+   per line (`obj[jsonl_key]`), any other file is one UTF-8 text document. Reading stops at `max_bytes` of UTF-8 text.
+2. Tokenizer. A path (tokenizer.py), or `byte`: bytes 0..255 and end-of-document 256 (vocab
+   257), or `bpe`: HF `tokenizers` byte-level BPE with `vocab_size` entries (id 0 is `<|endoftext|>`) trained on the corpus,
    or with `tokenizer_train_bytes` on a sample of it (`tokenizer_sample`: every k-th document,
    k = ceil(corpus bytes / budget), cut at the budget) that bounds the training time on large
    corpora; every document is still tokenized with it.
@@ -53,9 +57,10 @@ from typing import Any, Callable, Iterator, Literal, NamedTuple, Optional
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-EOD_TEXT = "<|endoftext|>"
+from compact_dist.training.tokenizer import EOD_TEXT, Tokenizer, load_tokenizer  # noqa: F401
+
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _FORMAT_VERSION = 1  # bump when the on-disk layout or tokenization changes
 
@@ -65,10 +70,13 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["stdlib", "files"] = "stdlib"
+    source: Literal["stdlib", "files", "indexed"] = "stdlib"
     paths: list[str] = []
+    valid_paths: list[str] = []    # indexed: a separate validation blend (instead of split)
+    split: Optional[str] = None    # indexed: train,valid,test weights; None: 98,2,0
     jsonl_key: str = Field("text", min_length=1)
-    tokenizer: Literal["byte", "bpe"] = "bpe"
+    tokenizer: str = Field("bpe", min_length=1)  # byte | bpe | path (tokenizer.py)
+    eod_token: Optional[str] = None  # path tokenizers: the end-of-document token's text
     vocab_size: int = Field(2048, ge=260)
     max_bytes: int = Field(8_000_000, ge=1)
     tokenizer_train_bytes: Optional[int] = Field(None, ge=1)  # BPE sample budget; None: all
@@ -76,26 +84,78 @@ class DataConfig(BaseModel):
     cache_dir: str = ".cache/compact_dist"
     seed: int = Field(1234, ge=0)
 
+    @field_validator("paths", "valid_paths", mode="before")
+    @classmethod
+    def _blend_words(cls, value):
+        """A string is split on whitespace (`data.paths="0.3 /d/a 0.7 /d/b"`); numbers in a
+        YAML list are the weights of a blend."""
+        if isinstance(value, str):
+            return value.split()
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                    for v in value]
+        return value
+
     @model_validator(mode="after")
     def _paths_for_source(self) -> "DataConfig":
         if self.source == "files" and not self.paths:
             raise ValueError("source='files' needs a non-empty 'paths' list of file globs")
         if self.source == "stdlib" and self.paths:
             raise ValueError("'paths' is only used with source='files' (source is 'stdlib')")
+        if self.source == "indexed":
+            from compact_dist.training.indexed import parse_blend, split_matrix
+
+            if not self.paths:
+                raise ValueError("source='indexed' needs 'paths': dataset prefixes, optionally "
+                                 "as weight prefix pairs (Megatron-LM's --data-path)")
+            if self.tokenizer == "bpe":
+                raise ValueError("source='indexed' needs the tokenizer the data was made with: "
+                                 "set 'tokenizer' to its tokenizer.json, directory or .model")
+            if self.valid_paths and self.split is not None:
+                raise ValueError("set only one of 'split' and 'valid_paths'")
+            parse_blend(self.paths, "paths")  # the error line's "data: " names the section
+            if self.valid_paths:
+                parse_blend(self.valid_paths, "valid_paths")
+            if self.split is not None:
+                split_matrix(self.split, "split")
+        else:
+            for key in ("valid_paths", "split"):
+                if getattr(self, key):
+                    raise ValueError(f"'{key}' is only used with source='indexed' "
+                                     f"(source is {self.source!r})")
         return self
 
+    def check(self, seq_length: Optional[int] = None) -> None:
+        """Every data check that touches only the filesystem (before any process group): the
+        corpus files, the tokenizer (loads, has an end-of-document token), and for indexed
+        input the prefixes, weights, token ids and splits (`indexed.check_indexed`)."""
+        if self.source != "indexed":
+            self.check_paths()
+            if self.tokenizer not in ("byte", "bpe"):
+                load_tokenizer(self.tokenizer, self.eod_token)
+            return
+        from compact_dist.training.indexed import check_indexed
+
+        tok = load_tokenizer(self.tokenizer, self.eod_token)
+        check_indexed(self.paths, self.valid_paths, self.split, seq_length, tok.vocab_size,
+                      self.tokenizer)
+
     def check_paths(self) -> list[Path]:
-        """Files the corpus is read from, in order; ValueError if a glob matches no file.
+        """Files the corpus is read from, in order (a directory: the files under it, sorted);
+        ValueError if a glob matches no file.
 
         Touches only the filesystem, so it runs before any process group exists.
         """
+        if self.source == "indexed":
+            return []
         if self.source == "stdlib":
             return list(_stdlib_files())
         files: list[Path] = []
         for pattern in self.paths:
-            matched = sorted(
-                Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                if os.path.isfile(p)
+            matched = sorted(  # a directory means the files under it
+                f for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                for f in (sorted(q for q in Path(p).rglob("*") if q.is_file())
+                          if os.path.isdir(p) else [Path(p)])
             )
             if not matched:
                 raise ValueError(f"no files match data.paths entry {pattern!r} "
@@ -137,19 +197,25 @@ def _file_documents(path: Path, jsonl_key: str) -> Iterator[str]:
 def read_corpus(cfg: DataConfig) -> list[str]:
     """Documents of the corpus in a deterministic order, at most `cfg.max_bytes` UTF-8 bytes
     in total (the last document is truncated to fit). Empty documents are dropped."""
+    return read_corpus_truncated(cfg)[0]
+
+
+def read_corpus_truncated(cfg: DataConfig) -> tuple[list[str], bool]:
+    """(read_corpus, whether max_bytes cut text off)."""
     docs, total = [], 0
     for path in cfg.check_paths():
         for doc in _file_documents(path, cfg.jsonl_key):
             raw = doc.encode("utf-8")
-            if total + len(raw) > cfg.max_bytes:
+            cut = total + len(raw) > cfg.max_bytes
+            if cut:
                 raw = raw[: cfg.max_bytes - total]
                 doc = raw.decode("utf-8", errors="ignore")
             if doc:
                 docs.append(doc)
                 total += len(raw)
-            if total >= cfg.max_bytes:
-                return docs
-    return docs
+            if cut:  # the next document after the cap: cut to nothing but still a truncation
+                return docs, True
+    return docs, False
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -177,65 +243,6 @@ def tokenizer_sample(docs: list[str], max_bytes: Optional[int]) -> list[str]:
     return out
 
 
-class Tokenizer:
-    """`encode(str) -> list[int]` (no end-of-document token added), `decode(list[int]) -> str`
-    (special tokens dropped); `vocab_size` ids in [0, vocab_size), `eod` ends a document."""
-
-    def __init__(self, kind: Literal["byte", "bpe"], hf: Optional[Any] = None) -> None:
-        self.kind = kind
-        self._hf = hf
-        if kind == "byte":
-            self.vocab_size, self.eod = 257, 256
-        else:
-            self.vocab_size, self.eod = hf.get_vocab_size(), hf.token_to_id(EOD_TEXT)
-
-    @classmethod
-    def byte(cls) -> "Tokenizer":
-        return cls("byte")
-
-    @classmethod
-    def train_bpe(cls, docs: list[str], vocab_size: int) -> "Tokenizer":
-        """Byte-level BPE trained on `docs` with `<|endoftext|>` as id 0."""
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
-
-        hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[EOD_TEXT], show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        hf.train_from_iterator(docs, trainer)
-        return cls("bpe", hf)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        """A BPE tokenizer saved by `save` (HF tokenizer.json)."""
-        from tokenizers import Tokenizer as HFTokenizer
-
-        return cls("bpe", HFTokenizer.from_file(str(path)))
-
-    def save(self, path: str | Path) -> None:
-        if self._hf is not None:
-            self._hf.save(str(path))
-
-    def encode(self, text: str) -> list[int]:
-        if self._hf is None:
-            return list(text.encode("utf-8"))
-        return self._hf.encode(text).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self._hf is None:
-            return [list(t.encode("utf-8")) for t in texts]
-        return [e.ids for e in self._hf.encode_batch(texts)]
-
-    def decode(self, ids: list[int]) -> str:
-        ids = [int(i) for i in ids]
-        if self._hf is None:
-            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-        return self._hf.decode(ids, skip_special_tokens=True)
-
-
 # ----------------------------------------------------------------------------- indexed dataset
 
 def _rank() -> tuple[int, int]:
@@ -250,9 +257,24 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _tokenizer_digest(spec: str) -> Optional[str]:
+    """Hash of a path tokenizer's files (so a changed tokenizer rebuilds the cache)."""
+    if spec in ("byte", "bpe"):
+        return None
+    path = Path(spec).expanduser()
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _key(cfg: DataConfig, docs: list[str]) -> str:
+    digest = _tokenizer_digest(cfg.tokenizer)
     h = hashlib.sha256(json.dumps({
-        "version": _FORMAT_VERSION, "tokenizer": cfg.tokenizer,
+        "version": _FORMAT_VERSION, "tokenizer": cfg.tokenizer if digest is None else digest,
+        **({"eod_token": cfg.eod_token} if cfg.eod_token is not None else {}),
         "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None,
         "valid_fraction": cfg.valid_fraction, "seed": cfg.seed,
         # only when set, so the keys of datasets built without it stay valid
@@ -279,7 +301,7 @@ def split_documents(num_docs: int, valid_fraction: float, seed: int) -> tuple[li
     return [i for i in range(num_docs) if i not in valid], sorted(valid)
 
 
-def _build(cfg: DataConfig, docs: list[str], out: Path) -> None:
+def _build(cfg: DataConfig, docs: list[str], out: Path, truncated: bool = False) -> None:
     """Tokenizer + {train,valid}.{bin,idx} into `out` via a temporary directory and a rename."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -295,10 +317,10 @@ def _build(cfg: DataConfig, docs: list[str], out: Path) -> None:
             meta["tokenizer_train_documents"] = len(sample)
             meta["tokenizer_train_bytes"] = sum(len(d.encode("utf-8")) for d in sample)
         else:
-            tok = Tokenizer.byte()
+            tok = load_tokenizer(cfg.tokenizer, cfg.eod_token)
         dtype = DType.optimal_dtype(tok.vocab_size)
         meta = {"tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size, "eod": tok.eod,
-                "documents": len(docs), **meta}
+                "documents": len(docs), "truncated": truncated, **meta}
         for name, idx in zip(("train", "valid"),
                              split_documents(len(docs), cfg.valid_fraction, cfg.seed)):
             builder = IndexedDatasetBuilder(str(tmp / f"{name}.bin"), dtype=dtype)
@@ -326,17 +348,18 @@ def prepare_dataset(cfg: DataConfig) -> tuple[Tokenizer, Path]:
     directory is still missing after it (a node-local `cache_dir` on another node), each
     node's local rank 0 builds its own copy (deterministic), then all meet again.
     """
-    docs = read_corpus(cfg)
+    docs, truncated = read_corpus_truncated(cfg)
     out = Path(cfg.cache_dir) / _key(cfg, docs)
     rank, local_rank = _rank()
     if rank == 0 and not _complete(out):
-        _build(cfg, docs, out)
+        _build(cfg, docs, out, truncated)
     _barrier()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if local_rank == 0 and not _complete(out):
-            _build(cfg, docs, out)
+            _build(cfg, docs, out, truncated)
         _barrier()
-    tok = Tokenizer.load(out / "tokenizer.json") if cfg.tokenizer == "bpe" else Tokenizer.byte()
+    tok = (Tokenizer.load(out / "tokenizer.json") if cfg.tokenizer == "bpe"
+           else load_tokenizer(cfg.tokenizer, cfg.eod_token))
     return tok, out
 
 
@@ -405,6 +428,7 @@ class BatchIterator:
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.consumed_samples = 0
         self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+        self.summary: list[str] = []  # the data summary lines (build_data sets them)
 
     @property
     def epoch(self) -> int:
@@ -466,11 +490,19 @@ class Data(NamedTuple):
 
 
 def build_data(cfg: DataConfig, seq_length: int, micro_batch_size: int, dp_rank: int = 0,
-               dp_size: int = 1) -> Data:
-    """(tokenizer, train BatchIterator, valid_batches(max_batches=None)) for this DP rank.
+               dp_size: int = 1, train_samples: Optional[int] = None,
+               valid_samples: Optional[int] = None) -> Data:
+    """(tokenizer, train iterator, valid_batches(max_batches=None)) for this DP rank.
 
-    Call on every rank (after the process group exists, if any; see `prepare_dataset`).
+    The train iterator has `state_dict` / `load_state_dict` and `summary` (lines to print at
+    start). train_samples / valid_samples: the samples the run reads (train.train_steps x
+    global batch; eval_batches x micro batch x dp_size); indexed input needs them (its
+    datasets are built for that many samples). Call on every rank (after the process group
+    exists, if any; see `prepare_dataset`).
     """
+    if cfg.source == "indexed":
+        return _build_indexed(cfg, seq_length, micro_batch_size, dp_rank, dp_size,
+                              train_samples, valid_samples)
     tok, path = prepare_dataset(cfg)
     train = TokenChunkDataset(path / "train", seq_length)
     valid = TokenChunkDataset(path / "valid", seq_length)
@@ -478,5 +510,49 @@ def build_data(cfg: DataConfig, seq_length: int, micro_batch_size: int, dp_rank:
     def valid_batches(max_batches: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
         return eval_batches(valid, micro_batch_size, dp_rank, dp_size, max_batches)
 
-    return Data(tok, BatchIterator(train, micro_batch_size, dp_rank, dp_size, cfg.seed),
-                valid_batches)
+    it = BatchIterator(train, micro_batch_size, dp_rank, dp_size, cfg.seed)
+    it.summary = _corpus_summary(cfg, path, train, seq_length, train_samples)
+    return Data(tok, it, valid_batches)
+
+
+def _build_indexed(cfg: DataConfig, seq_length: int, micro_batch_size: int, dp_rank: int,
+                   dp_size: int, train_samples: Optional[int],
+                   valid_samples: Optional[int]) -> Data:
+    from compact_dist.training.indexed import build_indexed, check_indexed
+
+    if train_samples is None or valid_samples is None:
+        raise ValueError("indexed input needs train_samples and valid_samples (the datasets "
+                         "are built for the run's sample count)")
+    tok = load_tokenizer(cfg.tokenizer, cfg.eod_token)
+    plan = check_indexed(cfg.paths, cfg.valid_paths, cfg.split, seq_length, tok.vocab_size,
+                         cfg.tokenizer)
+    data = build_indexed(plan, tok, seq_length, micro_batch_size, dp_rank, dp_size, cfg.seed,
+                         cfg.cache_dir, train_samples, valid_samples, _collate,
+                         f"tokenizer {cfg.tokenizer} (vocab {tok.vocab_size}, eod {tok.eod})")
+
+    def valid_batches(max_batches: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
+        return eval_batches(data.valid, micro_batch_size, dp_rank, dp_size, max_batches)
+
+    return Data(tok, data.train, valid_batches)
+
+
+def _corpus_summary(cfg: DataConfig, path: Path, train: "TokenChunkDataset", seq_length: int,
+                    train_samples: Optional[int]) -> list[str]:
+    """The data summary of the stdlib / files sources (meta.json of the cached build)."""
+    meta = json.loads((path / "meta.json").read_text())
+    lines = [f"data: {cfg.source}, tokenizer {cfg.tokenizer} (vocab {meta['vocab_size']}, eod "
+             f"{meta['eod']}), cached in {path}"]
+    for name in ("train", "valid"):
+        lines.append(f"  {name}: {meta[name + '_documents']:,} documents, "
+                     f"{meta[name + '_tokens']:,} tokens")
+    if train_samples is not None:
+        epochs = train_samples / len(train)
+        lines.append(f"  this run: {train_samples:,} samples x {seq_length} = "
+                     f"{train_samples * seq_length:,} tokens, {epochs:.2f} epochs")
+        if epochs > 1:
+            lines.append(f"warning: the run repeats data: {epochs:.2f} epochs of the training "
+                         "split")
+    if meta.get("truncated"):
+        lines.append(f"warning: data.max_bytes={cfg.max_bytes:,} truncated the corpus (it has "
+                     "more text): raise it to train on all of it")
+    return lines

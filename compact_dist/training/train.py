@@ -356,11 +356,16 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     if cfg.recompute.deepspeed_checkpointing:
         use_deepspeed_checkpointing(cfg.train.seed)
 
+    micro = cfg.train.micro_batch_size
     tokenizer, train_iter, valid_batches = build_data(
-        cfg.data, cfg.model.seq_length, cfg.train.micro_batch_size, dp_rank, dp)
+        cfg.data, cfg.model.seq_length, micro, dp_rank, dp,
+        train_samples=cfg.train.train_steps * micro * grad_accum * dp,
+        valid_samples=cfg.train.eval_batches * micro * dp)
     model = build_model(cfg, device, bf16, tokenizer.vocab_size)
     run_files = functools.partial(write_run_files, cfg=cfg, tokenizer=tokenizer, model=model)
     log = Logger(cfg, rank, 0)
+    for line in train_iter.summary:
+        log.print(line)
     log.print(linear_memory_table(model, cfg.model.seq_length, cfg.train.micro_batch_size,
                                   device))
     engine, stepper = build_engine(cfg, model, bf16, dp, schedule=True)

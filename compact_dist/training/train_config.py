@@ -206,7 +206,7 @@ class TrainConfig(_Section):
         """Checks that need the world size, the device and the filesystem (data paths), still
         before any process group."""
         self.check_launch(world_size, has_cuda)
-        self.data.check_paths()
+        self.data.check(self.model.seq_length)
 
     def check_launch(self, world_size: int, has_cuda: bool) -> None:
         """What the world size and the device allow; no filesystem access (compact-plan runs
