@@ -280,11 +280,11 @@ class StepTimes:
         self._logger, self._original = train.Logger, train.Logger.step
         original, times, stop_at = self._original, self.times, self.signal_at_step
 
-        def step(logger, step: int, scalars: dict, line: bool) -> None:
+        def step(logger, step: int, scalars: dict, line: bool, **kwargs) -> None:
             times.append((step, time.perf_counter()))
             if stop_at is not None and step == stop_at:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return original(logger, step, scalars, line)
+            return original(logger, step, scalars, line, **kwargs)
 
         train.Logger.step = step
         return self

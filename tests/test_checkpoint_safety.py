@@ -45,10 +45,10 @@ def _scenario(rank, tmp, out):
     logger_step = train.Logger.step
 
     def stage(name, overrides, sigint_at=None, entry="run"):
-        def step(logger, s, scalars, line):
+        def step(logger, s, scalars, line, **kwargs):
             if s == sigint_at:
                 os.kill(os.getpid(), signal.SIGINT)
-            return logger_step(logger, s, scalars, line)
+            return logger_step(logger, s, scalars, line, **kwargs)
 
         train.Logger.step = step
         groups.clear()

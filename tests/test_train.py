@@ -240,10 +240,10 @@ def _stopped_by_signal(rank, overrides, out, stop_rank, stop_step):
 
     original = train_mod.Logger.step
 
-    def step(logger, step, scalars, line):
+    def step(logger, step, scalars, line, **kwargs):
         if rank == stop_rank and step == stop_step:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return original(logger, step, scalars, line)
+        return original(logger, step, scalars, line, **kwargs)
 
     def mine(*args):
         pass

@@ -84,7 +84,9 @@ def fractions(accumulators: list[KeptEnergy], dp_group: Optional[dist.ProcessGro
     """[layers] fp32 (on the accumulators' device): kept energy per layer, both energies
     summed over `dp_group` and then `tp_group` (one all_reduce each for all layers; None or
     a group of one: no communication). Every rank of both groups calls with the same layers.
-    Raises when a layer saw no gradient (the probe did not reach it) or a zero one."""
+    Raises when a layer saw no gradient (the probe did not reach it). A layer whose summed
+    gradient energy is zero or not finite (a diverging run) gets NaN, shown as such: the
+    training loop's non-finite check, not this measurement, stops such a run."""
     if any(acc.sums is None for acc in accumulators):
         raise RuntimeError("kept energy: a compact layer saw no probe gradient (the probe "
                            "loss must depend on every compact layer)")
@@ -92,6 +94,6 @@ def fractions(accumulators: list[KeptEnergy], dp_group: Optional[dist.ProcessGro
     for group in (dp_group, tp_group):
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(sums, group=group)
-    if not bool((sums[:, 0] > 0).all()):
-        raise RuntimeError("kept energy: a compact layer's probe gradient is zero")
-    return sums[:, 1] / sums[:, 0]
+    defined = torch.isfinite(sums).all(dim=1) & (sums[:, 0] > 0)
+    return torch.where(defined, sums[:, 1] / sums[:, 0].clamp_min(torch.finfo(sums.dtype).tiny),
+                       torch.full_like(sums[:, 0], float("nan")))
