@@ -47,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -112,6 +113,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
                               "compression.update_scale": 2.828427,
                               "compression.resample_interval": 50},
 }
+# The learning-rate control (issue 25): baseline and the pca default at other peak rates
+# (`_lr`: optim.lr, with optim.min_lr = lr / 10 as in the presets); at the preset's own rate
+# they are the variants above.
+LR_CONTROL = {"baseline": VARIANTS["baseline"], "pca_r1/4": VARIANTS["pca_r1/4"]}
+for _side, _settings in LR_CONTROL.items():
+    for _lr in (5e-4, 2e-3):
+        VARIANTS[f"{_side}_lr{_lr:g}"] = {**_settings, "_lr": _lr}
 BASELINE_SEEDS = ("baseline", "baseline_seed2")  # their mean is the reference of the merge
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -122,6 +130,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                  vocab=16384, max_bytes=4 * 10**9, tokenizer_train_bytes=64 * 10**6, lr=1e-3,
                  min_lr=1e-4, warmup=100, eval_interval=50, eval_batches=3, tokens=45 * 10**6,
                  save_interval=250, keep_last=1, prefix="convergence110m"),
+    # 350M (configs/train/llama_350m.yaml's shape) on the 110m preset's tokenized host corpus
+    # (same vocabulary, sequence length and split: one dataset), micro-batch 16 so that four
+    # variants share one H200 (~28 GiB each); tokens: what one session's device time allows
+    "350m": dict(layers=24, hidden=1024, heads=16, ffn=2816, seq=1024, micro_batch=16,
+                 vocab=16384, max_bytes=4 * 10**9, tokenizer_train_bytes=64 * 10**6, lr=1e-3,
+                 min_lr=1e-4, warmup=100, eval_interval=50, eval_batches=6, tokens=16 * 10**6,
+                 save_interval=250, keep_last=1, prefix="convergence350m"),
     # CPU smoke size: a couple of steps on a 300 kB slice of the corpus
     "tiny": dict(layers=2, hidden=64, heads=4, seq=32, micro_batch=2, vocab=512,
                  max_bytes=300_000, lr=1e-3, min_lr=1e-4, warmup=1, eval_interval=2, steps=3,
@@ -164,6 +179,9 @@ def overrides(args, variant: str, steps: int) -> list[str]:
         o["model.ffn_hidden_size"] = args.ffn
     settings = dict(VARIANTS[variant])
     o["train.seed"] += settings.pop("_train_seed_offset", 0)
+    if "_lr" in settings:
+        o["optim.lr"] = settings.pop("_lr")
+        o["optim.min_lr"] = o["optim.lr"] / 10
     o.update(settings)
     return [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in o.items()] + \
         data_overrides(args) + list(args.override or [])
@@ -408,7 +426,7 @@ def run_variant(args, timer: Optional[threading.Timer] = None) -> dict:
             "ffn": cfg.model.ffn, "seq": args.seq, "micro_batch": args.micro_batch,
             "vocab": meta["vocab_size"], "vocab_padded": vocab_padded,
             "precision": "bf16" if cuda else "fp32",
-            "lr": args.lr, "min_lr": args.min_lr, "warmup": args.warmup,
+            "lr": cfg.optim.lr, "min_lr": cfg.optim.min_lr, "warmup": args.warmup,
             "eval_interval": args.eval_interval, "eval_batches": args.eval_batches,
             "eval_tokens": args.eval_batches * args.micro_batch * args.seq,
             "zero_stage": args.zero_stage, "train_seed": cfg.train.seed,
@@ -431,6 +449,9 @@ def run_variant(args, timer: Optional[threading.Timer] = None) -> dict:
         "peak_mem_GiB": max(peaks) if peaks else None,
         "losses": losses,
         "valid": valid,
+        # per measurement (step, {compact layer: kept fraction}); logging.kept_energy
+        "kept_energy": (prev or {}).get("kept_energy", []) + [
+            [int(s), layers] for s, layers in history.get("kept_energy", [])],
     }
     evals = [g for g in timed if g.get("eval_s_mean") is not None]
     if evals and report["s_per_step_median"]:
@@ -549,8 +570,47 @@ def merge(out_dir: Path, prefix: str) -> dict:
                 entry["final_loss_gap"] = entry["loss_gap"]
         if seeds and r["steps"] != runs[seeds[0]]["steps"]:
             entry["warning"] = "different step count than the baseline"
+        entry["lr"] = r["config"]["lr"]
+        entry["kept_energy"] = [
+            {"step": step, "mean": sum(layers.values()) / len(layers),
+             "worst": min(layers.values()), "worst_layer": min(layers, key=layers.get)}
+            for step, layers in r.get("kept_energy", []) if layers]
         merged["variants"][name] = entry
+    merged["lr_control"] = lr_control(merged["variants"])
     return merged
+
+
+def side_of(variant: str) -> str:
+    """The method a variant trains, without its seed and learning-rate suffixes:
+    baseline_seed2 -> baseline, pca_r1/4_lr0.002 -> pca_r1/4."""
+    return re.sub(r"(_seed2|_lr[0-9.e+-]+)+$", "", variant)
+
+
+def lr_control(variants: dict[str, dict]) -> Optional[dict]:
+    """With more than one learning rate on a side: per side and rate the final validation
+    perplexities (the seeds' mean where there are several), the best rate per side, and the
+    gap of each side's best to the baseline's best (None when no side has two rates)."""
+    table: dict[str, dict[float, list[float]]] = {}
+    for name, e in variants.items():
+        if e.get("final_valid_ppl") is not None:
+            table.setdefault(side_of(name), {}).setdefault(e["lr"], []).append(
+                e["final_valid_ppl"])
+    if not any(len(rates) > 1 for rates in table.values()):
+        return None
+    sides = {}
+    for side, rates in table.items():
+        mean = {lr: sum(v) / len(v) for lr, v in sorted(rates.items())}
+        best = min(mean, key=mean.get)
+        sides[side] = {"ppl": {f"{lr:g}": m for lr, m in mean.items()},
+                       "seeds": {f"{lr:g}": len(rates[lr]) for lr in mean},
+                       "best_lr": best, "best_ppl": mean[best],
+                       "best_at_edge": best in (min(mean), max(mean)) and len(mean) > 1}
+    out: dict[str, Any] = {"sides": sides}
+    if "baseline" in sides:
+        base = sides["baseline"]["best_ppl"]
+        out["best_vs_best_pct"] = {side: 100 * (v["best_ppl"] / base - 1)
+                                   for side, v in sides.items() if side != "baseline"}
+    return out
 
 
 def _fmt(x: Optional[float], spec: str, missing: str = "-") -> str:
@@ -608,6 +668,36 @@ def merged_markdown(m: dict) -> str:
     lines += ["", "s/step: the training loop's wall time per optimizer step (evaluations and "
               "checkpoints included; the first segment's start-up excluded); peak GiB: "
               "torch.cuda.max_memory_allocated over the variant's segments."]
+    control = m.get("lr_control")
+    if control:
+        rates = sorted({float(lr) for v in control["sides"].values() for lr in v["ppl"]})
+        lines += ["", "## Learning-rate control", "",
+                  "Final validation perplexity per side and peak learning rate (min_lr = lr / "
+                  "10; the mean of the seeds where a rate has several, their count in "
+                  "brackets); best-vs-best: a side's best over the baseline's best.", "",
+                  "| side | " + " | ".join(f"lr {lr:g}" for lr in rates)
+                  + " | best lr | best ppl | best vs baseline's best |",
+                  "|---|" + "---|" * (len(rates) + 3)]
+        for side, v in control["sides"].items():
+            cells = [(f"{v['ppl'][f'{lr:g}']:.3f} ({v['seeds'][f'{lr:g}']})"
+                      if f"{lr:g}" in v["ppl"] else "-") for lr in rates]
+            gap = (control.get("best_vs_best_pct") or {}).get(side)
+            lines.append(f"| {side} | " + " | ".join(cells) + f" | {v['best_lr']:g}"
+                         + (" (edge of the sweep)" if v["best_at_edge"] else "")
+                         + f" | {v['best_ppl']:.3f} | "
+                         + ("-" if gap is None else f"{gap:+.2f}%") + " |")
+    kept = {n: e["kept_energy"] for n, e in m["variants"].items() if e.get("kept_energy")}
+    if kept:
+        lines += ["", "## Kept energy", "",
+                  "What P keeps of the compact layers' weight-gradient energy, ||G Q||^2 / "
+                  "||G||^2, on a probe micro-batch right before each re-estimate of P: mean "
+                  "over the layers / worst layer.", "",
+                  "| variant | " + " | ".join(f"step {k['step']}" for k in
+                                              max(kept.values(), key=len)) + " |",
+                  "|---|" + "---|" * len(max(kept.values(), key=len))]
+        for name, ks in kept.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{k['mean']:.3f} / {k['worst']:.3f}" for k in ks) + " |")
     return "\n".join(lines) + "\n"
 
 

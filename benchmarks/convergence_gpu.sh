@@ -2,14 +2,18 @@
 # Convergence of the 110M model on the host corpus, one variant per GPU, in calls bounded by a
 # wall-clock deadline; call it again (same machine, .cache/ kept) to continue.
 #
-#   bash benchmarks/convergence_gpu.sh [--variants a,b,...|all] [--gpus N] [--deadline-s 540]
+#   bash benchmarks/convergence_gpu.sh [--variants a,b,...|all] [--gpus N] [--per-gpu K]
+#        [--deadline-s 540]
 #        [--segment-s S] [--finish-only] [--min-run-s 120] [--prefix convergence110m]
-#        [--preset 110m] [--tiny] [--state-dir DIR] [--results-dir DIR] [-- convergence.py args]
+#        [--preset 110m] [--tiny] [--state-dir DIR] [--data-dir DIR] [--results-dir DIR]
+#        [-- convergence.py args]
 #
 # (i)   builds the host corpus (benchmarks/host_corpus.py) and the tokenized dataset once, under
-#       the state directory .cache/<prefix>/ (git-ignored; skipped when already there);
+#       --data-dir (default: the state directory .cache/<prefix>/; git-ignored; skipped when
+#       already there: jobs that pass one --data-dir share one corpus and dataset);
 # (ii)  trains the variants not finished yet, unfinished ones (checkpoint + part JSON) first,
-#       one process per GPU (CUDA_VISIBLE_DEVICES=i, its own MASTER_PORT): GPU i starts with
+#       K processes per GPU (--per-gpu, default 1: variants that fit K to a GPU share it;
+#       their s/step is then the shared GPU's), CUDA_VISIBLE_DEVICES=i, its own MASTER_PORT; GPU i starts with
 #       the i-th variant and each GPU then takes the next unclaimed one, so the GPUs stay busy
 #       (a round-robin that balances). Every process gets `--time-limit-s T` (SIGTERM to
 #       itself: stop after the step, checkpoint, part JSON) with T = min(--segment-s, time
@@ -30,13 +34,14 @@ set -u
 cd "$(dirname "$0")/.."
 START=$(date +%s)
 VARIANTS="baseline,baseline_seed2,gaussian_r1/4,unbiased_r1/4,pca_r1/4,pca_r1/4_step2,pca_r1/4_step2_T50,pca_r1/4_step2_T50_keep,gradient_r1/4_step2_T50,pca_r1/8_step2.83_T50"
-GPUS="" DEADLINE_S=540 SEGMENT_S=0 PREFIX=convergence110m PRESET=110m
+GPUS="" PER_GPU=1 DEADLINE_S=540 SEGMENT_S=0 PREFIX=convergence110m PRESET=110m
 MIN_RUN_S=120 STOP_GRACE_S=30 MERGE_RESERVE_S=20 STATE="" RESULTS=benchmarks/results
-CORPUS_MAX_BYTES="" FINISH_ONLY=0 EXTRA=()
+CORPUS_MAX_BYTES="" FINISH_ONLY=0 EXTRA=() DATA=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --variants) VARIANTS=$2; shift 2 ;;
     --gpus) GPUS=$2; shift 2 ;;
+    --per-gpu) PER_GPU=$2; shift 2 ;;
     --deadline-s) DEADLINE_S=$2; shift 2 ;;
     --segment-s) SEGMENT_S=$2; shift 2 ;;
     --prefix) PREFIX=$2; shift 2 ;;
@@ -47,20 +52,22 @@ while [ $# -gt 0 ]; do
     --finish-only) FINISH_ONLY=1; shift ;;
     --stop-grace-s) STOP_GRACE_S=$2; shift 2 ;;
     --state-dir) STATE=$2; shift 2 ;;
+    --data-dir) DATA=$2; shift 2 ;;
     --results-dir) RESULTS=$2; shift 2 ;;
     --corpus-max-bytes) CORPUS_MAX_BYTES=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 STATE=${STATE:-.cache/$PREFIX}
+DATA=${DATA:-$STATE}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=true
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 B=benchmarks
-mkdir -p "$STATE/runs" "$STATE/ckpt" "$STATE/logs" "$STATE/data"
+mkdir -p "$STATE/runs" "$STATE/ckpt" "$STATE/logs" "$DATA/data"
 LOG="$STATE/logs/convergence_gpu.log"
 log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 left() { echo $(( DEADLINE_S - ($(date +%s) - START) )); }
@@ -70,7 +77,7 @@ import convergence; print(','.join(convergence.VARIANTS))")
 log "start: preset $PRESET, prefix $PREFIX, deadline ${DEADLINE_S}s, segment ${SEGMENT_S}s, state $STATE"
 
 # ---------------------------------------------------------------- (i) corpus + tokenized data
-CORPUS="$STATE/host_corpus.jsonl"
+CORPUS="$DATA/host_corpus.jsonl"
 if [ ! -s "$CORPUS" ]; then
   log "building the host corpus -> $CORPUS"
   timeout "$(within "$MERGE_RESERVE_S")" $PY $B/host_corpus.py --out "$CORPUS" \
@@ -79,7 +86,7 @@ if [ ! -s "$CORPUS" ]; then
   tail -n 1 "$STATE/logs/host_corpus.log" | tee -a "$LOG"
 fi
 CV=($PY $B/convergence.py --preset "$PRESET" --prefix "$PREFIX" --corpus "$CORPUS"
-    --cache-dir "$STATE/data" --out-dir "$STATE/runs" --ckpt-root "$STATE/ckpt")
+    --cache-dir "$DATA/data" --out-dir "$STATE/runs" --ckpt-root "$STATE/ckpt")
 PREPARED=0
 if [ -s "$CORPUS" ]; then
   log "tokenized dataset (built once, then found by its key)"
@@ -137,7 +144,10 @@ fi
 if [ "$GPUS" -gt 0 ]; then
   IFS=',' read -ra DEVS <<< "${CUDA_VISIBLE_DEVICES:-}"
   [ ${#DEVS[@]} -eq 0 ] && DEVS=($(seq 0 $(( GPUS - 1 ))))
-  WORKERS=$GPUS
+  SHARED=()
+  for k in $(seq 1 "$PER_GPU"); do SHARED+=("${DEVS[@]:0:$GPUS}"); done
+  DEVS=("${SHARED[@]}")
+  WORKERS=${#DEVS[@]}
 else
   DEVS=("") WORKERS=1   # no GPU: one CPU worker (dry runs with --tiny)
 fi
@@ -199,7 +209,7 @@ copy_results() {  # destination directory
     [ -e "${f%.part.json}.json" ] && rm -f "$f"
   done
   cp "$STATE/logs/"*.log "$1/$PREFIX/logs/" 2>/dev/null
-  cp "$STATE/host_corpus.jsonl.meta.json" "$1/$PREFIX/" 2>/dev/null
+  cp "$DATA/host_corpus.jsonl.meta.json" "$1/$PREFIX/" 2>/dev/null
   for f in "$PREFIX.json" "$PREFIX.md" "${PREFIX}_ppl.png"; do
     [ -e "$STATE/runs/$f" ] && cp "$STATE/runs/$f" "$1/"
   done
