@@ -49,8 +49,8 @@ steptime_1.3b|1|420|150|3|steptime_1.3b.{json,md}|1.3B, micro-batch 4, one GPU: 
 mt_7b_lean|1|240|150|4|mt_7b_lean.{json,md}, mt_7b_lean_mb8.{json,md}|7B on one GPU without recompute: r1/8, bf16 W0, lean activations at micro-batch 4 and 8
 mt_1.3b_pca_memory|1|200|90|2|mt_1.3b_pca_memory.{json,md}, mt_1.3b_pca_memory_memory_vs_time.png|1.3B, micro-batch 4: peak memory of pca vs gaussian P with the estimate steps inside the measured steps, and r1/4 bf16 W0 lean
 convergence110m_lr|1|0|150|2 x 9|convergence110m_lr.{json,md}, convergence110m_lr_ppl.png, convergence110m_lr/|the learning-rate control at 110M (issue 25): baseline and the pca r1/4 default at lr 5e-4 and 2e-3 (four runs sharing one GPU), beside their lr 1e-3 runs (copied from convergence110m_fused / convergence110m_prior), best-vs-best; resumable
-convergence350m|1|0|150|2 x 9|convergence350m.{json,md}, convergence350m_ppl.png, convergence350m/|350M, baseline and the pca r1/4 default, two seeds each (four runs sharing one GPU), 16M tokens of the host corpus of the 110M preset, with the kept-energy telemetry of the pca runs; resumable
-kept_energy_7b|1|300|200|5|kept_energy_7b.{json,md}|kept_energy.py at 7B on one GPU (the compact-plan config for world size 1: TP 1, ZeRO-1, fp32 W0, micro-batch 2, no recompute), 100 steps, P re-estimated every 25
+convergence350m|1|0|150|2 x 9|convergence350m.{json,md}, convergence350m_ppl.png, convergence350m/|350M, baseline and the pca r1/4 default, two seeds each (four runs sharing one GPU), 10M tokens of the host corpus of the 110M preset, with the kept-energy telemetry of the pca runs; resumable
+kept_energy_7b|1|300|200|5|kept_energy_7b.{json,md}|kept_energy.py at 7B on one GPU (the compact-plan config for world size 1: TP 1, ZeRO-1, fp32 W0, micro-batch 2, no recompute), 80 steps, P re-estimated every 20
 kept_energy_1.3b|1|480|300|8|kept_energy_1.3b.{json,md}|kept_energy.py: what P of the pca r1/4 default keeps of the weight gradient of every layer at 1.3B, micro-batch 8, host corpus, 300 steps from scratch, measured before each re-estimate (every 25 steps)
 estimate_cost|1|200|90|2|estimate_cost.json|estimate_cost.py: what a data-aware re-estimate of P costs per step, 110M and 1.3B
 eigh_cost|1|90|30|1|eigh_cost.json|eigh_cost.py: the k x k eigendecompositions of a 1.3B estimate, cusolver vs host thread pools
@@ -128,7 +128,7 @@ else
   P350=350m P13=1.3b P7=7b PINV=350m CVX=() RES=${RES:-$B/results}
   EC=(--preset 110m --preset 1.3b) EIGH=()
   KE=(--steps 300 --resample-interval 25)
-  KE7=(--config configs/train/llama_7b.yaml --steps 100 --resample-interval 25 --warmup 20
+  KE7=(--config configs/train/llama_7b.yaml --steps 80 --resample-interval 20 --warmup 20
        parallel.tensor_model_parallel_size=1 train.zero_stage=1 train.micro_batch_size=2
        compression.ratio=0.25 compression.base_dtype=fp32 recompute.granularity=none)
   CVDATA=.cache/host110m   # one host corpus + tokenized dataset for the 110M and 350M jobs
@@ -299,12 +299,10 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
     convergence110m_lr)
       [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m_lr")
       [ "$DRY" = 1 ] || mkdir -p "$RES/convergence110m_lr"
-      for run in convergence110m_fused/convergence110m_fused_baseline \
-                 convergence110m_fused/convergence110m_fused_baseline_seed2 \
-                 convergence110m_prior/convergence110m_prior_pca_r1-4 \
-                 convergence110m_prior/convergence110m_prior_pca_r1-4_seed2; do  # lr 1e-3
-        [ "$DRY" = 0 ] && [ -e "$RES/$run.json" ] &&
-          cp "$RES/$run.json" "$RES/convergence110m_lr/convergence110m_lr_${run#*_*_}.json"
+      for run in fused/baseline fused/baseline_seed2 prior/pca_r1-4 prior/pca_r1-4_seed2; do
+        src=$RES/convergence110m_${run%/*}/convergence110m_${run%/*}_${run#*/}.json  # lr 1e-3
+        [ "$DRY" = 0 ] && [ -e "$src" ] &&
+          cp "$src" "$RES/convergence110m_lr/convergence110m_lr_${run#*/}.json"
       done
       x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
         --prefix convergence110m_lr --results-dir "$RES" --per-gpu 4 --data-dir "$CVDATA" \
