@@ -135,7 +135,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # variants share one H200 (~28 GiB each); tokens: what one session's device time allows
     "350m": dict(layers=24, hidden=1024, heads=16, ffn=2816, seq=1024, micro_batch=16,
                  vocab=16384, max_bytes=4 * 10**9, tokenizer_train_bytes=64 * 10**6, lr=1e-3,
-                 min_lr=1e-4, warmup=100, eval_interval=50, eval_batches=6, tokens=10 * 10**6,
+                 min_lr=1e-4, warmup=100, eval_interval=50, eval_batches=6, tokens=8 * 10**6,
                  save_interval=250, keep_last=1, prefix="convergence350m"),
     # CPU smoke size: a couple of steps on a 300 kB slice of the corpus
     "tiny": dict(layers=2, hidden=64, heads=4, seq=32, micro_batch=2, vocab=512,
