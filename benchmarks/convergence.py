@@ -588,14 +588,24 @@ def side_of(variant: str) -> str:
 
 def lr_control(variants: dict[str, dict]) -> Optional[dict]:
     """With more than one learning rate on a side: per side and rate the final validation
-    perplexities (the seeds' mean where there are several), the best rate per side, and the
-    gap of each side's best to the baseline's best (None when no side has two rates)."""
+    perplexities (the seeds' mean where there are several), for a rate whose run did not
+    finish its last evaluation as a ratio to the baseline mean at that step, the best finished
+    rate per side (at the edge of the rates tried, finished or not, or inside), and the gap of
+    each side's best to the baseline's best (None when no side has two rates)."""
     table: dict[str, dict[float, list[float]]] = {}
+    partial: dict[str, dict[float, dict]] = {}
     for name, e in variants.items():
+        side = side_of(name)
         if e.get("final_valid_ppl") is not None:
-            table.setdefault(side_of(name), {}).setdefault(e["lr"], []).append(
-                e["final_valid_ppl"])
-    if not any(len(rates) > 1 for rates in table.values()):
+            table.setdefault(side, {}).setdefault(e["lr"], []).append(e["final_valid_ppl"])
+        elif e["curve"] and e["curve"][-1].get("ppl_ratio_vs_baseline") is not None:
+            last = e["curve"][-1]
+            partial.setdefault(side, {})[e["lr"]] = {
+                "step": last["step"], "ppl": last["ppl"],
+                "ppl_ratio_vs_baseline": last["ppl_ratio_vs_baseline"]}
+    tried = {side: set(table.get(side, {})) | set(partial.get(side, {}))
+             for side in set(table) | set(partial)}
+    if not any(len(rates) > 1 for rates in tried.values()):
         return None
     sides = {}
     for side, rates in table.items():
@@ -603,8 +613,10 @@ def lr_control(variants: dict[str, dict]) -> Optional[dict]:
         best = min(mean, key=mean.get)
         sides[side] = {"ppl": {f"{lr:g}": m for lr, m in mean.items()},
                        "seeds": {f"{lr:g}": len(rates[lr]) for lr in mean},
+                       "unfinished": {f"{lr:g}": v for lr, v in
+                                      sorted(partial.get(side, {}).items())},
                        "best_lr": best, "best_ppl": mean[best],
-                       "best_at_edge": best in (min(mean), max(mean)) and len(mean) > 1}
+                       "best_at_edge": best in (min(tried[side]), max(tried[side]))}
     out: dict[str, Any] = {"sides": sides}
     if "baseline" in sides:
         base = sides["baseline"]["best_ppl"]
@@ -670,17 +682,25 @@ def merged_markdown(m: dict) -> str:
               "torch.cuda.max_memory_allocated over the variant's segments."]
     control = m.get("lr_control")
     if control:
-        rates = sorted({float(lr) for v in control["sides"].values() for lr in v["ppl"]})
+        rates = sorted({float(lr) for v in control["sides"].values()
+                        for lr in [*v["ppl"], *v.get("unfinished", {})]})
         lines += ["", "## Learning-rate control", "",
                   "Final validation perplexity per side and peak learning rate (min_lr = lr / "
                   "10; the mean of the seeds where a rate has several, their count in "
-                  "brackets); best-vs-best: a side's best over the baseline's best.", "",
+                  "brackets; an unfinished run as its ratio to the baseline seeds' mean at its "
+                  "last evaluation); best lr: the best finished rate, marked when it is the "
+                  "lowest or highest rate tried; best-vs-best: a side's best over the "
+                  "baseline's best.", "",
                   "| side | " + " | ".join(f"lr {lr:g}" for lr in rates)
                   + " | best lr | best ppl | best vs baseline's best |",
                   "|---|" + "---|" * (len(rates) + 3)]
         for side, v in control["sides"].items():
+            unfinished = v.get("unfinished", {})
             cells = [(f"{v['ppl'][f'{lr:g}']:.3f} ({v['seeds'][f'{lr:g}']})"
-                      if f"{lr:g}" in v["ppl"] else "-") for lr in rates]
+                      if f"{lr:g}" in v["ppl"] else
+                      (f"unfinished: {unfinished[f'{lr:g}']['ppl_ratio_vs_baseline']:.2f}x the "
+                       f"baseline mean at step {unfinished[f'{lr:g}']['step']}"
+                       if f"{lr:g}" in unfinished else "-")) for lr in rates]
             gap = (control.get("best_vs_best_pct") or {}).get(side)
             lines.append(f"| {side} | " + " | ".join(cells) + f" | {v['best_lr']:g}"
                          + (" (edge of the sweep)" if v["best_at_edge"] else "")
