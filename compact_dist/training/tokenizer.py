@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 EOD_TEXT = "<|endoftext|>"
 EOD_CANDIDATES = (EOD_TEXT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
@@ -79,8 +79,9 @@ class Tokenizer:
         return cls("byte")
 
     @classmethod
-    def train_bpe(cls, docs: list[str], vocab_size: int) -> "Tokenizer":
-        """Byte-level BPE trained on `docs` with `<|endoftext|>` as id 0."""
+    def train_bpe(cls, docs: Iterable[str], vocab_size: int) -> "Tokenizer":
+        """Byte-level BPE trained on `docs` (any iterable: a generator streams) with
+        `<|endoftext|>` as id 0."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
