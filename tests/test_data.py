@@ -320,3 +320,28 @@ def test_directory_paths_and_summary_warnings(tmp_path):
     whole = cfg.model_copy(update={"max_bytes": 10**6})
     assert "warning" not in "\n".join(build_data(whole, 16, 2, train_samples=10,
                                                   valid_samples=2)[1].summary)
+
+
+def test_cache_hit_reads_no_corpus_and_a_changed_file_rebuilds(tmp_path, monkeypatch):
+    """The ranks that wait (and every restart) find the tokenized corpus from file metadata
+    alone: no corpus text is read into memory; editing a corpus file makes a new cache entry."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"d{i}.txt").write_text(f"document {i} " * 40)
+    cfg = DataConfig(source="files", paths=[str(corpus)], tokenizer="byte", valid_fraction=0.3,
+                     cache_dir=str(tmp_path / "cache"))
+    _, built = D.prepare_dataset(cfg)
+    real = D._file_documents
+
+    def no_reading(*args):
+        raise AssertionError("a cache hit read the corpus")
+
+    monkeypatch.setattr(D, "_file_documents", no_reading)
+    tok, again = D.prepare_dataset(cfg)
+    assert again == built and tok.vocab_size == 257
+    (corpus / "d1.txt").write_text("an edited document " * 40)
+    monkeypatch.setattr(D, "_file_documents", real)
+    _, rebuilt = D.prepare_dataset(cfg)
+    meta = json.loads((rebuilt / "meta.json").read_text())
+    assert rebuilt != built and meta["bytes"] == 2 * len("document 0 " * 40) + 19 * 40
