@@ -245,8 +245,19 @@ def _two_rank_build(rank, cache_dir, out_dir):
         D._build = fail
     cfg = DataConfig(cache_dir=cache_dir, max_bytes=200_000, vocab_size=300)
     tok, train, valid = build_data(cfg, 64, 2, rank, 2, train_samples=12, valid_samples=4)
-    torch.save({"tok": tok.encode(TEXT), "train": _batches(train, 3), "valid": list(valid(2))},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    bad = Path(out_dir) / "bad.jsonl"  # rank 0's build error reaches the waiting rank too
+    if rank == 0:
+        bad.write_text('{"text": "ok"}\n{"other": 1}\n')
+    torch.distributed.barrier()
+    try:
+        build_data(DataConfig(source="files", paths=[str(bad)], tokenizer="byte",
+                              cache_dir=cache_dir), 64, 2, rank, 2, train_samples=12,
+                   valid_samples=4)
+        error = None
+    except ValueError as err:
+        error = str(err)
+    torch.save({"tok": tok.encode(TEXT), "train": _batches(train, 3), "valid": list(valid(2)),
+                "error": error}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_processes_rank0_builds_others_wait(tmp_path):
@@ -258,6 +269,9 @@ def test_two_processes_rank0_builds_others_wait(tmp_path):
     built = [p for p in cache.iterdir() if p.is_dir()]
     assert len(built) == 1 and (built[0] / "meta.json").is_file()  # no temporaries left
     assert got[0]["tok"] == got[1]["tok"]
+    assert got[0]["error"].endswith("bad.jsonl:2: expected an object with a string field 'text' "
+                                    "(data.jsonl_key)")
+    assert got[1]["error"] == "rank 0 could not tokenize the corpus: " + got[0]["error"]
     cfg = DataConfig(cache_dir=str(cache), max_bytes=200_000, vocab_size=300)
     _, train, valid = build_data(cfg, 64, 4, 0, 1, train_samples=12, valid_samples=4)
     assert len(list(cache.iterdir())) > 1  # megatron-core's index caches next to it

@@ -36,8 +36,8 @@ stdlib / files sources are first tokenized once into `data.cache_dir`:
    `<cache_dir>/<key>/{train,valid}.{bin,idx}` (+ `tokenizer.json` for bpe, `meta.json`). `key`
    hashes the settings, the tokenizer's files and each corpus file's path, size and mtime.
    Global rank 0 builds into a temporary directory renamed into place (a killed build never
-   leaves a partial dataset); the other ranks wait on `torch.distributed.barrier()`
-   (`cache_dir` must be a directory every node sees, as for the index caches).
+   leaves a partial dataset); the other ranks wait for it (and raise its error, if any;
+   `cache_dir` must be a directory every node sees, as for the index caches).
 4. The two prefixes are then read like `source: indexed` with `paths: [<key>/train]`,
    `valid_paths: [<key>/valid]`: GPTDataset samples of s + 1 tokens spanning documents,
    shuffled by megatron-core for `seed`; DP rank r of a micro-step reads global samples
@@ -266,9 +266,13 @@ def _rank() -> int:
     return 0
 
 
-def _barrier() -> None:
+def _from_rank0(error: Optional[str]) -> Optional[str]:
+    """Rank 0's build error (None: built) on every rank; the others wait here for it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return error
 
 
 def _tokenizer_digest(spec: str) -> Optional[str]:
@@ -365,14 +369,23 @@ def _build(cfg: DataConfig, files: list[Path], out: Path) -> None:
 def prepare_dataset(cfg: DataConfig) -> tuple[Tokenizer, Path]:
     """Build (global rank 0) or reuse the tokenized corpus; returns (tokenizer, directory).
 
-    Every rank calls this; with a process group the others wait on a barrier, then find the
-    directory (in a `cache_dir` every node sees) or raise.
+    Every rank calls this; with a process group the others wait for rank 0, then find the
+    directory (in a `cache_dir` every node sees) or raise. A build error (a malformed JSONL
+    line, too few documents) raises on every rank, not only on rank 0.
     """
     files = cfg.check_paths()
     out = Path(cfg.cache_dir) / _key(cfg, files)
+    error = None
     if _rank() == 0 and not _complete(out):
-        _build(cfg, files, out)
-    _barrier()
+        try:
+            _build(cfg, files, out)
+        except Exception as err:
+            error = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+            _from_rank0(error)
+            raise
+    error = _from_rank0(error)
+    if error is not None:
+        raise ValueError(f"rank 0 could not tokenize the corpus: {error}")
     if not _complete(out):
         raise RuntimeError(f"rank {_rank()}: {out} is missing after rank 0 built it: "
                            "data.cache_dir must be a directory every node sees")
