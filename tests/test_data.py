@@ -185,6 +185,13 @@ def test_valid_batches_fixed_and_dp_disjoint(bpe):
     for k, batch in enumerate(first):  # rank r holds row r of the dp=1 batch
         assert torch.equal(batch["tokens"], torch.cat([ranks[0][k]["tokens"], ranks[1][k]["tokens"]]))
     assert next(train)["tokens"].max() < tok.vocab_size
+    # eval_batches beyond the split: one pass over its samples, none read twice
+    meta = json.loads((bpe[2] / "meta.json").read_text())
+    everything = list(build_data(cfg, 64, 2, train_samples=20, valid_samples=10**5)
+                      .valid_batches(10**5))
+    assert len(everything) == (meta["valid_tokens"] - 1) // 64 // 2
+    rows = [tuple(r) for b in everything for r in b["tokens"].tolist()]
+    assert len(set(rows)) == len(rows)
 
 
 def test_files_source_txt_and_jsonl(tmp_path):

@@ -328,7 +328,10 @@ def build_indexed(plan: SplitPlan, tokenizer, seq_length: int, micro_batch_size:
                   dp_rank: int, dp_size: int, seed: int, cache_dir: str, train_samples: int,
                   valid_samples: int, collate: Callable, header: str) -> IndexedData:
     """The train iterator (with its `summary` lines, `header` first) and the valid samples of
-    a plan."""
+    a plan. A validation split of one prefix is built for at most one epoch, so evaluation
+    (eval_batches, capped by the split's length) never reads a sample twice."""
+    if len(plan.valid[0]) == 1:
+        valid_samples = min(valid_samples, max(1, (plan.valid_sizes[0][1] - 1) // seq_length))
     train, valid = gpt_datasets(plan, tokenizer, seq_length, seed, cache_dir, train_samples,
                                 valid_samples)
     it = GlobalSampleIterator(Samples(train), micro_batch_size, dp_rank, dp_size, seed,
