@@ -338,6 +338,9 @@ def test_directory_paths_and_summary_warnings(tmp_path):
     assert "this run: 1,000 samples x 16 = 16,000 tokens" in summary
     assert "warning: the run repeats data" in summary
     assert "warning: data.max_bytes=1,500 truncated the corpus" in summary
+    with pytest.raises(ValueError, match=r"the train split of the corpus has \d+ tokens, not one "
+                                         r"sample of model.seq_length\+1=100001: raise "):
+        build_data(cfg, 10**5, 2, train_samples=10, valid_samples=2)
     whole = cfg.model_copy(update={"max_bytes": 10**6})
     assert "warning" not in "\n".join(build_data(whole, 16, 2, train_samples=10,
                                                   valid_samples=2)[1].summary)

@@ -60,10 +60,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compact_dist.training.tokenizer import EOD_TEXT, Tokenizer, load_tokenizer  # noqa: F401
+
 if TYPE_CHECKING:
     from compact_dist.training.indexed import GlobalSampleIterator
-
-from compact_dist.training.tokenizer import EOD_TEXT, Tokenizer, load_tokenizer  # noqa: F401
 
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 _FORMAT_VERSION = 2  # bump when the on-disk layout or tokenization changes
