@@ -14,7 +14,8 @@ Memory is bounded: documents stream from the inputs in batches of `--batch-size`
 2 x workers batches are in flight, and the builder writes each finished batch out in order.
 A progress bar (tqdm) counts input bytes. A malformed line stops the run with
 `FILE:LINE: ...` and leaves no output (files are written under a temporary name, renamed at
-the end).
+the end). The writer, `write_indexed`, is also how compact-train tokenizes its stdlib / files
+corpus into data.cache_dir (compact_dist/training/data.py).
 """
 
 from __future__ import annotations
