@@ -252,6 +252,67 @@ def test_byte_tokenizer_exports_as_an_equivalent_hf_tokenizer(tmp_path):
     assert hf.eos_token_id == 256 and len(hf) == 257
 
 
+def _run_files(tmp_path, tokenizer) -> dict:
+    """write_run_files of a run with `tokenizer` (a stand-in for the trained GPTModel: only
+    the attributes compact_run.json records)."""
+    from types import SimpleNamespace
+
+    from compact_dist.tools.export import read_run, write_run_files
+    from compact_dist.training.train_config import load_train_config
+
+    model = SimpleNamespace(position_embedding_type="rope", vocab_size=640,
+                            max_sequence_length=64, share_embeddings_and_output_weights=False,
+                            config=SimpleNamespace(rotary_interleaved=False,
+                                                   layernorm_epsilon=1e-5))
+    cfg = load_train_config(None, [f"data.tokenizer={tokenizer.spec}"])
+    tag = tmp_path / "tag"
+    tag.mkdir(parents=True)
+    write_run_files(tag, cfg, tokenizer, model)
+    return read_run(tag)
+
+
+def test_path_tokenizers_export_with_their_vocabulary_and_eod(tmp_path):
+    """A run on a tokenizer.json path tokenizer (eod '</s>', not <|endoftext|>) exports that
+    tokenizer with its size and '</s>' as eos; a SentencePiece run exports its model."""
+    import io
+    import random
+
+    import sentencepiece as spm
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from compact_dist.tools.export import save_tokenizer
+    from compact_dist.training.tokenizer import load_tokenizer
+
+    words = {w: i for i, w in enumerate(["alpha", "beta", "</s>", "[UNK]", "gamma"])}
+    hf_tok = HF(models.WordLevel(words, unk_token="[UNK]"))
+    hf_tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok.save(str(tmp_path / "words.json"))
+    tok = load_tokenizer(str(tmp_path / "words.json"))
+    run = _run_files(tmp_path / "json", tok)
+    assert run["tokenizer"] == {"kind": "bpe", "vocab_size": 5, "eod": 2}
+    save_tokenizer(tmp_path / "json" / "tag", run, tmp_path / "json" / "hf")
+    hf = AutoTokenizer.from_pretrained(tmp_path / "json" / "hf")
+    assert len(hf) == 5 and hf.eos_token == "</s>" and hf.eos_token_id == 2
+    assert hf("alpha gamma beta", add_special_tokens=False)["input_ids"] == [0, 4, 1]
+
+    rng = random.Random(1)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([" ".join(rng.choice("alpha beta gamma delta epsilon zeta eta "
+                                                     "theta iota kappa".split())
+                                         for _ in range(40)) for _ in range(50)]),
+        model_writer=model, vocab_size=24, minloglevel=2)
+    (tmp_path / "sp.model").write_bytes(model.getvalue())
+    sp_tok = load_tokenizer(str(tmp_path / "sp.model"))
+    run = _run_files(tmp_path / "sp", sp_tok)
+    assert run["tokenizer"] == {"kind": "sentencepiece", "vocab_size": 24, "eod": 2}
+    save_tokenizer(tmp_path / "sp" / "tag", run, tmp_path / "sp" / "hf")
+    out = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp" / "hf" / "tokenizer.model"))
+    assert out.encode("alpha delta") == sp_tok.encode("alpha delta")
+
+
 def _gpu_worker(rank, world, port, overrides, ckpt, out):
     import os
 

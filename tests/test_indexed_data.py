@@ -157,7 +157,7 @@ def test_separate_validation_blend_and_a_path_tokenizer_for_files(corpus, tmp_pa
     assert pieces and all(p in docs["b"] and p not in docs["a"] for p in pieces), pieces
     files = DataConfig(source="files", paths=[str(corpus / "a.jsonl")],
                        tokenizer=str(corpus / "tok.json"), cache_dir=str(tmp_path / "c2"))
-    got, it, _ = build_data(files, 32, 2)
+    got, it, _ = build_data(files, 32, 2, train_samples=8, valid_samples=2)
     assert (got.vocab_size, got.eod) == (300, 0)
     first = json.loads((corpus / "a.jsonl").read_text().splitlines()[0])["text"]
     assert next(it)["tokens"].max() < 300 and got.encode(first) == tok.encode(first)

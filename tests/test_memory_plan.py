@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from compact_dist.tools.memory_plan import (
+    _describe,
     activation_bytes,
     main as plan_main,
     param_counts,
@@ -242,18 +243,67 @@ def test_impossible_budget_names_the_smallest_peak(capsys):
     assert "predicted at" in message and "GiB reserved" in message
 
 
+def _tokenizer_json(path: Path) -> str:
+    """A tokenizer.json of 600 tokens (BPE trained here on random words), as data.tokenizer
+    takes it: padded 640 at TP=1 and 2, where byte pads to 320 / 384 and bpe to 512."""
+    import random
+
+    from compact_dist.training.tokenizer import Tokenizer
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8)))
+             for _ in range(400)]
+    docs = [" ".join(rng.choice(words) for _ in range(200)) for _ in range(20)]
+    Tokenizer.train_bpe(docs, 600).save(path)
+    return str(path)
+
+
+def test_plan_takes_the_vocabulary_of_a_path_tokenizer(tmp_path, capsys):
+    """compact-plan sizes the embedding / output layer from data.tokenizer's vocabulary,
+    padded for TP as compact-train pads it (600 -> 640 at TP=2), not from data.vocab_size."""
+    from compact_dist.training.tokenizer import load_tokenizer
+
+    tok = _tokenizer_json(tmp_path / "tok.json")
+    assert load_tokenizer(tok).vocab_size == 600
+    cfg = load_train_config(None, TINY + [f"data.tokenizer={tok}",
+                                          "parallel.tensor_model_parallel_size=2"])
+    setup = setup_from(cfg, 2, "cuda", "flash")
+    assert setup.vocab == 640
+    assert setup_from(load_train_config(None, TINY), 1, "cuda", "flash").vocab == 512  # bpe
+    assert setup_from(load_train_config(None, TINY + ["data.tokenizer=byte"]), 1, "cuda",
+                      "flash").vocab == 320
+    peaks = {}  # the planner's candidates: each one predicts more with 640 vocabulary rows
+    for name, extra in (("path", [f"data.tokenizer={tok}"]), ("bpe", [])):
+        rows, _ = plan(plan_parse_args(["--budget-gib", "80", "--world-size", "2", "--zero",
+                                        "1", "--ratios", "1/4", "--w0", "fp32", "--fp8", "none",
+                                        "--recompute", "none", *TINY,
+                                        "parallel.tensor_model_parallel_size=2", *extra]))
+        peaks[name] = {tuple(_describe(r["cfg"])): r["peak"] for r in rows}
+    assert peaks["path"].keys() == peaks["bpe"].keys() and len(peaks["bpe"]) >= 2
+    assert all(peaks["path"][k] > peaks["bpe"][k] for k in peaks["bpe"])
+    plan_main(["--predict", *TINY, f"data.tokenizer={tok}"])
+    assert json.loads(capsys.readouterr().out)["peak_allocated_GiB"] > 0
+    with pytest.raises(SystemExit, match=r"compact-plan: data.tokenizer='/nonexistent.json': no "
+                                         r"such file"):
+        plan_main(["--predict", *TINY, "data.tokenizer=/nonexistent.json"])
+
+
 def test_compact_memory_cli_json(tmp_path):
+    """compact-memory on a run whose data.tokenizer is a tokenizer.json: its vocabulary (600,
+    padded to 640) sizes the profiled model."""
+    tok = _tokenizer_json(tmp_path / "tok.json")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
          os.environ.get("PYTHONPATH", "")]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run([sys.executable, "-m", "compact_dist.tools.memory_report", "--json",
-                           "--world-size", "4", "train.zero_stage=2", *TINY],
+                           "--world-size", "4", "train.zero_stage=2", *TINY, f"data.tokenizer={tok}"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["dp"] == 4 and report["zero_stage"] == 2
+    assert report["vocab_padded"] == 640
     assert report["saved"]["total_bytes"] > 0 and report["saved"]["layer0_sites"]
     static = report["static"]
     assert static["gradients"] * 4 == (static["A (trainable factors)"]

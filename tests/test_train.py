@@ -96,7 +96,11 @@ def _ddp_reference(rank, overrides, out):
     cfg = load_train_config(None, overrides)
     init_distributed(cfg)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    tok, it, _ = build_data(cfg.data, cfg.model.seq_length, cfg.train.micro_batch_size, dp_rank, dp)
+    micro = cfg.train.micro_batch_size  # the sample counts compact-train builds the data for
+    tok, it, _ = build_data(cfg.data, cfg.model.seq_length, micro, dp_rank, dp,
+                            train_samples=cfg.train.train_steps * micro
+                            * cfg.gradient_accumulation_steps(dp) * dp,
+                            valid_samples=cfg.train.eval_batches * micro * dp)
     torch.manual_seed(cfg.train.seed)
     vocab = -(-tok.vocab_size // 64) * 64
     model = build_gpt_model(transformer_config(cfg, False), cfg.compression, vocab,

@@ -71,6 +71,7 @@ import torch
 
 RUN_FILE = "compact_run.json"
 TOKENIZER_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"  # a data.tokenizer .model, copied as is
 RUN_FORMAT = 1
 LATEST = "latest"  # compact_dist.deepspeed.checkpoint.LATEST (that module imports Megatron; this one not)
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -79,7 +80,8 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 # ------------------------------------------------------------------------ run description
 
 def write_run_files(directory: Path, cfg, tokenizer, model: torch.nn.Module) -> None:
-    """compact_run.json (+ tokenizer.json for BPE) in a checkpoint tag directory (rank 0, from
+    """compact_run.json (+ tokenizer.json for BPE and tokenizer.json path tokenizers, or the
+    SentencePiece .model as tokenizer.model) in a checkpoint tag directory (rank 0, from
     compact_dist.deepspeed.checkpoint.save_checkpoint). `model`: the Megatron GPTModel being trained."""
     directory = Path(directory)
     run = {
@@ -100,6 +102,10 @@ def write_run_files(directory: Path, cfg, tokenizer, model: torch.nn.Module) -> 
     }
     if tokenizer.kind == "bpe":
         tokenizer.save(directory / TOKENIZER_FILE)
+    elif tokenizer.kind == "sentencepiece":
+        import shutil
+
+        shutil.copyfile(Path(tokenizer.spec).expanduser(), directory / SENTENCEPIECE_FILE)
     tmp = directory / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(run, indent=1))
     os.replace(tmp, directory / RUN_FILE)
@@ -363,12 +369,26 @@ def _byte_tokenizer():
 
 
 def save_tokenizer(tag_dir: Path, run: dict, out_dir: Path) -> None:
-    """The run's tokenizer as HF files (tokenizer.json, tokenizer_config.json, ...)."""
+    """The run's tokenizer as HF files (tokenizer.json, tokenizer_config.json, ...), its
+    end-of-document token as bos / eos; a SentencePiece run's model as tokenizer.model."""
     from transformers import PreTrainedTokenizerFast
 
-    from compact_dist.training.data import EOD_TEXT
-
     kind = run["tokenizer"]["kind"]
+    if kind == "sentencepiece":
+        import shutil
+
+        import sentencepiece
+
+        path = tag_dir / SENTENCEPIECE_FILE
+        if not path.is_file():
+            raise ValueError(f"{str(path)!r} is missing (the run's SentencePiece model)")
+        size = sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+        if size != run["tokenizer"]["vocab_size"]:
+            raise ValueError(f"{path} has {size} pieces, the run recorded "
+                             f"{run['tokenizer']['vocab_size']}")
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(out_dir) / SENTENCEPIECE_FILE)
+        return
     if kind == "bpe":
         path = tag_dir / TOKENIZER_FILE
         if not path.is_file():
@@ -376,7 +396,7 @@ def save_tokenizer(tag_dir: Path, run: dict, out_dir: Path) -> None:
         hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
     else:
         hf = PreTrainedTokenizerFast(tokenizer_object=_byte_tokenizer())
-    hf.bos_token = hf.eos_token = EOD_TEXT
+    hf.bos_token = hf.eos_token = hf.convert_ids_to_tokens(run["tokenizer"]["eod"])
     hf.model_max_length = run["model"]["max_sequence_length"]
     if len(hf) != run["tokenizer"]["vocab_size"]:
         raise ValueError(f"tokenizer has {len(hf)} tokens, the run recorded "

@@ -444,10 +444,14 @@ def step_time(setup: Setup, counts: Optional[dict] = None) -> float:
 
 def setup_from(cfg: TrainConfig, world_size: int, device: str, attention: str,
                vocab: Optional[int] = None) -> Setup:
+    """The Setup of `cfg`; `vocab` (before padding) defaults to the data's (model_vocab_size:
+    data.vocab_size for bpe, 257 for byte, a path tokenizer's size), padded as compact-train
+    pads it."""
+    from compact_dist.training.tokenizer import model_vocab_size
     from compact_dist.training.train import padded_vocab_size
 
     if vocab is None:
-        vocab = cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 257
+        vocab = model_vocab_size(cfg.data)
     return Setup(cfg=cfg, world_size=world_size, device=device, attention=attention,
                  vocab=padded_vocab_size(vocab, cfg.parallel.tensor_model_parallel_size))
 
@@ -580,6 +584,11 @@ def plan(args) -> tuple[list[dict], Optional[dict]]:
     """Rows (dicts) of every candidate compact-train accepts at --world-size on --device,
     sorted by (step time, ZeRO stage, peak), and the first that fits the budget."""
     base = _load(args)
+    vocab = args.vocab  # once, not per candidate (a path tokenizer loads its files)
+    if vocab is None:
+        from compact_dist.training.tokenizer import model_vocab_size
+
+        vocab = model_vocab_size(base.data)
     budget = args.budget_gib * GiB
     if args.micro_batches:
         mbs = [int(x) for x in args.micro_batches.split(",")]
@@ -603,7 +612,7 @@ def plan(args) -> tuple[list[dict], Optional[dict]]:
             reason = str(err)
             refused[reason] = refused.get(reason, 0) + 1
             continue
-        setup = setup_from(cfg, args.world_size, args.device, args.attention, args.vocab)
+        setup = setup_from(cfg, args.world_size, args.device, args.attention, vocab)
         p = predict(setup)
         rows.append({"cfg": cfg, "tree": tree, "peak": p["peak_allocated"],
                      "reserved": p["peak_reserved"], "time": p["step_time_s"],

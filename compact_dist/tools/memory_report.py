@@ -236,7 +236,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = parser.parse_intermixed_args(argv)
     try:
+        from compact_dist.training.tokenizer import model_vocab_size
+
         cfg = load_train_config(args.config, args.overrides)
+        vocab = args.vocab or model_vocab_size(cfg.data)  # as compact-train's model has it
         _, _, world = world_from_environment()
         if world % cfg.parallel.tensor_model_parallel_size:
             raise ValueError(f"world size {world} is not divisible by the TP size")
@@ -247,7 +250,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     device = init_distributed(cfg)  # a lone process without MASTER_PORT takes a free port
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto"
                                              and device.type == "cuda")
-    vocab = args.vocab or (cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 257)
     world = args.world_size or world
     dp = world // cfg.parallel.tensor_model_parallel_size
     report = profile(cfg, device, bf16, vocab, dp)

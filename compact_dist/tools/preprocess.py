@@ -14,7 +14,8 @@ Memory is bounded: documents stream from the inputs in batches of `--batch-size`
 2 x workers batches are in flight, and the builder writes each finished batch out in order.
 A progress bar (tqdm) counts input bytes. A malformed line stops the run with
 `FILE:LINE: ...` and leaves no output (files are written under a temporary name, renamed at
-the end).
+the end). The writer, `write_indexed`, is also how compact-train tokenizes its stdlib / files
+corpus into data.cache_dir (compact_dist/training/data.py).
 """
 
 from __future__ import annotations
@@ -111,26 +112,25 @@ def output_prefixes(prefix: str, keys: list[str]) -> list[str]:
     return [prefix] if len(keys) == 1 else [f"{prefix}_{k}" for k in keys]
 
 
-def preprocess(inputs: list[str], tokenizer: str, output_prefix: str,
-               json_keys: list[str] = ("text",), workers: int = 1, batch_size: int = 256,
-               eod_token: Optional[str] = None, progress: bool = True) -> dict:
-    """Tokenize `inputs` into indexed datasets; returns {"documents", "tokens", "prefixes"}."""
+def write_indexed(stream: Iterator[tuple[list[str], int]], tokenizer: str, prefixes: list[str],
+                  workers: int = 1, batch_size: int = 256, eod_token: Optional[str] = None,
+                  bar=None) -> dict:
+    """Tokenize a document stream into one indexed dataset per prefix (megatron-core's
+    IndexedDatasetBuilder); returns {"documents", "tokens"}.
+
+    `stream` yields (texts, input bytes): texts[k] goes to prefixes[k] (ids + EOD). Bounded
+    memory: batches of `batch_size` documents, at most 2 x workers batches in flight, written
+    in order. `tokenizer`: a data.tokenizer spec (byte or a path). Files are written under a
+    temporary name and renamed at the end (an error leaves no output). `bar`: a tqdm bar that
+    counts the input bytes, or None.
+    """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    from tqdm import tqdm
 
-    from compact_dist.training.tokenizer import load_tokenizer
-
-    keys = list(json_keys)
-    files = input_files(inputs)
-    tok = load_tokenizer(tokenizer, eod_token)  # the checks, in this process, before any work
-    dtype = DType.optimal_dtype(tok.vocab_size)
-    prefixes = output_prefixes(output_prefix, keys)
-    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    _init_worker(tokenizer, eod_token)  # this process tokenizes when workers <= 1
+    dtype = DType.optimal_dtype(_TOKENIZER.vocab_size)
     tmp = [f"{p}.tmp-{os.getpid()}" for p in prefixes]
     builders = [IndexedDatasetBuilder(t + ".bin", dtype=dtype) for t in tmp]
     counts = {"documents": 0, "tokens": 0}
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
-               desc="compact-preprocess", disable=not progress, file=sys.stderr)
 
     def write(encoded: list[list[np.ndarray]], nbytes: int) -> None:
         for doc in encoded:
@@ -138,13 +138,13 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str,
                 builder.add_document(ids.astype(dtype), [len(ids)])
                 counts["tokens"] += len(ids)
             counts["documents"] += 1
-        bar.update(nbytes)
+        if bar is not None:
+            bar.update(nbytes)
 
     try:
-        stream = _batches(documents(files, keys), batch_size)
+        batches = _batches(stream, batch_size)
         if workers <= 1:
-            _init_worker(tokenizer, eod_token)
-            for batch, nbytes in stream:
+            for batch, nbytes in batches:
                 write(_encode(batch), nbytes)
         else:
             import multiprocessing as mp
@@ -152,7 +152,7 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str,
             with mp.get_context("spawn").Pool(workers, _init_worker,
                                               (tokenizer, eod_token)) as pool:
                 pending: deque = deque()
-                for batch, nbytes in stream:
+                for batch, nbytes in batches:
                     pending.append((pool.apply_async(_encode, (batch,)), nbytes))
                     if len(pending) >= 2 * workers:
                         result, n = pending.popleft()
@@ -165,11 +165,33 @@ def preprocess(inputs: list[str], tokenizer: str, output_prefix: str,
             os.replace(t + ".bin", p + ".bin")
             os.replace(t + ".idx", p + ".idx")
     finally:
-        bar.close()
         for t in tmp:
             for ext in (".bin", ".idx"):
                 if os.path.exists(t + ext):
                     os.remove(t + ext)
+    return counts
+
+
+def preprocess(inputs: list[str], tokenizer: str, output_prefix: str,
+               json_keys: list[str] = ("text",), workers: int = 1, batch_size: int = 256,
+               eod_token: Optional[str] = None, progress: bool = True) -> dict:
+    """Tokenize `inputs` into indexed datasets; returns {"documents", "tokens", "prefixes"}."""
+    from tqdm import tqdm
+
+    from compact_dist.training.tokenizer import load_tokenizer
+
+    keys = list(json_keys)
+    files = input_files(inputs)
+    load_tokenizer(tokenizer, eod_token)  # the checks, in this process, before any work
+    prefixes = output_prefixes(output_prefix, keys)
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+               desc="compact-preprocess", disable=not progress, file=sys.stderr)
+    try:
+        counts = write_indexed(documents(files, keys), tokenizer, prefixes, workers,
+                               batch_size, eod_token, bar)
+    finally:
+        bar.close()
     return {**counts, "prefixes": prefixes}
 
 

@@ -1,4 +1,4 @@
-"""Training data for `compact-train`: real text -> tokenizer -> Megatron indexed dataset -> batches.
+"""Training data for `compact-train`: text or Megatron indexed prefixes -> GPT samples -> batches.
 
 Entry point used by the trainer::
 
@@ -16,31 +16,32 @@ Entry point used by the trainer::
 
 with b = micro_batch_size and s = seq_length.
 
-`source="indexed"` reads Megatron `.bin`/`.idx` prefixes and blends through megatron-core's
-GPTDataset / BlendedDataset (compact_dist/training/indexed.py; tokenizers:
-compact_dist/training/tokenizer.py). The stdlib / files sources go through this pipeline:
-1. Corpus. `source="stdlib"`: the running interpreter's standard-library `.py` files (walked
-   in sorted order; test directories and site-packages skipped). `source="files"`: the `paths`
-   globs (sorted; a directory means the files under it); `.jsonl` files give one document
-   per line (`obj[jsonl_key]`), any other file is one UTF-8 text document. Reading stops at `max_bytes` of UTF-8 text.
+One data path: every source ends as Megatron `.bin`/`.idx` prefixes read by megatron-core's
+GPTDataset through compact_dist/training/indexed.py (sample order, DP slicing, resume, summary;
+tokenizers: compact_dist/training/tokenizer.py). `source="indexed"` names the prefixes. The
+stdlib / files sources are first tokenized once into `data.cache_dir`:
+1. Corpus (`Corpus`, streamed: no rank holds it in memory). `source="stdlib"`: the running
+   interpreter's standard-library `.py` files (walked in sorted order; test directories and
+   site-packages skipped). `source="files"`: the `paths` globs (sorted; a directory means the
+   files under it); `.jsonl` files give one document per line (`obj[jsonl_key]`), any other
+   file is one UTF-8 text document. Reading stops at `max_bytes` of UTF-8 text.
 2. Tokenizer. A path (tokenizer.py), or `byte`: bytes 0..255 and end-of-document 256 (vocab
-   257), or `bpe`: HF `tokenizers` byte-level BPE with `vocab_size` entries (id 0 is `<|endoftext|>`) trained on the corpus,
-   or with `tokenizer_train_bytes` on a sample of it (`tokenizer_sample`: every k-th document,
-   k = ceil(corpus bytes / budget), cut at the budget) that bounds the training time on large
-   corpora; every document is still tokenized with it.
-3. Documents are split into train/valid by a seeded document permutation (`valid_fraction`),
-   tokenized, each followed by the end-of-document token, and written with megatron-core's
-   `IndexedDatasetBuilder` to `<cache_dir>/<key>/{train,valid}.{bin,idx}` (+ `tokenizer.json`,
-   `meta.json`); `key` hashes the settings and the corpus text. Global rank 0 builds into a
-   temporary directory renamed into place (a killed build never leaves a partial dataset),
-   the other ranks wait on `torch.distributed.barrier()` when a process group exists.
-4. Samples (`TokenChunkDataset`, our own, over `IndexedDataset`): sample i is tokens
-   [i s, i s + s + 1) of the split's concatenated token stream (chunks may span documents).
-5. `BatchIterator`: global sample g reads sample perm_e[g mod N], perm_e a seeded permutation
-   reshuffled each epoch e = g // N (seed + e). A micro-step consumes b * dp_size global
-   samples; DP rank r takes [consumed + r b, consumed + (r + 1) b). So the ranks' batches,
-   concatenated in rank order, are exactly the dp_size=1 stream with micro batch b * dp_size,
-   and the state is one integer (`consumed_samples`).
+   257), or `bpe`: HF `tokenizers` byte-level BPE with `vocab_size` entries (id 0 is
+   `<|endoftext|>`) trained on the corpus, or with `tokenizer_train_bytes` on a sample of it
+   (`tokenizer_sample`: every k-th document, k = ceil(corpus bytes / budget), cut at the
+   budget) that bounds the training time on large corpora; every document is still tokenized.
+3. Documents are split into train/valid by a seeded document permutation (`valid_fraction`)
+   and written by compact-preprocess's writer (`tools/preprocess.write_indexed`, megatron-core's
+   IndexedDatasetBuilder, each document followed by the end-of-document token) to
+   `<cache_dir>/<key>/{train,valid}.{bin,idx}` (+ `tokenizer.json` for bpe, `meta.json`). `key`
+   hashes the settings, the tokenizer's files and each corpus file's path, size and mtime.
+   Global rank 0 builds into a temporary directory renamed into place (a killed build never
+   leaves a partial dataset); the other ranks wait for it (and raise its error, if any;
+   `cache_dir` must be a directory every node sees, as for the index caches).
+4. The two prefixes are then read like `source: indexed` with `paths: [<key>/train]`,
+   `valid_paths: [<key>/valid]`: GPTDataset samples of s + 1 tokens spanning documents,
+   shuffled by megatron-core for `seed`; DP rank r of a micro-step reads global samples
+   [consumed + r b, consumed + (r + 1) b); the state is `consumed_samples`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import shutil
 import sysconfig
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -61,8 +62,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from compact_dist.training.tokenizer import EOD_TEXT, Tokenizer, load_tokenizer  # noqa: F401
 
+if TYPE_CHECKING:
+    from compact_dist.training.indexed import GlobalSampleIterator
+
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-_FORMAT_VERSION = 1  # bump when the on-disk layout or tokenization changes
+_FORMAT_VERSION = 2  # bump when the on-disk layout or tokenization changes
 
 
 class DataConfig(BaseModel):
@@ -194,67 +198,81 @@ def _file_documents(path: Path, jsonl_key: str) -> Iterator[str]:
             yield obj[jsonl_key]
 
 
+class Corpus:
+    """The corpus documents in a deterministic order, streamed (one document in memory at a
+    time), at most `cfg.max_bytes` UTF-8 bytes in total (the last document is cut to fit);
+    empty documents are dropped. After a full iteration `truncated` says whether max_bytes
+    cut text off."""
+
+    def __init__(self, cfg: DataConfig, files: Optional[list[Path]] = None) -> None:
+        self.cfg = cfg
+        self.files = cfg.check_paths() if files is None else files
+        self.truncated = False
+
+    def __iter__(self) -> Iterator[str]:
+        total, cap = 0, self.cfg.max_bytes
+        for path in self.files:
+            for doc in _file_documents(path, self.cfg.jsonl_key):
+                raw = doc.encode("utf-8")
+                cut = total + len(raw) > cap
+                if cut:
+                    raw = raw[: cap - total]
+                    doc = raw.decode("utf-8", errors="ignore")
+                if doc:
+                    yield doc
+                    total += len(raw)
+                if cut:  # the next document after the cap: cut to nothing, still a truncation
+                    self.truncated = True
+                    return
+
+
 def read_corpus(cfg: DataConfig) -> list[str]:
-    """Documents of the corpus in a deterministic order, at most `cfg.max_bytes` UTF-8 bytes
-    in total (the last document is truncated to fit). Empty documents are dropped."""
-    return read_corpus_truncated(cfg)[0]
-
-
-def read_corpus_truncated(cfg: DataConfig) -> tuple[list[str], bool]:
-    """(read_corpus, whether max_bytes cut text off)."""
-    docs, total = [], 0
-    for path in cfg.check_paths():
-        for doc in _file_documents(path, cfg.jsonl_key):
-            raw = doc.encode("utf-8")
-            cut = total + len(raw) > cfg.max_bytes
-            if cut:
-                raw = raw[: cfg.max_bytes - total]
-                doc = raw.decode("utf-8", errors="ignore")
-            if doc:
-                docs.append(doc)
-                total += len(raw)
-            if cut:  # the next document after the cap: cut to nothing but still a truncation
-                return docs, True
-    return docs, False
+    """All documents of `Corpus(cfg)` as a list (for tools and tests; training streams)."""
+    return list(Corpus(cfg))
 
 
 # ----------------------------------------------------------------------------- tokenizers
 
-def tokenizer_sample(docs: list[str], max_bytes: Optional[int]) -> list[str]:
-    """The documents BPE is trained on: all of them when `max_bytes` is None or not less than
-    the corpus, else every k-th document (k = ceil(total / max_bytes), so the sample spreads
-    over the whole corpus) until `max_bytes` UTF-8 bytes, the last one truncated to fit."""
-    if max_bytes is None:
-        return docs
-    sizes = [len(d.encode("utf-8")) for d in docs]
-    total = sum(sizes)
-    if total <= max_bytes:
-        return docs
+def tokenizer_sample(docs: Iterable[str], sizes: Sequence[int],
+                     max_bytes: Optional[int]) -> Iterator[str]:
+    """The documents BPE is trained on, streamed from `docs` (whose UTF-8 sizes are `sizes`):
+    all of them when `max_bytes` is None or not less than their total, else every k-th
+    document (k = ceil(total / max_bytes), so the sample spreads over the whole corpus) until
+    `max_bytes` UTF-8 bytes, the last one truncated to fit."""
+    total = int(np.sum(sizes, dtype=np.int64))
+    if max_bytes is None or total <= max_bytes:
+        yield from docs
+        return
     stride = -(-total // max_bytes)
-    out, used = [], 0
-    for i in range(0, len(docs), stride):
+    used = 0
+    for i, doc in enumerate(docs):
+        if i % stride:
+            continue
         if used + sizes[i] > max_bytes:
-            doc = docs[i].encode("utf-8")[: max_bytes - used].decode("utf-8", errors="ignore")
+            doc = doc.encode("utf-8")[: max_bytes - used].decode("utf-8", errors="ignore")
             if doc:
-                out.append(doc)
-            break
-        out.append(docs[i])
+                yield doc
+            return
+        yield doc
         used += sizes[i]
-    return out
 
 
-# ----------------------------------------------------------------------------- indexed dataset
+# ----------------------------------------------------------------------------- tokenized cache
 
-def _rank() -> tuple[int, int]:
-    """(global rank, local rank); (0, 0) without a process group."""
+def _rank() -> int:
+    """Global rank; 0 without a process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
-    return 0, 0
+        return torch.distributed.get_rank()
+    return 0
 
 
-def _barrier() -> None:
+def _from_rank0(error: Optional[str]) -> Optional[str]:
+    """Rank 0's build error (None: built) on every rank; the others wait here for it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return error
 
 
 def _tokenizer_digest(spec: str) -> Optional[str]:
@@ -270,21 +288,20 @@ def _tokenizer_digest(spec: str) -> Optional[str]:
     return h.hexdigest()
 
 
-def _key(cfg: DataConfig, docs: list[str]) -> str:
+def _key(cfg: DataConfig, files: list[Path]) -> str:
+    """Cache key: the settings that shape the tokenized corpus, the tokenizer's files, and each
+    corpus file's path, size and modification time (cheap on every rank: no file is read)."""
     digest = _tokenizer_digest(cfg.tokenizer)
     h = hashlib.sha256(json.dumps({
         "version": _FORMAT_VERSION, "tokenizer": cfg.tokenizer if digest is None else digest,
-        **({"eod_token": cfg.eod_token} if cfg.eod_token is not None else {}),
-        "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None,
-        "valid_fraction": cfg.valid_fraction, "seed": cfg.seed,
-        # only when set, so the keys of datasets built without it stay valid
-        **({"tokenizer_train_bytes": cfg.tokenizer_train_bytes}
-           if cfg.tokenizer == "bpe" and cfg.tokenizer_train_bytes is not None else {}),
+        "eod_token": cfg.eod_token, "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None,
+        "tokenizer_train_bytes": cfg.tokenizer_train_bytes if cfg.tokenizer == "bpe" else None,
+        "valid_fraction": cfg.valid_fraction, "seed": cfg.seed, "max_bytes": cfg.max_bytes,
+        "jsonl_key": cfg.jsonl_key,
     }, sort_keys=True).encode())
-    for doc in docs:
-        raw = doc.encode("utf-8")
-        h.update(len(raw).to_bytes(8, "little"))
-        h.update(raw)
+    for f in files:
+        st = f.stat()
+        h.update(json.dumps([str(f.resolve()), st.st_size, st.st_mtime_ns]).encode())
     return h.hexdigest()[:16]
 
 
@@ -301,36 +318,44 @@ def split_documents(num_docs: int, valid_fraction: float, seed: int) -> tuple[li
     return [i for i in range(num_docs) if i not in valid], sorted(valid)
 
 
-def _build(cfg: DataConfig, docs: list[str], out: Path, truncated: bool = False) -> None:
-    """Tokenizer + {train,valid}.{bin,idx} into `out` via a temporary directory and a rename."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+def _build(cfg: DataConfig, files: list[Path], out: Path) -> None:
+    """Tokenizer + {train,valid}.{bin,idx} into `out` via a temporary directory and a rename.
+
+    Streams the corpus: one pass for the document sizes (the split and the BPE sample need
+    the count), one to train BPE (bpe only), one per split to tokenize (write_indexed)."""
+    from compact_dist.tools.preprocess import write_indexed
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        meta: dict[str, Any] = {}
+        corpus = Corpus(cfg, files)
+        sizes = np.fromiter((len(d.encode("utf-8")) for d in corpus), dtype=np.int64)
+        meta: dict[str, Any] = {"tokenizer": cfg.tokenizer, "documents": len(sizes),
+                                "bytes": int(sizes.sum()), "truncated": corpus.truncated}
+        spec, eod_token = cfg.tokenizer, cfg.eod_token
         if cfg.tokenizer == "bpe":
-            sample = tokenizer_sample(docs, cfg.tokenizer_train_bytes)
-            tok = Tokenizer.train_bpe(sample, cfg.vocab_size)
-            tok.save(tmp / "tokenizer.json")
-            meta["tokenizer_train_documents"] = len(sample)
-            meta["tokenizer_train_bytes"] = sum(len(d.encode("utf-8")) for d in sample)
-        else:
-            tok = load_tokenizer(cfg.tokenizer, cfg.eod_token)
-        dtype = DType.optimal_dtype(tok.vocab_size)
-        meta = {"tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size, "eod": tok.eod,
-                "documents": len(docs), "truncated": truncated, **meta}
-        for name, idx in zip(("train", "valid"),
-                             split_documents(len(docs), cfg.valid_fraction, cfg.seed)):
-            builder = IndexedDatasetBuilder(str(tmp / f"{name}.bin"), dtype=dtype)
-            n_tokens = 0
-            for ids in tok.encode_batch([docs[i] for i in idx]):
-                ids.append(tok.eod)
-                builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-                n_tokens += len(ids)
-            builder.finalize(str(tmp / f"{name}.idx"))
-            meta[f"{name}_documents"], meta[f"{name}_tokens"] = len(idx), n_tokens
+            counted = {"documents": 0, "bytes": 0}
+
+            def sample() -> Iterator[str]:
+                for doc in tokenizer_sample(Corpus(cfg, files), sizes, cfg.tokenizer_train_bytes):
+                    counted["documents"] += 1
+                    counted["bytes"] += len(doc.encode("utf-8"))
+                    yield doc
+
+            spec, eod_token = str(tmp / "tokenizer.json"), None
+            Tokenizer.train_bpe(sample(), cfg.vocab_size).save(spec)
+            meta["tokenizer_train_documents"] = counted["documents"]
+            meta["tokenizer_train_bytes"] = counted["bytes"]
+        tok = load_tokenizer(spec, eod_token)
+        meta.update(vocab_size=tok.vocab_size, eod=tok.eod)
+        valid = np.zeros(len(sizes), dtype=bool)
+        valid[split_documents(len(sizes), cfg.valid_fraction, cfg.seed)[1]] = True
+        for name, in_split in (("train", False), ("valid", True)):
+            stream = (([doc], size) for doc, size, v in zip(Corpus(cfg, files), sizes, valid)
+                      if v == in_split)
+            counts = write_indexed(stream, spec, [str(tmp / name)], eod_token=eod_token)
+            meta[f"{name}_documents"], meta[f"{name}_tokens"] = counts["documents"], counts["tokens"]
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.rename(tmp, out)
@@ -344,63 +369,32 @@ def _build(cfg: DataConfig, docs: list[str], out: Path, truncated: bool = False)
 def prepare_dataset(cfg: DataConfig) -> tuple[Tokenizer, Path]:
     """Build (global rank 0) or reuse the tokenized corpus; returns (tokenizer, directory).
 
-    Every rank calls this; with a process group the others wait on a barrier. If the
-    directory is still missing after it (a node-local `cache_dir` on another node), each
-    node's local rank 0 builds its own copy (deterministic), then all meet again.
+    Every rank calls this; with a process group the others wait for rank 0, then find the
+    directory (in a `cache_dir` every node sees) or raise. A build error (a malformed JSONL
+    line, too few documents) raises on every rank, not only on rank 0.
     """
-    docs, truncated = read_corpus_truncated(cfg)
-    out = Path(cfg.cache_dir) / _key(cfg, docs)
-    rank, local_rank = _rank()
-    if rank == 0 and not _complete(out):
-        _build(cfg, docs, out, truncated)
-    _barrier()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if local_rank == 0 and not _complete(out):
-            _build(cfg, docs, out, truncated)
-        _barrier()
+    files = cfg.check_paths()
+    out = Path(cfg.cache_dir) / _key(cfg, files)
+    error = None
+    if _rank() == 0 and not _complete(out):
+        try:
+            _build(cfg, files, out)
+        except Exception as err:
+            error = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+            _from_rank0(error)
+            raise
+    error = _from_rank0(error)
+    if error is not None:
+        raise ValueError(f"rank 0 could not tokenize the corpus: {error}")
+    if not _complete(out):
+        raise RuntimeError(f"rank {_rank()}: {out} is missing after rank 0 built it: "
+                           "data.cache_dir must be a directory every node sees")
     tok = (Tokenizer.load(out / "tokenizer.json") if cfg.tokenizer == "bpe"
            else load_tokenizer(cfg.tokenizer, cfg.eod_token))
     return tok, out
 
 
-# ----------------------------------------------------------------------------- samples
-
-class TokenChunkDataset:
-    """Fixed-length samples over one split's concatenated token stream.
-
-    `self[i]` is int64 ndarray[seq_length + 1]: stream tokens [i s, i s + s + 1).
-    """
-
-    def __init__(self, path_prefix: str | Path, seq_length: int) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        self.indexed = IndexedDataset(str(path_prefix))
-        self.seq_length = seq_length
-        self._starts = np.concatenate([[0], np.cumsum(self.indexed.sequence_lengths, dtype=np.int64)])
-        self.num_tokens = int(self._starts[-1])
-        self.num_samples = max(0, (self.num_tokens - 1) // seq_length)
-        if self.num_samples == 0:
-            raise ValueError(
-                f"{path_prefix}: {self.num_tokens} tokens give no sample of seq_length+1="
-                f"{seq_length + 1} tokens; raise data.max_bytes / valid_fraction or lower "
-                "seq_length")
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        if not 0 <= i < self.num_samples:
-            raise IndexError(i)
-        start, need = i * self.seq_length, self.seq_length + 1
-        doc = int(np.searchsorted(self._starts, start, side="right")) - 1
-        pieces = []
-        while need:
-            offset = start - int(self._starts[doc])
-            n = min(need, int(self._starts[doc + 1]) - start)
-            pieces.append(self.indexed.get(doc, offset=offset, length=n))
-            start, need, doc = start + n, need - n, doc + 1
-        return np.concatenate(pieces).astype(np.int64)
-
+# ----------------------------------------------------------------------------- batches
 
 def _collate(samples: list[np.ndarray]) -> dict[str, torch.Tensor]:
     """b samples of s+1 tokens -> tokens/labels/position_ids, each LongTensor[b, s]."""
@@ -410,69 +404,13 @@ def _collate(samples: list[np.ndarray]) -> dict[str, torch.Tensor]:
             "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous()}
 
 
-class BatchIterator:
-    """Infinite, resumable, data-parallel-aware iterator of training micro-batches.
-
-    `next(it)` -> {"tokens", "labels", "position_ids"}: LongTensor[micro_batch_size, s]
-    (labels[:, t] = tokens[:, t + 1] of the sample). Global sample g maps to
-    dataset[perm(seed + g // N)[g % N]]; each call advances `consumed_samples` by
-    micro_batch_size * dp_size and rank r reads its slice [r b, (r + 1) b) of that window.
-    """
-
-    def __init__(self, dataset: TokenChunkDataset, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 1234) -> None:
-        if micro_batch_size < 1 or not 0 <= dp_rank < dp_size:
-            raise ValueError(f"bad micro_batch_size={micro_batch_size} / dp_rank={dp_rank} / "
-                             f"dp_size={dp_size}")
-        self.dataset, self.micro_batch_size = dataset, micro_batch_size
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.consumed_samples = 0
-        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-        self.summary: list[str] = []  # the data summary lines (build_data sets them)
-
-    @property
-    def epoch(self) -> int:
-        return self.consumed_samples // len(self.dataset)
-
-    def sample_index(self, g: int) -> int:
-        """Dataset index of global sample `g` (reshuffled every epoch with seed + epoch)."""
-        n = len(self.dataset)
-        epoch = g // n
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng(self.seed + epoch).permutation(n)
-            self._perm_epoch = epoch
-        return int(self._perm[g % n])
-
-    def __iter__(self) -> "BatchIterator":
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        first = self.consumed_samples + self.dp_rank * self.micro_batch_size
-        batch = _collate([self.dataset[self.sample_index(g)]
-                          for g in range(first, first + self.micro_batch_size)])
-        self.consumed_samples += self.micro_batch_size * self.dp_size
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples, "seed": self.seed,
-                "num_samples": len(self.dataset)}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at `state["consumed_samples"]` (global, so dp_size may differ on resume)."""
-        for key, mine in (("seed", self.seed), ("num_samples", len(self.dataset))):
-            if key in state and state[key] != mine:
-                raise ValueError(f"data state has {key}={state[key]} but this run has {mine}: "
-                                 "resuming would not reproduce the data order")
-        self.consumed_samples = int(state["consumed_samples"])
-
-
-def eval_batches(dataset: TokenChunkDataset, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, max_batches: Optional[int] = None
-                 ) -> Iterator[dict[str, torch.Tensor]]:
+def eval_batches(dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 max_batches: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
     """Fixed validation micro-batches (LongTensor[b, s] dicts), identical on every call.
 
-    Samples are read in order; step k, rank r takes samples (k b dp + r b + j) mod N. Every
-    rank yields the same count: max(1, N // (b dp)) capped by `max_batches`.
+    `dataset[i]`: int64 ndarray[s + 1]. Samples are read in order; step k, rank r takes
+    samples (k b dp + r b + j) mod N. Every rank yields the same count: max(1, N // (b dp))
+    capped by `max_batches`.
     """
     per_step = micro_batch_size * dp_size
     steps = max(1, len(dataset) // per_step)
@@ -485,7 +423,7 @@ def eval_batches(dataset: TokenChunkDataset, micro_batch_size: int, dp_rank: int
 
 class Data(NamedTuple):
     tokenizer: Tokenizer
-    train: BatchIterator
+    train: GlobalSampleIterator
     valid_batches: Callable[..., Iterator[dict[str, torch.Tensor]]]
 
 
@@ -496,63 +434,43 @@ def build_data(cfg: DataConfig, seq_length: int, micro_batch_size: int, dp_rank:
 
     The train iterator has `state_dict` / `load_state_dict` and `summary` (lines to print at
     start). train_samples / valid_samples: the samples the run reads (train.train_steps x
-    global batch; eval_batches x micro batch x dp_size); indexed input needs them (its
-    datasets are built for that many samples). Call on every rank (after the process group
-    exists, if any; see `prepare_dataset`).
+    global batch; eval_batches x micro batch x dp_size); the datasets are built for that
+    many samples. Call on every rank (after the process group exists, if any).
     """
-    if cfg.source == "indexed":
-        return _build_indexed(cfg, seq_length, micro_batch_size, dp_rank, dp_size,
-                              train_samples, valid_samples)
-    tok, path = prepare_dataset(cfg)
-    train = TokenChunkDataset(path / "train", seq_length)
-    valid = TokenChunkDataset(path / "valid", seq_length)
-
-    def valid_batches(max_batches: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
-        return eval_batches(valid, micro_batch_size, dp_rank, dp_size, max_batches)
-
-    it = BatchIterator(train, micro_batch_size, dp_rank, dp_size, cfg.seed)
-    it.summary = _corpus_summary(cfg, path, train, seq_length, train_samples)
-    return Data(tok, it, valid_batches)
-
-
-def _build_indexed(cfg: DataConfig, seq_length: int, micro_batch_size: int, dp_rank: int,
-                   dp_size: int, train_samples: Optional[int],
-                   valid_samples: Optional[int]) -> Data:
     from compact_dist.training.indexed import build_indexed, check_indexed
 
     if train_samples is None or valid_samples is None:
-        raise ValueError("indexed input needs train_samples and valid_samples (the datasets "
-                         "are built for the run's sample count)")
-    tok = load_tokenizer(cfg.tokenizer, cfg.eod_token)
-    plan = check_indexed(cfg.paths, cfg.valid_paths, cfg.split, seq_length, tok.vocab_size,
-                         cfg.tokenizer)
+        raise ValueError("build_data needs train_samples and valid_samples (the datasets are "
+                         "built for the run's sample count)")
+    if cfg.source == "indexed":
+        tok = load_tokenizer(cfg.tokenizer, cfg.eod_token)
+        plan = check_indexed(cfg.paths, cfg.valid_paths, cfg.split, seq_length,
+                             tok.vocab_size, cfg.tokenizer)
+        header = (f"data: indexed, tokenizer {cfg.tokenizer} (vocab {tok.vocab_size}, eod "
+                  f"{tok.eod}), " + (f"split {plan.split}" if plan.split
+                                     else "separate validation blend"))
+        warnings: list[str] = []
+    else:
+        tok, path = prepare_dataset(cfg)
+        meta = json.loads((path / "meta.json").read_text())
+        for name in ("train", "valid"):
+            if meta[f"{name}_tokens"] < seq_length + 1:
+                raise ValueError(
+                    f"data: the {name} split of the corpus has {meta[name + '_tokens']} tokens, "
+                    f"not one sample of model.seq_length+1={seq_length + 1}: raise "
+                    "data.max_bytes / data.valid_fraction or lower model.seq_length")
+        plan = check_indexed([str(path / "train")], [str(path / "valid")], None, seq_length,
+                             tok.vocab_size, cfg.tokenizer)
+        header = (f"data: {cfg.source}, tokenizer {cfg.tokenizer} (vocab {tok.vocab_size}, eod "
+                  f"{tok.eod}), {meta['documents']:,} documents split by "
+                  f"data.valid_fraction={cfg.valid_fraction}, tokenized in {path}")
+        warnings = [f"warning: data.max_bytes={cfg.max_bytes:,} truncated the corpus (it has "
+                    "more text): raise it to train on all of it"] if meta["truncated"] else []
     data = build_indexed(plan, tok, seq_length, micro_batch_size, dp_rank, dp_size, cfg.seed,
-                         cfg.cache_dir, train_samples, valid_samples, _collate,
-                         f"tokenizer {cfg.tokenizer} (vocab {tok.vocab_size}, eod {tok.eod})")
+                         cfg.cache_dir, train_samples, valid_samples, _collate, header)
+    data.train.summary += warnings
 
     def valid_batches(max_batches: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
         return eval_batches(data.valid, micro_batch_size, dp_rank, dp_size, max_batches)
 
     return Data(tok, data.train, valid_batches)
-
-
-def _corpus_summary(cfg: DataConfig, path: Path, train: "TokenChunkDataset", seq_length: int,
-                    train_samples: Optional[int]) -> list[str]:
-    """The data summary of the stdlib / files sources (meta.json of the cached build)."""
-    meta = json.loads((path / "meta.json").read_text())
-    lines = [f"data: {cfg.source}, tokenizer {cfg.tokenizer} (vocab {meta['vocab_size']}, eod "
-             f"{meta['eod']}), cached in {path}"]
-    for name in ("train", "valid"):
-        lines.append(f"  {name}: {meta[name + '_documents']:,} documents, "
-                     f"{meta[name + '_tokens']:,} tokens")
-    if train_samples is not None:
-        epochs = train_samples / len(train)
-        lines.append(f"  this run: {train_samples:,} samples x {seq_length} = "
-                     f"{train_samples * seq_length:,} tokens, {epochs:.2f} epochs")
-        if epochs > 1:
-            lines.append(f"warning: the run repeats data: {epochs:.2f} epochs of the training "
-                         "split")
-    if meta.get("truncated"):
-        lines.append(f"warning: data.max_bytes={cfg.max_bytes:,} truncated the corpus (it has "
-                     "more text): raise it to train on all of it")
-    return lines

@@ -298,10 +298,10 @@ def _epochs(dataset, plan: SplitPlan, seq_length: int, train_samples: int) -> li
 
 
 def summary_lines(plan: SplitPlan, train_dataset, seq_length: int, train_samples: int,
-                  tokenizer_line: str) -> list[str]:
-    """The data summary compact-train prints at start (rank 0) and its warnings."""
-    lines = [f"data: indexed, {tokenizer_line}"
-             + (f", split {plan.split}" if plan.split else ", separate validation blend")]
+                  header: str) -> list[str]:
+    """The data summary compact-train prints at start (rank 0; `header` first) and its
+    warnings."""
+    lines = [header]
     epochs = _epochs(train_dataset, plan, seq_length, train_samples)
     for name, blend, sizes in (("train", plan.train, plan.train_sizes),
                                ("valid", plan.valid, plan.valid_sizes)):
@@ -326,12 +326,16 @@ class IndexedData(NamedTuple):
 
 def build_indexed(plan: SplitPlan, tokenizer, seq_length: int, micro_batch_size: int,
                   dp_rank: int, dp_size: int, seed: int, cache_dir: str, train_samples: int,
-                  valid_samples: int, collate: Callable, tokenizer_line: str) -> IndexedData:
-    """The train iterator (with its `summary` lines) and the valid samples of a plan."""
+                  valid_samples: int, collate: Callable, header: str) -> IndexedData:
+    """The train iterator (with its `summary` lines, `header` first) and the valid samples of
+    a plan. A validation split of one prefix is built for at most one epoch, so evaluation
+    (eval_batches, capped by the split's length) never reads a sample twice."""
+    if len(plan.valid[0]) == 1:
+        valid_samples = min(valid_samples, max(1, (plan.valid_sizes[0][1] - 1) // seq_length))
     train, valid = gpt_datasets(plan, tokenizer, seq_length, seed, cache_dir, train_samples,
                                 valid_samples)
     it = GlobalSampleIterator(Samples(train), micro_batch_size, dp_rank, dp_size, seed,
                               collate)
-    it.summary = summary_lines(plan, train, seq_length, train_samples, tokenizer_line)
+    it.summary = summary_lines(plan, train, seq_length, train_samples, header)
     return IndexedData(it, Samples(valid))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 EOD_TEXT = "<|endoftext|>"
 EOD_CANDIDATES = (EOD_TEXT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]")
@@ -79,8 +79,9 @@ class Tokenizer:
         return cls("byte")
 
     @classmethod
-    def train_bpe(cls, docs: list[str], vocab_size: int) -> "Tokenizer":
-        """Byte-level BPE trained on `docs` with `<|endoftext|>` as id 0."""
+    def train_bpe(cls, docs: Iterable[str], vocab_size: int) -> "Tokenizer":
+        """Byte-level BPE trained on `docs` (any iterable: a generator streams) with
+        `<|endoftext|>` as id 0."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -216,3 +217,15 @@ def load_tokenizer(spec: str, eod_token: Optional[str] = None) -> Tokenizer:
         raise ValueError("data.tokenizer=bpe is trained by compact-train on its own corpus; "
                          "give the tokenizer file or directory the data was made with")
     return Tokenizer.from_path(spec, eod_token)
+
+
+def model_vocab_size(data) -> int:
+    """Vocabulary (before padding) of the model compact-train builds for the data config
+    `data` (a DataConfig): `bpe`: data.vocab_size (the size the BPE is trained to), `byte`:
+    257, a path: that tokenizer's vocab_size (loaded as build_data loads it; ValueError
+    naming data.tokenizer when it does not load). compact-train pads it for TP with
+    train.padded_vocab_size; compact-plan / compact-memory do the same."""
+    if data.tokenizer == "bpe":
+        return data.vocab_size
+    return load_tokenizer(data.tokenizer, data.eod_token).vocab_size
+
