@@ -18,11 +18,11 @@ CompactLinearMixin.merge_subspace, which is this update for a group of one (`app
 `finish`), so a layer ends in the same state either way (up to the summation order of the
 GEMM). Chunks keep delta under MERGE_CHUNK_BYTES (at least one layer).
 
-Used for the module's own A (plain torch optimizers and ZeRO 0-2, where DeepSpeed writes the
-updated A into the module, `merge_layers`; the optimizer's fp32 copies of A keep only the
-rounding residual) and for ZeRO-3's partition-local merge
-(compact_dist.core.subspace, through `group_layers`, `chunks`, `apply_rows`, `finish`); the
-ZeRO-3 layers that need A gathered go through merge_subspace per layer.
+Used for the module's own A (`merge_layers`: the backends whose optimizer writes the updated
+A into the module, i.e. plain torch and ZeRO 0-2; the optimizer's fp32 copies of A keep only
+the rounding residual) and by backends that partition W0 for their partition-local merge
+(through `group_layers`, `chunks`, `apply_rows`, `finish`); a layer that needs A gathered
+goes through merge_subspace alone.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ MERGE_CHUNK_BYTES = 128 * 2**20
 def _group_key(layer) -> tuple:
     w, a = layer.weight, layer.subspace_factor
     p = layer.projection
-    # ZeRO-3 parameters hold a placeholder: their full shape is ds_shape
-    return (tuple(getattr(w, "ds_shape", w.shape)), w.dtype, layer.weight_lo is not None,
-            tuple(getattr(a, "ds_shape", a.shape)), a.dtype, w.device,
-            (p.local_blocks, p.block_in, p.block_rank), layer.merge_scale)
+    # the shapes the layer was built with: an engine that partitions W0 or A (ZeRO-3) leaves
+    # a placeholder in the parameter
+    return (layer.base_shape, w.dtype, layer.weight_lo is not None, layer.factor_shape,
+            a.dtype, w.device, (p.local_blocks, p.block_in, p.block_rank), layer.merge_scale)
 
 
 def unproject_many(factors: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -83,32 +83,28 @@ def chunks(group: list, elements_per_layer: int) -> list[list]:
 
 @torch.no_grad()
 def merge_layers(layers: list, lr: float, weight_decay: float,
-                 masters: Optional[dict[int, torch.Tensor]] = None) -> None:
+                 masters: Optional[dict] = None) -> None:
     """Merge each layer's module A into its full W0 and zero A (what merge_subspace(lr,
     weight_decay) does for each), grouped by shape. Every fp32 copy of A the optimizer steps
     keeps only what the (bf16) module A rounded away (the copy minus A): the update lives on
-    in W0, nothing of it in the optimizer's copy. Those copies: DeepSpeed ZeRO 1-2's fp32
-    master fragments (`A._hp_mapping`), and `masters` (id(A) -> a full fp32 master [out, r],
-    DeepSpeed ZeRO-0 with bf16; compact_dist.core.masters)."""
+    in W0, nothing of it in the optimizer's copy. masters: id(A) -> the
+    compact_dist.core.backend.MasterSlice of A's master on this rank (the backend's
+    master_slices), for the A's that have one apart from A itself."""
     decay = 1.0 - lr * weight_decay
     for group in group_layers(layers):
         for chunk in chunks(group, group[0].weight.numel()):
             _merge_chunk(chunk, decay, masters or {})
 
 
-def _merge_chunk(layers: list, decay: float, masters: dict[int, torch.Tensor]) -> None:
+def _merge_chunk(layers: list, decay: float, masters: dict) -> None:
     factors = [layer.subspace_factor for layer in layers]
     stacked = torch.stack([f.detach() for f in factors])  # [L, m, r]
     highs, spans = [], []  # the fp32 copies, and (layer, start, numel) of A they hold
     for i, factor in enumerate(factors):
-        mapping = getattr(factor, "_hp_mapping", None)
-        if mapping is not None:  # ZeRO 1-2: this rank's fp32 master fragment
-            address = mapping.lp_fragment_address
-            highs.append(mapping.get_hp_fragment())
-            spans.append((i, address.start, address.numel))
-        elif id(factor) in masters:  # ZeRO-0 with bf16: the full fp32 master
-            highs.append(masters[id(factor)].view(-1))
-            spans.append((i, 0, factor.numel()))
+        master = masters.get(id(factor))
+        if master is not None:
+            highs.append(master.tensor)
+            spans.append((i, master.start, master.numel))
     if highs:
         flat = stacked.view(len(layers), -1).float()  # one cast for the chunk (A is small)
         torch._foreach_sub_(highs, [flat[i].narrow(0, start, numel)
@@ -155,5 +151,5 @@ def finish(layers: list) -> None:
     """Zero the module A's (one launch) and mark them zero; count the merge."""
     torch._foreach_zero_([layer.subspace_factor for layer in layers])
     for layer in layers:
-        layer._mark_factor_zero()
+        layer.mark_factor_zero()
         layer.merge_count += 1

@@ -129,9 +129,9 @@ class CompactLinearMixin:
         # open while a probe measures what P keeps of G (compact_dist.core.kept_energy)
         self.kept_energy: Optional[KeptEnergy] = None
         self.subspace_factor: Optional[torch.nn.Parameter] = None
-        # ZeRO-3 only (compact_dist.deepspeed.zero3_factor): A is left out of the module's own
-        # parameter listing, and this maps (A, A known zero) to what forward hands autograd
-        self.zero3_forward_factor: Optional[Callable] = None
+        # set by a backend that keeps A out of the module's own parameter listing (its
+        # per-module fetch): maps (A, A known zero) to what forward hands autograd
+        self.forward_factor_hook: Optional[Callable] = None
         # the pair's low word: W0 = weight + weight_lo (bf16 each); None otherwise
         self.register_buffer("weight_lo", None)
         if compression.mode == SUBSPACE:
@@ -148,7 +148,12 @@ class CompactLinearMixin:
             )
             set_tensor_model_parallel_attributes(self.subspace_factor, True, partition_dim, 1)
             self.subspace_factor.allreduce = True
-            self._mark_factor_zero()
+            self.mark_factor_zero()
+        # the shapes of this TP shard's W0 and A as built (an engine that partitions them
+        # leaves placeholders in the parameters)
+        self.base_shape = tuple(self.weight.shape)
+        self.factor_shape = (None if self.subspace_factor is None
+                             else tuple(self.subspace_factor.shape))
 
     # ----------------------------------------------------------------------------- state
     @property
@@ -160,17 +165,17 @@ class CompactLinearMixin:
         self._projection_cache.clear()
 
     def factor_parameter(self) -> Optional[torch.nn.Parameter]:
-        """A, read from the parameter dict without Module.__getattr__: under ZeRO-3 DeepSpeed's
-        dict gathers a partitioned parameter read that way during forward."""
+        """A, read from the parameter dict without Module.__getattr__ (an engine that
+        partitions parameters may gather one read that way during forward)."""
         return self._parameters.get("subspace_factor")
 
     def named_parameters(self, prefix: str = "", recurse: bool = True,
                          remove_duplicate: bool = True) -> Iterator:
-        """Module.named_parameters; the module's own listing (recurse=False: what ZeRO-3
-        gathers around its forward and backward) leaves A out once
-        compact_dist.deepspeed.zero3_factor took it out of that fetch. The model's recursive
+        """Module.named_parameters; the module's own listing (recurse=False: what a
+        partitioning engine gathers around its forward and backward) leaves A out once a
+        backend set forward_factor_hook (took A out of that fetch). The model's recursive
         listing (optimizer, checkpoints) still holds it."""
-        hidden = None if recurse or self.zero3_forward_factor is None else self.factor_parameter()
+        hidden = None if recurse or self.forward_factor_hook is None else self.factor_parameter()
         for name, param in super().named_parameters(prefix, recurse, remove_duplicate):
             if param is not hidden:
                 yield name, param
@@ -178,7 +183,8 @@ class CompactLinearMixin:
     def _factor_token(self) -> tuple[int, int]:
         return (self.factor_parameter()._version, _OptimizerSteps.count)
 
-    def _mark_factor_zero(self) -> None:
+    def mark_factor_zero(self) -> None:
+        """Declare A zero in every copy (what a merge or construction leaves)."""
         self._zero_token: Optional[tuple[int, int]] = self._factor_token()
 
     def mark_factor_written(self) -> None:
@@ -190,7 +196,7 @@ class CompactLinearMixin:
     @property
     def factor_is_zero(self) -> bool:
         """True when A is known to be zero: this layer's merge (or construction) zeroed it and
-        since then no optimizer step began anywhere in this process (DeepSpeed writes A
+        since then no optimizer step began anywhere in this process (an engine may write A
         through `.data`, invisible to the version counter), nothing wrote A in place (its
         version counter), and mark_factor_written() was not called. Forward then skips the
         A P^T term; otherwise it includes it, so outputs are exact either way. In the usual
@@ -292,11 +298,11 @@ class CompactLinearMixin:
         s = merge_scale).
 
         factor: the value of A to merge, shape [out, r] of this TP shard (default: the module's
-            A; ZeRO passes its fp32 master copy). The module's A is zeroed either way; other
-            copies (optimizer masters, ZeRO partitions) are the caller's.
+            A; a backend may pass its fp32 master copy). The module's A is zeroed either way;
+            other copies (optimizer masters, partitions) are the caller's.
         base_flat, base_start: the flat slice W0.view(-1)[base_start : base_start + numel] to
-            update (default: all of W0; under ZeRO-3, this rank's partition of W0; not with
-            the bf16 pair, which ZeRO-3 does not take).
+            update (default: all of W0; a backend that partitions W0: this rank's partition;
+            not with the bf16 pair).
         With a bf16 W0 the sum is rounded stochastically (the pair: its low word), with noise
         that depends on (seed, layer id, merge count, TP rank, slice start) only, so
         data-parallel replicas stay equal and the TP shards of one W0 draw independent noise.
@@ -308,8 +314,8 @@ class CompactLinearMixin:
         base = self.weight.view(-1) if base_flat is None else base_flat
         n = self.weight.shape[1] if base_flat is None else self.projection.local_in
         if self.weight_lo is not None and base_flat is not None:
-            raise ValueError("merge_subspace: a slice of a bf16-pair W0 (ZeRO-3) is not "
-                             "supported")
+            raise ValueError("merge_subspace: a slice of a bf16-pair W0 (a partitioned W0) "
+                             "is not supported")
         lows = None if self.weight_lo is None else [self.weight_lo.view(-1)]
         if base.numel():
             # rows of W0 that the slice touches, and A P^T for just those rows, in A's module
@@ -369,8 +375,8 @@ class CompactLinearMixin:
     def _compressed(self, x, bias, sequence_parallel, allreduce_dgrad):
         sketch = self._probe_consumer()
         factor, factor_is_zero = self.factor_parameter(), self.factor_is_zero
-        if self.zero3_forward_factor is not None:
-            factor = self.zero3_forward_factor(factor, factor_is_zero)
+        if self.forward_factor_hook is not None:
+            factor = self.forward_factor_hook(factor, factor_is_zero)
         return compressed_linear(
             x,
             self.weight,
