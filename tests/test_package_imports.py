@@ -103,3 +103,37 @@ def test_core_names_no_engine():
             for i, line in enumerate(path.read_text().splitlines(), 1)
             if ENGINE_NAMES.search(line)]
     assert not hits, "\n".join(hits)
+
+
+def _module_level_calls(tree: ast.Module):
+    """Calls that run when the module is imported (outside functions and classes' methods)."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Call):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def test_importing_installs_no_global_hook():
+    """No module installs a process-wide hook when imported: the optimizer step pre-hook
+    that tells forward A may have changed (compact_dist.core.factor_state.OptimizerSteps) is
+    installed when the first compact layer is built, once."""
+    from torch.optim import optimizer as torch_optimizer
+
+    from compact_dist.core.factor_state import OptimizerSteps, ZeroTracker
+
+    hooky = re.compile(r"register_.*hook|^install$")
+    found = []
+    for name, path in _modules().items():
+        for call in _module_level_calls(ast.parse(path.read_text())):
+            func = call.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if hooky.search(called):
+                found.append(f"{name}:{call.lineno} {called}")
+    assert not found, found
+    ZeroTracker(), ZeroTracker()
+    hooks = torch_optimizer._global_optimizer_pre_hooks
+    assert sum(h == OptimizerSteps.hook for h in hooks.values()) == 1

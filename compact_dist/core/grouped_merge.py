@@ -14,8 +14,7 @@ scale (the same role in every transformer layer) are merged together, a chunk at
 
 a constant number of kernels per chunk. The math, the operand dtypes and the stochastic
 rounding streams (seed, layer id, merge count, TP rank, element) are those of
-CompactLinearMixin.merge_subspace, which is this update for a group of one (`apply_rows`,
-`finish`), so a layer ends in the same state either way (up to the summation order of the
+`merge_layer` (CompactLinearMixin.merge_subspace), this update for a group of one, so a layer ends in the same state either way (up to the summation order of the
 GEMM). Chunks keep delta under MERGE_CHUNK_BYTES (at least one layer).
 
 Used for the module's own A (`merge_layers`: the backends whose optimizer writes the updated
@@ -145,6 +144,45 @@ def apply_rows(layers: list, rows: torch.Tensor, bases: list[torch.Tensor], offs
     seeds = [block_seed(layer.compression.seed, layer.layer_id, -1 - layer.merge_count,
                         (tp_rank << 40) + base_start) for layer in layers]
     merge_into_bf16_many_(bases, delta, scale, decay, seeds, lows)
+
+
+@torch.no_grad()
+def merge_layer(layer, lr: float = 0.0, weight_decay: float = 0.0,
+                factor: Optional[torch.Tensor] = None, base_flat: Optional[torch.Tensor] = None,
+                base_start: int = 0) -> None:
+    """W0 <- W0 (1 - lr * weight_decay) + s A P^T; A <- 0 for one layer (decoupled decay on
+    W_eff; s = layer.merge_scale): the grouped update for a group of one.
+
+    factor: the value of A to merge, shape [out, r] of this TP shard (default: the module's
+        A; a backend may pass its fp32 master copy). The module's A is zeroed either way;
+        other copies (optimizer masters, partitions) are the caller's.
+    base_flat, base_start: the flat slice W0.view(-1)[base_start : base_start + numel] to
+        update (default: all of W0; a backend that partitions W0: this rank's partition;
+        not with the bf16 pair).
+    With a bf16 W0 the sum is rounded stochastically (the pair: its low word), with noise
+    that depends on (seed, layer id, merge count, TP rank, slice start) only, so
+    data-parallel replicas stay equal and the TP shards of one W0 draw independent noise.
+    """
+    module_factor = layer.subspace_factor
+    if module_factor is None:
+        return
+    factor = module_factor if factor is None else factor
+    base = layer.weight.view(-1) if base_flat is None else base_flat
+    n = layer.weight.shape[1] if base_flat is None else layer.projection.local_in
+    if layer.weight_lo is not None and base_flat is not None:
+        raise ValueError("merge_subspace: a slice of a bf16-pair W0 (a partitioned W0) "
+                         "is not supported")
+    lows = None if layer.weight_lo is None else [layer.weight_lo.view(-1)]
+    if base.numel():
+        # rows of W0 that the slice touches, and A P^T for just those rows, in A's module
+        # dtype (bf16 on GPUs: tensor cores with fp32 accumulation; an fp32 GEMM of this
+        # size per layer and step would cost more than the layer's forward): the grouped
+        # merge's update for a group of one
+        row0, row1 = base_start // n, -(-(base_start + base.numel()) // n)
+        rows = factor[row0:row1].to(module_factor.dtype).unsqueeze(0)
+        apply_rows([layer], rows, [base], base_start - row0 * n, base_start,
+                   1.0 - lr * weight_decay, lows)
+    finish([layer])
 
 
 def finish(layers: list) -> None:
