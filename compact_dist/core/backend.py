@@ -91,10 +91,6 @@ class ParallelBackend:
                   if s is not None}
         merge_layers(layers, lr, weight_decay, slices)
 
-    def forward_factor(self, layer, factor: torch.Tensor, factor_is_zero: bool) -> torch.Tensor:
-        """A as the layer's forward hands it to autograd (default: A)."""
-        return factor
-
     # ------------------------------------------------------------------- optimizer state
     def inner_optimizer(self, optimizer) -> torch.optim.Optimizer:
         """The torch optimizer whose param groups hold A's (or its masters') group."""

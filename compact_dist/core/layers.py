@@ -252,7 +252,8 @@ class CompactLinearMixin:
 
     # ---------------------------------------------------------------- data-aware P
     def start_sketch(self, kind) -> SubspaceSketch:
-        """Begin estimating the next data-aware P from the current one (warm start)."""
+        """Begin estimating the next data-aware P from the current one (warm start); kind: a
+        data-aware compact_dist.core.projection_kinds.ProjectionKind or its name."""
         p = self.projection
         self.sketch = SubspaceSketch(
             self.projection_blocks(torch.float32), kind, self.compression.seed, self.layer_id,
@@ -275,7 +276,7 @@ class CompactLinearMixin:
             return sketch
         if sketch is None:
             return energy
-        if sketch.kind != "gradient":
+        if not sketch.fed_in_backward:
             raise RuntimeError("a kept-energy probe ran with a 'pca' sketch open: the probe's "
                                "inputs would enter the estimate of P")
         return GradientConsumers([sketch, energy])
@@ -341,7 +342,7 @@ class CompactColumnParallelLinear(CompactLinearMixin, ColumnParallelLinear):
     def sketch_sum_over_tp(self) -> bool:
         """The sketch sees a TP shard: X's sequence shard (sequence parallel), or G's rows."""
         return self.sequence_parallel or (
-            self.sketch is not None and self.sketch.kind == "gradient")
+            self.sketch is not None and self.sketch.fed_in_backward)
 
     def forward(
         self,

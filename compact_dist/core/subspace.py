@@ -204,6 +204,7 @@ class SubspaceStepper:
                  measure_kept_energy: bool = False):
         self.model = model
         self.config = config
+        self.kind = config.kind  # compact_dist.core.projection_kinds
         self.measure_kept_energy = measure_kept_energy
         self.kept_energy: Optional[torch.Tensor] = None  # this step's measurement
         self._steps = 0
@@ -221,21 +222,23 @@ class SubspaceStepper:
 
     @property
     def data_aware(self) -> bool:
-        return self.config.enabled and self.config.projection != "gaussian"
+        return self.config.enabled and self.kind.data_aware
 
     def _estimating(self, step: int) -> bool:
         """Does (0-based) optimizer step `step` sketch the next P?"""
-        return self.data_aware and (step == 0 or (step + 1) % self.config.resample_interval == 0)
+        return self.config.enabled and self.kind.estimates_at(step,
+                                                               self.config.resample_interval)
 
     def _arm(self) -> None:
-        """Open sketches for the next step when it estimates P ('pca': in its forwards)."""
+        """Open sketches for the next step when it estimates P (kind.sketch_in_forward: in
+        its forwards)."""
         layers = compact_layers(self.model)
         for layer in layers:
             layer.sketch = None
         if not self._estimating(self._steps):
             return
         for layer in layers:
-            layer.start_sketch(self.config.projection).open = self.config.projection == "pca"
+            layer.start_sketch(self.kind).open = self.kind.sketch_in_forward
 
     def _measuring(self, step: int) -> bool:
         """Does (0-based) optimizer step `step` measure the kept energy? The last step of every
@@ -260,7 +263,7 @@ class SubspaceStepper:
         `kept_energy` ([layers] fp32, in compact_layers(model) order; None on steps that do
         not measure). One probe serves both. Returns True when it probed."""
         self.kept_energy = None
-        estimate = self.config.projection == "gradient" and self._estimating(self._steps)
+        estimate = self.kind.needs_probe and self._estimating(self._steps)
         measure = self._measuring(self._steps)
         if not (estimate or measure):
             return False
@@ -315,7 +318,7 @@ class SubspaceStepper:
         self._steps += 1
         if estimated:
             layers = compact_layers(self.model)
-            if self.config.projection == "gradient" and all(
+            if self.kind.needs_probe and all(
                     not layer.sketch.sums.any() for layer in layers):
                 raise RuntimeError("projection='gradient': no probe ran in this step; call "
                                    "stepper.before_step(probe_loss) before the micro-batches")
