@@ -81,7 +81,7 @@ def merge_subspace_factors(model: torch.nn.Module, lr: float, weight_decay: floa
     few launches per group instead of ~7 per layer); an engine that keeps fp32 masters of a
     bf16 A leaves in them only what the bf16 copy rounded away (nothing of the update is lost
     to rounding and nothing is merged twice); one that partitions W0 and A updates each
-    rank's partition (ZeRO-3: the DeepSpeed backend's zero3_merge).
+    rank's partition (ZeRO-3).
     """
     layers = [layer for layer in compact_layers(model) if layer.subspace_factor is not None]
     if not layers:
@@ -253,7 +253,7 @@ class SubspaceStepper:
         (a forward on a probe micro-batch returning the scalar loss) and a backward that
         feeds the uncompressed gradients G = dY^T X of every compact layer to what this step
         needs. The model's parameters are frozen meanwhile (requires_grad off, then restored),
-        so no backward inside the probe reaches their .grad or DeepSpeed's gradient hooks,
+        so no backward inside the probe reaches their .grad or an engine's gradient hooks,
         also those that activation recompute runs inside it; probe_loss must therefore make
         an input upstream of the compact layers require grad (a leaf of its own, which gets
         a .grad). Every RNG state is as before (compact_dist.core.rng.rng_untouched). G feeds:
