@@ -321,7 +321,7 @@ def run(args: argparse.Namespace) -> dict:
 
     Each turn starts with --turn-warmup untimed steps: a CompAct layer skips the A P^T term
     only while no optimizer step began anywhere in the process since its own merge
-    (compact_dist.core.layers._OptimizerSteps), so the first forward after another variant's
+    (compact_dist.core.factor_state.OptimizerSteps), so the first forward after another variant's
     step takes the exact W0 + A P^T path, which a lone training run never does."""
     bench = mt.Bench(args)
     bench.init()

@@ -255,7 +255,7 @@ def _local_merge_runs(rank):
     gathered merge on the same run."""
     import logging
 
-    import compact_dist.core.subspace as subspace
+    import compact_dist.deepspeed.zero3_merge as subspace
     from compact_dist import SubspaceStepper, compact_layers, optimizer_param_groups
     from compact_dist.deepspeed.engine import deepspeed_config, initialize_engine
     from gpt_utils import text_batch, tiny_gpt
@@ -322,7 +322,7 @@ def test_partition_local_layers_have_partitions_on_row_boundaries():
     the comment in _merge_partition_local): checked over small shapes and 2-5 ranks."""
     from types import SimpleNamespace
 
-    from compact_dist.core.subspace import _rows_align
+    from compact_dist.deepspeed.zero3_merge import _rows_align
 
     def param(rows, cols, world):
         numel = rows * cols

@@ -95,7 +95,7 @@ def _zero_run(rank, stage, moments, projection, expected):
         assert all(l.subspace_factor.numel() == 0 for l in layers)  # placeholders again
         # every row count here is even: the merge is partition-local (no gather of A); where
         # rows do not align it gathers every A's master in one collective, not one per layer
-        import compact_dist.core.subspace as subspace
+        import compact_dist.deepspeed.zero3_merge as subspace
         from compact_dist import merge_subspace_factors
 
         original = torch.distributed.all_gather_into_tensor

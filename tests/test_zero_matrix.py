@@ -163,12 +163,12 @@ def _moment(optimizer, factor, key) -> torch.Tensor:
 def _check_moments(optimizer, model):
     """transport (R = 2 I) and reset reach A's real moments."""
     from compact_dist import compact_layers
-    from compact_dist.core.moments import (_relink_zero_fragments, reset_moments,
+    from compact_dist.core.moments import (prepare_moments, reset_moments,
                                            subspace_step_count, transport_moments)
 
     layers = [l for l in compact_layers(model) if l.subspace_factor is not None]
     factors = [l.subspace_factor for l in layers]
-    _relink_zero_fragments(optimizer, factors)  # DeepSpeed links A's states lazily
+    prepare_moments(optimizer, factors)  # DeepSpeed links A's states lazily
     before = [_moment(optimizer, f, "exp_avg").clone() for f in factors]
     assert all(b.any() for b in before)
     maps = [2 * torch.eye(l.projection.block_rank).expand(l.projection.local_blocks, -1, -1)

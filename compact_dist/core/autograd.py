@@ -10,8 +10,9 @@ estimated from data; P is never derived from anything this call saves). Backward
   - unbiased mode: dL/dW = (dY^T Z) P^T (= G P P^T, unbiased as E[P P^T] = I for a Gaussian
     P; the projection of G onto span(P) for an orthonormal P).
 With an open sketch (compact_dist.core.basis) the call also feeds the estimate of the next P:
-'pca' adds X^T (X Q0) in forward; 'gradient' (a probe micro-batch) keeps the uncompressed
-input and adds G^T (G Q0) in backward. Any probe consumer of kind 'gradient' gets that G of
+one fed in forward ('pca') adds X^T (X Q0); one fed in backward (`fed_in_backward`:
+'gradient', a probe micro-batch) keeps the uncompressed input and adds G^T (G Q0) in
+backward. Any probe consumer with `fed_in_backward` gets that G of
 this TP shard (fp32): the kept-energy accumulator (compact_dist.core.kept_energy), or both
 through GradientConsumers.
 save_input (a layer's `exact_input`): save X itself instead of Z and project it in backward;
@@ -84,7 +85,7 @@ class CompressedLinearFunction(torch.autograd.Function):
             out = out + settings.factor_scale * torch.matmul(z_total, _cast(factor, x.dtype).t())
         if bias is not None:
             out = out + bias
-        probe = sketch is not None and sketch.kind == "gradient"
+        probe = sketch is not None and sketch.fed_in_backward
         if sketch is not None and not probe:
             sketch.add_input(x)
         ctx.save_for_backward(x if save_input else z, weight, factor if use_factor else None,

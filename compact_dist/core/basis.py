@@ -34,13 +34,13 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional, Union
 
 import torch
 
 from compact_dist.core.projection import block_seed
+from compact_dist.core.projection_kinds import ProjectionKind, projection_kind
 
-Kind = Literal["pca", "gradient"]
 # seeds of the sketch's random columns: an epoch range the projections never use
 _SKETCH_EPOCH_OFFSET = 1 << 40
 
@@ -58,10 +58,13 @@ class SubspaceSketch:
         (one host sync).
     seed, layer_id, epoch, first_block: identify the seeded extra columns (global block
         index, so every rank that owns a block draws the same columns for it).
-    kind: 'pca' (add_input in forward) or 'gradient' (add_gradient in a probe's backward).
+    kind: a data-aware ProjectionKind or its name (compact_dist.core.projection_kinds):
+        fed in forward (add_input, kind.sketch_in_forward: 'pca') or in a probe's backward
+        (add_gradient: 'gradient'), which `fed_in_backward` tells the layers.
     """
 
-    def __init__(self, previous: torch.Tensor, kind: Kind, seed: int, layer_id: int,
+    def __init__(self, previous: torch.Tensor, kind: Union[str, ProjectionKind], seed: int,
+                 layer_id: int,
                  epoch: int, first_block: int, orthonormal: Optional[bool] = None):
         kb, b, rb = previous.shape
         extra = oversampling(b, rb)
@@ -74,7 +77,10 @@ class SubspaceSketch:
         self.test_basis = _orthonormal_extension(previous.double(), omega.double(),
                                                  orthonormal).float()
         self.sums = torch.zeros_like(self.test_basis)  # C Q0
-        self.kind: Kind = kind
+        self.kind = projection_kind(kind)
+        if not self.kind.data_aware:
+            raise ValueError(f"a {self.kind} projection is not estimated from a sketch")
+        self.fed_in_backward = not self.kind.sketch_in_forward
         self.rank = rb
         self.open = False  # accumulating (pca: training forwards; gradient: the probe)
 

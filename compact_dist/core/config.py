@@ -12,8 +12,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from compact_dist.core.projection_kinds import UNBIASED_DEFAULT, ProjectionName, projection_kind
+
 LinearRole = Literal["qkv", "proj", "fc1", "fc2"]
-Projection = Literal["gaussian", "pca", "gradient"]
 ALL_ROLES: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
 # Megatron passes tp_comm_buffer_name=<role> to each of the four GPT linears.
 COLUMN_ROLES = ("qkv", "fc1")
@@ -122,7 +123,7 @@ class CompressionConfig(BaseModel):
     row_parallel_blocks: int = Field(default=8, ge=1)
     layers: list[LinearRole] = Field(default_factory=lambda: list(ALL_ROLES))
     moments_on_resample: Literal["keep", "reset", "transport"] = "transport"
-    projection: Projection = "pca"
+    projection: ProjectionName = "pca"
     update_scale: float = Field(default=1.0, gt=0.0)
     exact_input: list[LinearRole] = Field(default_factory=lambda: ["proj"])
 
@@ -141,10 +142,15 @@ class CompressionConfig(BaseModel):
             raise ValueError(f"'layers' lists a role twice: {self.layers}")
         given = self.model_fields_set
         if self.mode == "unbiased" and "projection" not in given:
-            self.projection = "gaussian"  # unbiased needs E[P P^T] = I: a random P
-        if self.projection == "gaussian" and "moments_on_resample" not in given:
-            self.moments_on_resample = "keep"  # independent draws: nothing to transport
+            self.projection = UNBIASED_DEFAULT  # unbiased needs E[P P^T] = I: a random P
+        if "moments_on_resample" not in given:  # gaussian: independent draws, nothing to
+            self.moments_on_resample = self.kind.default_moments  # transport
         return self
+
+    @property
+    def kind(self):
+        """The projection as a compact_dist.core.projection_kinds.ProjectionKind."""
+        return projection_kind(self.projection)
 
     @classmethod
     def from_yaml(cls, path: str) -> "CompressionConfig":

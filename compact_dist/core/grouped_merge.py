@@ -14,15 +14,14 @@ scale (the same role in every transformer layer) are merged together, a chunk at
 
 a constant number of kernels per chunk. The math, the operand dtypes and the stochastic
 rounding streams (seed, layer id, merge count, TP rank, element) are those of
-CompactLinearMixin.merge_subspace, which is this update for a group of one (`apply_rows`,
-`finish`), so a layer ends in the same state either way (up to the summation order of the
+`merge_layer` (CompactLinearMixin.merge_subspace), this update for a group of one, so a layer ends in the same state either way (up to the summation order of the
 GEMM). Chunks keep delta under MERGE_CHUNK_BYTES (at least one layer).
 
-Used for the module's own A (plain torch optimizers and ZeRO 0-2, where DeepSpeed writes the
-updated A into the module, `merge_layers`; the optimizer's fp32 copies of A keep only the
-rounding residual) and for ZeRO-3's partition-local merge
-(compact_dist.core.subspace, through `group_layers`, `chunks`, `apply_rows`, `finish`); the
-ZeRO-3 layers that need A gathered go through merge_subspace per layer.
+Used for the module's own A (`merge_layers`: the backends whose optimizer writes the updated
+A into the module, i.e. plain torch and ZeRO 0-2; the optimizer's fp32 copies of A keep only
+the rounding residual) and by backends that partition W0 for their partition-local merge
+(through `group_layers`, `chunks`, `apply_rows`, `finish`); a layer that needs A gathered
+goes through merge_subspace alone.
 """
 
 from __future__ import annotations
@@ -44,10 +43,10 @@ MERGE_CHUNK_BYTES = 128 * 2**20
 def _group_key(layer) -> tuple:
     w, a = layer.weight, layer.subspace_factor
     p = layer.projection
-    # ZeRO-3 parameters hold a placeholder: their full shape is ds_shape
-    return (tuple(getattr(w, "ds_shape", w.shape)), w.dtype, layer.weight_lo is not None,
-            tuple(getattr(a, "ds_shape", a.shape)), a.dtype, w.device,
-            (p.local_blocks, p.block_in, p.block_rank), layer.merge_scale)
+    # the shapes the layer was built with: an engine that partitions W0 or A (ZeRO-3) leaves
+    # a placeholder in the parameter
+    return (layer.base_shape, w.dtype, layer.weight_lo is not None, layer.factor_shape,
+            a.dtype, w.device, (p.local_blocks, p.block_in, p.block_rank), layer.merge_scale)
 
 
 def unproject_many(factors: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -83,32 +82,28 @@ def chunks(group: list, elements_per_layer: int) -> list[list]:
 
 @torch.no_grad()
 def merge_layers(layers: list, lr: float, weight_decay: float,
-                 masters: Optional[dict[int, torch.Tensor]] = None) -> None:
+                 masters: Optional[dict] = None) -> None:
     """Merge each layer's module A into its full W0 and zero A (what merge_subspace(lr,
     weight_decay) does for each), grouped by shape. Every fp32 copy of A the optimizer steps
     keeps only what the (bf16) module A rounded away (the copy minus A): the update lives on
-    in W0, nothing of it in the optimizer's copy. Those copies: DeepSpeed ZeRO 1-2's fp32
-    master fragments (`A._hp_mapping`), and `masters` (id(A) -> a full fp32 master [out, r],
-    DeepSpeed ZeRO-0 with bf16; compact_dist.core.masters)."""
+    in W0, nothing of it in the optimizer's copy. masters: id(A) -> the
+    compact_dist.core.backend.MasterSlice of A's master on this rank (the backend's
+    master_slices), for the A's that have one apart from A itself."""
     decay = 1.0 - lr * weight_decay
     for group in group_layers(layers):
         for chunk in chunks(group, group[0].weight.numel()):
             _merge_chunk(chunk, decay, masters or {})
 
 
-def _merge_chunk(layers: list, decay: float, masters: dict[int, torch.Tensor]) -> None:
+def _merge_chunk(layers: list, decay: float, masters: dict) -> None:
     factors = [layer.subspace_factor for layer in layers]
     stacked = torch.stack([f.detach() for f in factors])  # [L, m, r]
     highs, spans = [], []  # the fp32 copies, and (layer, start, numel) of A they hold
     for i, factor in enumerate(factors):
-        mapping = getattr(factor, "_hp_mapping", None)
-        if mapping is not None:  # ZeRO 1-2: this rank's fp32 master fragment
-            address = mapping.lp_fragment_address
-            highs.append(mapping.get_hp_fragment())
-            spans.append((i, address.start, address.numel))
-        elif id(factor) in masters:  # ZeRO-0 with bf16: the full fp32 master
-            highs.append(masters[id(factor)].view(-1))
-            spans.append((i, 0, factor.numel()))
+        master = masters.get(id(factor))
+        if master is not None:
+            highs.append(master.tensor)
+            spans.append((i, master.start, master.numel))
     if highs:
         flat = stacked.view(len(layers), -1).float()  # one cast for the chunk (A is small)
         torch._foreach_sub_(highs, [flat[i].narrow(0, start, numel)
@@ -151,9 +146,48 @@ def apply_rows(layers: list, rows: torch.Tensor, bases: list[torch.Tensor], offs
     merge_into_bf16_many_(bases, delta, scale, decay, seeds, lows)
 
 
+@torch.no_grad()
+def merge_layer(layer, lr: float = 0.0, weight_decay: float = 0.0,
+                factor: Optional[torch.Tensor] = None, base_flat: Optional[torch.Tensor] = None,
+                base_start: int = 0) -> None:
+    """W0 <- W0 (1 - lr * weight_decay) + s A P^T; A <- 0 for one layer (decoupled decay on
+    W_eff; s = layer.merge_scale): the grouped update for a group of one.
+
+    factor: the value of A to merge, shape [out, r] of this TP shard (default: the module's
+        A; a backend may pass its fp32 master copy). The module's A is zeroed either way;
+        other copies (optimizer masters, partitions) are the caller's.
+    base_flat, base_start: the flat slice W0.view(-1)[base_start : base_start + numel] to
+        update (default: all of W0; a backend that partitions W0: this rank's partition;
+        not with the bf16 pair).
+    With a bf16 W0 the sum is rounded stochastically (the pair: its low word), with noise
+    that depends on (seed, layer id, merge count, TP rank, slice start) only, so
+    data-parallel replicas stay equal and the TP shards of one W0 draw independent noise.
+    """
+    module_factor = layer.subspace_factor
+    if module_factor is None:
+        return
+    factor = module_factor if factor is None else factor
+    base = layer.weight.view(-1) if base_flat is None else base_flat
+    n = layer.weight.shape[1] if base_flat is None else layer.projection.local_in
+    if layer.weight_lo is not None and base_flat is not None:
+        raise ValueError("merge_subspace: a slice of a bf16-pair W0 (a partitioned W0) "
+                         "is not supported")
+    lows = None if layer.weight_lo is None else [layer.weight_lo.view(-1)]
+    if base.numel():
+        # rows of W0 that the slice touches, and A P^T for just those rows, in A's module
+        # dtype (bf16 on GPUs: tensor cores with fp32 accumulation; an fp32 GEMM of this
+        # size per layer and step would cost more than the layer's forward): the grouped
+        # merge's update for a group of one
+        row0, row1 = base_start // n, -(-(base_start + base.numel()) // n)
+        rows = factor[row0:row1].to(module_factor.dtype).unsqueeze(0)
+        apply_rows([layer], rows, [base], base_start - row0 * n, base_start,
+                   1.0 - lr * weight_decay, lows)
+    finish([layer])
+
+
 def finish(layers: list) -> None:
     """Zero the module A's (one launch) and mark them zero; count the merge."""
     torch._foreach_zero_([layer.subspace_factor for layer in layers])
     for layer in layers:
-        layer._mark_factor_zero()
+        layer.mark_factor_zero()
         layer.merge_count += 1

@@ -14,7 +14,7 @@ compression on this micro-batch's gradient.
 
 G needs the exact input X, which a compact layer does not keep (it saves X P): it comes from
 a probe micro-batch whose backward sees the uncompressed input, the one projection='gradient'
-uses (compact_dist.core.autograd: a probe consumer of kind 'gradient' receives G of this TP
+uses (compact_dist.core.autograd: a probe consumer `fed_in_backward` receives G of this TP
 shard in fp32). A `KeptEnergy` is such a consumer; `GradientConsumers` feeds the same G to
 several (the 'gradient' sketch and a KeptEnergy when one probe serves both).
 
@@ -46,7 +46,7 @@ class KeptEnergy:
     orthonormal: P's blocks are orthonormal (data-aware): Q = P without a QR.
     """
 
-    kind = "gradient"  # fed in a probe's backward, like a 'gradient' sketch
+    fed_in_backward = True  # fed in a probe's backward, like a 'gradient' sketch
 
     def __init__(self, blocks: Callable[[], torch.Tensor], orthonormal: bool):
         self._blocks = blocks
@@ -69,7 +69,7 @@ class KeptEnergy:
 class GradientConsumers:
     """Several probe consumers fed the same G (one probe for the sketch and the telemetry)."""
 
-    kind = "gradient"
+    fed_in_backward = True
 
     def __init__(self, consumers: list):
         self.consumers = consumers

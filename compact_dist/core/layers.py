@@ -19,17 +19,12 @@ Either way only Z = X P is saved for backward. Tensor layout per TP rank:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from megatron.core.tensor_parallel.layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    set_tensor_model_parallel_attributes,
-)
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -38,49 +33,30 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_pg_rank, get_pg_size
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from compact_dist.core.autograd import SUBSPACE, compressed_linear
+from compact_dist.core.base_weight import apply_keeping_base, freeze_base, full_base
 from compact_dist.core.basis import SubspaceSketch
 from compact_dist.core.collectives import reduce_scatter_to_sequence_parallel_region
 from compact_dist.core.config import LayerCompression
-from compact_dist.core.grouped_merge import apply_rows, finish
+from compact_dist.core.factor_state import ZeroTracker, new_factor
+from compact_dist.core.grouped_merge import merge_layer
 from compact_dist.core.kept_energy import GradientConsumers, KeptEnergy
-from compact_dist.core.projection import Projection, operand, unproject
+from compact_dist.core.projection import Projection, unproject
+from compact_dist.core.projection_state import ProjectionState
 
-# the dtype of `weight` (W0, or the pair's high word) per base_dtype
-_BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16_pair": torch.bfloat16}
-
-
-class _OptimizerSteps:
-    """Steps begun by any torch optimizer in this process (a global step pre-hook).
-
-    DeepSpeed writes parameters through `.data` (ZeRO 1-3 copy the updated fp32 masters into
-    the module's tensors that way), which does not bump a tensor's version counter; every ZeRO
-    stage does run a torch optimizer's step() inside engine.step(), though, so this count moves
-    whenever A may have been written by an optimizer. Counting every optimizer in the process
-    errs only on the safe side (an unrelated step makes forward take the exact A P^T path).
-    """
-
-    count = 0
-
-    @classmethod
-    def hook(cls, optimizer, args, kwargs) -> None:
-        cls.count += 1
-
-
-register_optimizer_step_pre_hook(_OptimizerSteps.hook)
 # Default layer ids in construction order (the same on every rank that builds the same model);
 # compact_dist.core.subspace.assign_layer_ids() replaces them with ids from the model structure.
 _construction_counter = itertools.count()
 
 
 class CompactLinearMixin:
-    """State and operations shared by the column- and row-parallel compact layers."""
+    """What the column- and row-parallel compact layers share: the wiring of their parts
+    (W0 storage: core.base_weight; A and whether it is known zero: core.factor_state; P and
+    its cache: core.projection_state; the merge: core.grouped_merge; the sketches of a
+    data-aware P: core.basis / core.kept_energy) into Megatron's layer."""
 
     compression: LayerCompression
-    projection: Projection
-    projection_epoch: int
     merge_count: int
 
     @classmethod
@@ -110,7 +86,7 @@ class CompactLinearMixin:
     ) -> None:
         self.compression = compression
         self.role: Optional[str] = role
-        self.projection = Projection(
+        self._projection = ProjectionState(Projection(
             seed=compression.seed,
             layer_id=next(_construction_counter) if layer_id is None else layer_id,
             in_features=self.input_size,
@@ -118,149 +94,139 @@ class CompactLinearMixin:
             num_blocks=num_blocks,
             first_block=first_block,
             local_blocks=local_blocks,
-        )
-        self.projection_epoch = 0
+        ))
         self.merge_count = 0
-        self._projection_cache: dict[tuple, list] = {}
-        # data-aware P (fp32 [local_blocks, block_in, block_rank], orthonormal blocks) once
-        # estimated; None: the seeded Gaussian P of the current epoch
-        self.basis: Optional[torch.Tensor] = None
         self.sketch: Optional[SubspaceSketch] = None  # open while estimating the next P
         # open while a probe measures what P keeps of G (compact_dist.core.kept_energy)
         self.kept_energy: Optional[KeptEnergy] = None
         self.subspace_factor: Optional[torch.nn.Parameter] = None
-        # ZeRO-3 only (compact_dist.deepspeed.zero3_factor): A is left out of the module's own
-        # parameter listing, and this maps (A, A known zero) to what forward hands autograd
-        self.zero3_forward_factor: Optional[Callable] = None
+        # set by a backend that keeps A out of the module's own parameter listing (its
+        # per-module fetch): maps (A, A known zero) to what forward hands autograd
+        self.forward_factor_hook: Optional[Callable] = None
+        self._factor_zero = ZeroTracker()
         # the pair's low word: W0 = weight + weight_lo (bf16 each); None otherwise
         self.register_buffer("weight_lo", None)
         if compression.mode == SUBSPACE:
             w = self.weight
-            w.requires_grad_(False)
-            full = w.data
-            w.data = full.to(_BASE_DTYPES[compression.base_dtype])
-            if compression.base_dtype == "bf16_pair":
-                self.weight_lo = (full.float() - w.data.float()).to(torch.bfloat16)
+            self.weight_lo = freeze_base(w, compression.base_dtype)
             # column-parallel: [out/tp, r]; row-parallel: [out, r/tp]
-            shape = (w.shape[0], self.projection.local_rank)
-            self.subspace_factor = torch.nn.Parameter(
-                torch.zeros(shape, dtype=self.config.params_dtype, device=w.device)
-            )
-            set_tensor_model_parallel_attributes(self.subspace_factor, True, partition_dim, 1)
-            self.subspace_factor.allreduce = True
-            self._mark_factor_zero()
+            self.subspace_factor = new_factor(w.shape[0], self.projection.local_rank,
+                                              self.config.params_dtype, w.device, partition_dim)
+            self.mark_factor_zero()
+        # the shapes of this TP shard's W0 and A as built (an engine that partitions them
+        # leaves placeholders in the parameters)
+        self.base_shape = tuple(self.weight.shape)
+        self.factor_shape = (None if self.subspace_factor is None
+                             else tuple(self.subspace_factor.shape))
 
-    # ----------------------------------------------------------------------------- state
+    # ----------------------------------------------------------------------------- ids
+    @property
+    def projection(self) -> Projection:
+        """The seeded geometry of this rank's P (compact_dist.core.projection.Projection)."""
+        return self._projection.spec
+
     @property
     def layer_id(self) -> int:
-        return self.projection.layer_id
+        return self._projection.spec.layer_id
 
     def set_layer_id(self, layer_id: int) -> None:
-        self.projection = dataclasses.replace(self.projection, layer_id=layer_id)
-        self._projection_cache.clear()
+        self._projection.set_layer_id(layer_id)
 
+    # ----------------------------------------------------------------------------- A
     def factor_parameter(self) -> Optional[torch.nn.Parameter]:
-        """A, read from the parameter dict without Module.__getattr__: under ZeRO-3 DeepSpeed's
-        dict gathers a partitioned parameter read that way during forward."""
+        """A, read from the parameter dict without Module.__getattr__ (an engine that
+        partitions parameters may gather one read that way during forward)."""
         return self._parameters.get("subspace_factor")
 
     def named_parameters(self, prefix: str = "", recurse: bool = True,
                          remove_duplicate: bool = True) -> Iterator:
-        """Module.named_parameters; the module's own listing (recurse=False: what ZeRO-3
-        gathers around its forward and backward) leaves A out once
-        compact_dist.deepspeed.zero3_factor took it out of that fetch. The model's recursive
+        """Module.named_parameters; the module's own listing (recurse=False: what a
+        partitioning engine gathers around its forward and backward) leaves A out once a
+        backend set forward_factor_hook (took A out of that fetch). The model's recursive
         listing (optimizer, checkpoints) still holds it."""
-        hidden = None if recurse or self.zero3_forward_factor is None else self.factor_parameter()
+        hidden = None if recurse or self.forward_factor_hook is None else self.factor_parameter()
         for name, param in super().named_parameters(prefix, recurse, remove_duplicate):
             if param is not hidden:
                 yield name, param
 
-    def _factor_token(self) -> tuple[int, int]:
-        return (self.factor_parameter()._version, _OptimizerSteps.count)
-
-    def _mark_factor_zero(self) -> None:
-        self._zero_token: Optional[tuple[int, int]] = self._factor_token()
+    def mark_factor_zero(self) -> None:
+        """Declare A zero in every copy (what a merge or construction leaves)."""
+        self._factor_zero.mark_zero(self.factor_parameter())
 
     def mark_factor_written(self) -> None:
         """Declare that A may have been written behind autograd's back (through `.data`, or by
         a checkpoint load), so forward uses W0 + s A P^T until the next merge."""
         if self.factor_parameter() is not None:
-            self._zero_token = None
+            self._factor_zero.mark_written()
 
     @property
     def factor_is_zero(self) -> bool:
         """True when A is known to be zero: this layer's merge (or construction) zeroed it and
-        since then no optimizer step began anywhere in this process (DeepSpeed writes A
+        since then no optimizer step began anywhere in this process (an engine may write A
         through `.data`, invisible to the version counter), nothing wrote A in place (its
         version counter), and mark_factor_written() was not called. Forward then skips the
         A P^T term; otherwise it includes it, so outputs are exact either way. In the usual
         loop (merge right after every optimizer step) every forward skips it."""
-        return self.factor_parameter() is None or self._zero_token == self._factor_token()
+        return self._factor_zero.is_zero(self.factor_parameter())
 
+    # ----------------------------------------------------------------------------- state
     def get_extra_state(self) -> Any:
-        return {"projection_epoch": self.projection_epoch, "merge_count": self.merge_count,
-                "basis": None if self.basis is None else self.basis.detach().cpu()}
+        return {**self._projection.extra_state(), "merge_count": self.merge_count}
 
     def set_extra_state(self, state: Any) -> None:
         if isinstance(state, dict):
-            self.projection_epoch = int(state["projection_epoch"])
+            self._projection.load_extra_state(state, self.weight.device)
             self.merge_count = int(state["merge_count"])
-            basis = state.get("basis")
-            self.basis = None if basis is None else basis.to(self.weight.device, torch.float32)
-            self._projection_cache.clear()
 
     def _apply(self, fn, recurse=True):
         """Keep the frozen base W0 (and the pair's low word) in its storage dtype through
         .to()/.bfloat16()/.cuda()."""
         if self.subspace_factor is None:
             return super()._apply(fn, recurse)
-        kept = [(self._parameters, "weight")]
-        if self.weight_lo is not None:
-            kept.append((self._buffers, "weight_lo"))
-        saved = [(table, name, list(table), table.pop(name)) for table, name in kept]
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for table, name, order, tensor in saved:
-                tensor.data = tensor.data.to(fn(torch.empty(0, device=tensor.device)).device)
-                rebuilt = {k: (tensor if k == name else table[k]) for k in order}
-                table.clear()
-                table.update(rebuilt)
-        return self
+        return apply_keeping_base(self, super()._apply, fn, recurse)
 
     # -------------------------------------------------------------------- projections
-    def projection_blocks(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """This rank's blocks of the current P: [local_blocks, block_in, block_rank].
+    @property
+    def projection_epoch(self) -> int:
+        return self._projection.epoch
 
-        Gaussian P: generated from their seeds on first use in a projection epoch; data-aware
-        P: the estimated `basis`. Either is kept until the next resample (forward, backward,
-        recompute and the merge of that epoch share them): P itself is the only thing cached,
-        never anything derived from this step's activations. Only the latest (epoch, dtype,
-        device) is kept.
-        """
-        return self._cached_projection(dtype)[0]
+    @projection_epoch.setter
+    def projection_epoch(self, epoch: int) -> None:
+        self._projection.epoch = epoch
+
+    @property
+    def basis(self) -> Optional[torch.Tensor]:
+        """The data-aware P (fp32 [local_blocks, block_in, block_rank], orthonormal blocks)
+        once estimated; None: the seeded Gaussian P of the current epoch."""
+        return self._projection.basis
+
+    @basis.setter
+    def basis(self, basis: Optional[torch.Tensor]) -> None:
+        self._projection.basis = basis
+
+    @property
+    def _projection_cache(self) -> dict:
+        return self._projection.cache
+
+    def projection_blocks(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """This rank's blocks of the current P: [local_blocks, block_in, block_rank] on W0's
+        device (compact_dist.core.projection_state: cached until the next resample)."""
+        return self._projection.blocks(dtype, self.weight.device)
 
     def projection_operand(self, dtype: torch.dtype) -> torch.Tensor:
         """This rank's P as forward and backward multiply it (projection.operand: the [in, r]
         matrix for at most DENSE_MAX_BLOCKS blocks, else the blocks), cached with the blocks."""
-        entry = self._cached_projection(dtype)
-        if entry[1] is None:
-            entry[1] = operand(entry[0])
-        return entry[1]
+        return self._projection.operand(dtype, self.weight.device)
 
-    def _cached_projection(self, dtype: torch.dtype) -> list:
-        """[blocks, operand or None] of the current epoch in `dtype` on W0's device."""
-        key = (self.projection_epoch, dtype, self.weight.device)
-        entry = self._projection_cache.get(key)
-        if entry is None:
-            if self.basis is not None:
-                blocks = self.basis.to(self.weight.device, dtype)
-            else:
-                blocks = self.projection.blocks(self.projection_epoch, self.weight.device, dtype)
-            entry = [blocks, None]
-            self._projection_cache = {key: entry}
-        return entry
+    def resample_projection(self, basis: Optional[torch.Tensor] = None) -> None:
+        """Switch to the next projection epoch: P becomes `basis` (data-aware, fp32
+        [local_blocks, block_in, block_rank]) or, without one, stays data-aware if it was,
+        else the next seeded Gaussian P. A must be merged first."""
+        if not self.factor_is_zero:
+            raise RuntimeError("merge_subspace() must run before resample_projection()")
+        self._projection.advance(basis, self.weight.device)
 
+    # -------------------------------------------------------------------------- merge
     @property
     def merge_scale(self) -> float:
         """s in W_eff = W0 + s A P^T: `update_scale`. A's gradient is CompAct's G P
@@ -271,74 +237,23 @@ class CompactLinearMixin:
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
         """W_eff = W0 + s A P^T (fp32) of this rank's shard; W itself in unbiased mode."""
-        w = self.weight.float()
-        if self.weight_lo is not None:
-            w = w + self.weight_lo.float()
+        w = full_base(self.weight, self.weight_lo)
         if self.subspace_factor is None:
             return w
         delta = unproject(self.subspace_factor.float(), self.projection_blocks(torch.float32))
         return w + self.merge_scale * delta
 
-    @torch.no_grad()
-    def merge_subspace(
-        self,
-        lr: float = 0.0,
-        weight_decay: float = 0.0,
-        factor: Optional[torch.Tensor] = None,
-        base_flat: Optional[torch.Tensor] = None,
-        base_start: int = 0,
-    ) -> None:
-        """W0 <- W0 (1 - lr * weight_decay) + s A P^T; A <- 0 (decoupled decay on W_eff;
-        s = merge_scale).
+    def merge_subspace(self, lr: float = 0.0, weight_decay: float = 0.0,
+                       factor: Optional[torch.Tensor] = None,
+                       base_flat: Optional[torch.Tensor] = None, base_start: int = 0) -> None:
+        """W0 <- W0 (1 - lr * weight_decay) + s A P^T; A <- 0 for this layer alone
+        (compact_dist.core.grouped_merge.merge_layer, which documents the arguments)."""
+        merge_layer(self, lr, weight_decay, factor, base_flat, base_start)
 
-        factor: the value of A to merge, shape [out, r] of this TP shard (default: the module's
-            A; ZeRO passes its fp32 master copy). The module's A is zeroed either way; other
-            copies (optimizer masters, ZeRO partitions) are the caller's.
-        base_flat, base_start: the flat slice W0.view(-1)[base_start : base_start + numel] to
-            update (default: all of W0; under ZeRO-3, this rank's partition of W0; not with
-            the bf16 pair, which ZeRO-3 does not take).
-        With a bf16 W0 the sum is rounded stochastically (the pair: its low word), with noise
-        that depends on (seed, layer id, merge count, TP rank, slice start) only, so
-        data-parallel replicas stay equal and the TP shards of one W0 draw independent noise.
-        """
-        module_factor = self.subspace_factor
-        if module_factor is None:
-            return
-        factor = module_factor if factor is None else factor
-        base = self.weight.view(-1) if base_flat is None else base_flat
-        n = self.weight.shape[1] if base_flat is None else self.projection.local_in
-        if self.weight_lo is not None and base_flat is not None:
-            raise ValueError("merge_subspace: a slice of a bf16-pair W0 (ZeRO-3) is not "
-                             "supported")
-        lows = None if self.weight_lo is None else [self.weight_lo.view(-1)]
-        if base.numel():
-            # rows of W0 that the slice touches, and A P^T for just those rows, in A's module
-            # dtype (bf16 on GPUs: tensor cores with fp32 accumulation; an fp32 GEMM of this
-            # size per layer and step would cost more than the layer's forward): the grouped
-            # merge's update for a group of one
-            row0, row1 = base_start // n, -(-(base_start + base.numel()) // n)
-            rows = factor[row0:row1].to(module_factor.dtype).unsqueeze(0)
-            apply_rows([self], rows, [base], base_start - row0 * n, base_start,
-                       1.0 - lr * weight_decay, lows)
-        finish([self])
-
-    def resample_projection(self, basis: Optional[torch.Tensor] = None) -> None:
-        """Switch to the next projection epoch: P becomes `basis` (data-aware, fp32
-        [local_blocks, block_in, block_rank]) or, without one, stays data-aware if it was,
-        else the next seeded Gaussian P. A must be merged first."""
-        if not self.factor_is_zero:
-            raise RuntimeError("merge_subspace() must run before resample_projection()")
-        if basis is not None:
-            expected = (self.projection.local_blocks, self.projection.block_in,
-                        self.projection.block_rank)
-            if tuple(basis.shape) != expected:
-                raise ValueError(f"basis of shape {tuple(basis.shape)}, expected {expected}")
-            self.basis = basis.to(self.weight.device, torch.float32)
-        self.projection_epoch += 1
-        self._projection_cache.clear()
-
-    def start_sketch(self, kind: str) -> SubspaceSketch:
-        """Begin estimating the next data-aware P from the current one (warm start)."""
+    # ---------------------------------------------------------------- data-aware P
+    def start_sketch(self, kind) -> SubspaceSketch:
+        """Begin estimating the next data-aware P from the current one (warm start); kind: a
+        data-aware compact_dist.core.projection_kinds.ProjectionKind or its name."""
         p = self.projection
         self.sketch = SubspaceSketch(
             self.projection_blocks(torch.float32), kind, self.compression.seed, self.layer_id,
@@ -361,7 +276,7 @@ class CompactLinearMixin:
             return sketch
         if sketch is None:
             return energy
-        if sketch.kind != "gradient":
+        if not sketch.fed_in_backward:
             raise RuntimeError("a kept-energy probe ran with a 'pca' sketch open: the probe's "
                                "inputs would enter the estimate of P")
         return GradientConsumers([sketch, energy])
@@ -369,8 +284,8 @@ class CompactLinearMixin:
     def _compressed(self, x, bias, sequence_parallel, allreduce_dgrad):
         sketch = self._probe_consumer()
         factor, factor_is_zero = self.factor_parameter(), self.factor_is_zero
-        if self.zero3_forward_factor is not None:
-            factor = self.zero3_forward_factor(factor, factor_is_zero)
+        if self.forward_factor_hook is not None:
+            factor = self.forward_factor_hook(factor, factor_is_zero)
         return compressed_linear(
             x,
             self.weight,
@@ -427,7 +342,7 @@ class CompactColumnParallelLinear(CompactLinearMixin, ColumnParallelLinear):
     def sketch_sum_over_tp(self) -> bool:
         """The sketch sees a TP shard: X's sequence shard (sequence parallel), or G's rows."""
         return self.sequence_parallel or (
-            self.sketch is not None and self.sketch.kind == "gradient")
+            self.sketch is not None and self.sketch.fed_in_backward)
 
     def forward(
         self,

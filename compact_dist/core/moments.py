@@ -26,47 +26,28 @@ P', per diagonal block (A's columns j r_b ... (j+1) r_b belong to block j):
   over ~1 / (1 - beta1) steps, as after Adam's own start) and the old directions move as
   before.
 
-Works with a torch optimizer and with DeepSpeed's ZeRO 0-3 optimizers (pass
-`engine.optimizer`). A's states are found through the optimizer param group flagged
-`compact_subspace` (compact_dist.core.subspace.optimizer_param_groups): DeepSpeed flattens each
-param group into its own fp32 partitions, so that group's states are exactly A's; at ZeRO-0
-with bf16 they are keyed by A's fp32 masters (compact_dist.core.masters). A state that is
-missing raises: it is never skipped.
+Works with any parallel backend (compact_dist.core.backend: the torch optimizer, or the
+engine's, e.g. `engine.optimizer`), which says where A's states are: in the optimizer param
+group flagged `compact_subspace` (compact_dist.core.subspace.optimizer_param_groups), keyed by
+what the optimizer steps in A's place. A state that is missing raises: it is never skipped.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from compact_dist.core.masters import plain_masters, zero_linked
+from compact_dist.core.backend import SUBSPACE_GROUP_KEY
+from compact_dist.core.backend_registry import backend_for
 
-SUBSPACE_GROUP_KEY = "compact_subspace"
+__all__ = ["SUBSPACE_GROUP_KEY", "prepare_moments", "reset_moments", "subspace_step_count",
+           "transport_moments"]
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _subspace_states(optimizer) -> Iterator[Optional[dict]]:
-    """The optimizer-state dicts of the tensors the optimizer steps for the A's (ZeRO: this
-    rank's flat fp32 partitions; DeepSpeed ZeRO-0 with bf16: the fp32 masters; else the A's),
-    None for one that has no state yet (no optimizer step)."""
-    if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: one flat per sub-group
-        inner = optimizer.optimizer
-        for sub, group in optimizer.sub_group_to_group_id.items():
-            if inner.param_groups[group].get(SUBSPACE_GROUP_KEY):
-                yield inner.state.get(optimizer.fp32_partitioned_groups_flat[sub]) or None
-        return
-    inner = getattr(optimizer, "optimizer", None)
-    if not isinstance(inner, torch.optim.Optimizer):  # a plain torch optimizer
-        inner = optimizer
-    for group in inner.param_groups:  # ZeRO 1-2: the group's flat fp32 partition; ZeRO-0
-        if group.get(SUBSPACE_GROUP_KEY):  # with bf16: the fp32 masters
-            for p in group["params"]:
-                yield inner.state.get(p) or None
-
-
 def _check_has_subspace_group(optimizer) -> None:
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = backend_for(optimizer).inner_optimizer(optimizer)
     if not any(g.get(SUBSPACE_GROUP_KEY) for g in inner.param_groups):
         raise ValueError(
             "the optimizer has no param group flagged 'compact_subspace': build it from "
@@ -77,13 +58,13 @@ def _check_has_subspace_group(optimizer) -> None:
 def reset_moments(optimizer) -> None:
     """Zero A's Adam moments and step count (this rank's part; no communication).
 
-    optimizer: the torch optimizer, or under DeepSpeed the engine's (`engine.optimizer`).
+    optimizer: the torch optimizer, or the engine's (`engine.optimizer`).
     """
     if optimizer is None:
         raise ValueError("moments_on_resample='reset' needs the optimizer: "
                          "after_step(..., optimizer=opt or engine.optimizer)")
     _check_has_subspace_group(optimizer)
-    for state in _subspace_states(optimizer):
+    for state in backend_for(optimizer).factor_states(optimizer):
         if state is None:
             raise RuntimeError("moments_on_resample='reset': the optimizer has no state for "
                                "the subspace factors A (no optimizer step yet?)")
@@ -97,15 +78,10 @@ def reset_moments(optimizer) -> None:
             state["step"] = 0
 
 
-def _relink_zero_fragments(optimizer, params: Sequence[torch.Tensor]) -> None:
-    """DeepSpeed 0.19 (ZeRO 0-2) links parameters to their optimizer-state fragments right
-    after the first param group's first step, before later groups (ours is the last) have any
-    state; renew the links so safe_get/set_full_optimizer_state see the real moments."""
-    if any(getattr(p, "_hp_mapping", None) is not None for p in params):
-        relink = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
-        if relink is not None:
-            optimizer._hp_optimizer_states_linked = False
-            relink()
+def prepare_moments(optimizer, factors: Sequence[torch.Tensor]) -> None:
+    """Make A's optimizer states readable (the backend's prepare_moments: an engine may link
+    them lazily) and check that the optimizer steps every A or a master of it."""
+    backend_for(optimizer, factors).prepare_moments(optimizer, factors)
 
 
 @torch.no_grad()
@@ -116,24 +92,17 @@ def transport_moments(optimizer, factors: Sequence[torch.Tensor],
 
     factors: the A parameters [rows, kb * r_b] (this TP rank's shard); maps: R per A,
     [kb, r_b, r_b] (this rank's blocks); kept: c per A, [kb, r_b] (basis.kept_fraction).
-    Under DeepSpeed every data-parallel rank must call (ZeRO assembles each A's state across
-    the group, then each rank keeps its fragment).
+    Every data-parallel rank must call (an engine that partitions A's state assembles it
+    across the group, then each rank keeps its part).
     """
-    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
-
     if optimizer is None:
         raise ValueError("moments_on_resample='transport' needs the optimizer: "
                          "after_step(..., optimizer=opt or engine.optimizer)")
-    _relink_zero_fragments(optimizer, factors)
-    plain = [p for p in factors if not zero_linked(p)]
-    stepped = {id(p): p if m is None else m for p, m in zip(plain, plain_masters(optimizer, plain))}
+    backend = backend_for(optimizer, factors)
+    backend.prepare_moments(optimizer, factors)
     for p, r, c in zip(factors, maps, kept, strict=True):
-        zero = id(p) not in stepped
         for key, rmap in (("exp_avg", r), ("exp_avg_sq", r * r)):
-            if zero:
-                value = safe_get_full_optimizer_state(p, key)
-            else:  # the state of what the optimizer steps: A, or its fp32 master
-                value = optimizer.state.get(stepped[id(p)], {}).get(key)
+            value = backend.read_moment(optimizer, p, key)
             if value is None:
                 raise RuntimeError(f"moments_on_resample='transport': no {key} in the "
                                    f"optimizer state of A {tuple(p.shape)} (no step yet?)")
@@ -144,16 +113,12 @@ def transport_moments(optimizer, factors: Sequence[torch.Tensor],
             if key == "exp_avg_sq":  # the prior of the directions P did not span
                 unseen = (1.0 - c.to(value.device)).clamp_(min=0)
                 moved = moved.clamp_(min=0) + blocks.mean(-1, keepdim=True) * unseen
-            moved = moved.reshape(value.shape).to(value.dtype)
-            if zero:
-                safe_set_full_optimizer_state(p, moved, key)
-            else:
-                value.copy_(moved)
+            backend.write_moment(optimizer, p, key, moved.reshape(value.shape).to(value.dtype))
 
 
 def subspace_step_count(optimizer) -> Optional[float]:
     """The step count of (this rank's first) A optimizer state, None before any step."""
-    for state in _subspace_states(optimizer):
+    for state in backend_for(optimizer).factor_states(optimizer):
         step = None if state is None else state.get("step")
         if step is not None:
             return float(step)

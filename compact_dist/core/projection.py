@@ -6,7 +6,7 @@ P is block-diagonal: `num_blocks` blocks of shape (n / num_blocks, r / num_block
 N(0, 1 / (r / num_blocks)), so E[P P^T] = I. A dense P (the paper's) is the one-block case and
 has entries N(0, 1/r). Each block is drawn from its own generator whose seed is a hash of
 (seed, layer id, resample epoch, *global* block index): P is a pure function of those four
-numbers, independent of the ambient RNG state (which Megatron's recompute and DeepSpeed's
+numbers, independent of the ambient RNG state (which Megatron's recompute and activation
 checkpointing replay), and a tensor-parallel rank that owns blocks [first_block, ...) draws
 exactly the blocks that rank 0 of a TP=1 run would draw for those columns.
 """

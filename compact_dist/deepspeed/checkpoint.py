@@ -35,6 +35,7 @@ from megatron.core.tensor_parallel import random as mpu_random
 
 from compact_dist.core.subspace import compact_layers
 from compact_dist.deepspeed import checkpoint_dir
+from compact_dist.deepspeed.backend import DEEPSPEED_BACKEND
 
 LATEST = checkpoint_dir.LATEST
 
@@ -75,22 +76,14 @@ def _restore_rank_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
         if layer.subspace_factor is None:
             continue
         if entry.get("factor_zero"):
-            _zero_module_factor(layer)
+            # back to the state the merge before the save left: every module copy of A zero
+            # (a bf16 run's fp32 masters keep only the rounding residual, restored by
+            # DeepSpeed). DeepSpeed writes A on load through `.data`, which the layer cannot
+            # see; A was zero at the save, so this makes sure it is, and lets forward skip
+            # the A P^T term again
+            DEEPSPEED_BACKEND.zero_factor(layer)
         else:
             layer.mark_factor_written()
-
-
-@torch.no_grad()
-def _zero_module_factor(layer) -> None:
-    """Back to the state the merge before the save left: every module copy of A zero (a
-    bf16 run's fp32 masters keep only the rounding residual, restored by DeepSpeed). DeepSpeed
-    writes A on load through `.data`, which the layer cannot see; A was zero at the save, so
-    this makes sure it is, and lets forward skip the A P^T term again."""
-    factor = layer.subspace_factor
-    if hasattr(factor, "ds_id"):
-        factor.ds_tensor.zero_()
-    factor.zero_()  # the module's tensor (empty while ZeRO-3 has it partitioned)
-    layer._mark_factor_zero()
 
 
 def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep_last: int,

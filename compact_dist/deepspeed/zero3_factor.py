@@ -10,7 +10,8 @@ without them (benchmarks/results/steptime_dp4_z3_1.3b{_before,}).
 
 `keep_factors_out_of_fetch` (called by initialize_engine at stage 3) takes A out of the
 layer's own listing (the model's recursive listing, which the optimizer, ZeRO's partitioning
-and checkpoints use, keeps it) and gives the layer `forward_factor`, which hands autograd:
+and checkpoints use, keeps it) and sets the layer's `forward_factor_hook` to `forward_factor`,
+which hands autograd:
   - A known zero, with grad: a zero-stride stand-in of A's full shape [out, r] as A's data
     (no memory; forward and backward never read A then): autograd records that shape, so
     A's gradient [out, r] reaches A's AccumulateGrad and DeepSpeed's reduction hook as when
@@ -76,9 +77,9 @@ def keep_factors_out_of_fetch(model: torch.nn.Module) -> int:
     count = 0
     for layer in compact_layers(model):
         factor = layer.factor_parameter()
-        if factor is None or not hasattr(factor, "ds_id") or layer.zero3_forward_factor:
+        if factor is None or not hasattr(factor, "ds_id") or layer.forward_factor_hook:
             continue
-        layer.zero3_forward_factor = forward_factor
+        layer.forward_factor_hook = forward_factor
         factor.register_post_accumulate_grad_hook(release)
         count += 1
     return count

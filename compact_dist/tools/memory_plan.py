@@ -336,7 +336,7 @@ def predict(setup: Setup) -> dict:
     static = static_bytes(w0_bytes=n["w0_bytes"], w0_elems=n["w0"], a=n["a"], other=n["other"],
                           zero_stage=zero, dp=dp, bf16=setup.bf16)
     trainable = n["a"] + n["other"]
-    data_aware = c.enabled and c.projection != "gaussian"
+    data_aware = c.enabled and c.kind.data_aware
     proj = {"P blocks (cached, activation dtype)": e * n["p"]}
     if data_aware:
         proj["P basis (fp32, data-aware)"] = 4 * n["p"]

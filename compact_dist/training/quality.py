@@ -83,7 +83,7 @@ class KeptEnergyReport:
         size = (f"a larger compression.ratio (now {c.ratio})" if c.rank is None
                 else f"a larger compression.rank (now {c.rank})")
         advice = f"a smaller compression.resample_interval (now {c.resample_interval}) or {size}"
-        if c.projection == "gaussian":
+        if not c.kind.data_aware:
             advice = (f"a data-aware projection (compression.projection=pca: a Gaussian P keeps "
                       f"about the ratio) or {size}")
         return (f"warning: at step {self.step} the projection keeps {self.mean:.3f} of the "

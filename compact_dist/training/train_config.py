@@ -174,7 +174,7 @@ class TrainConfig(_Section):
             raise ValueError("recompute.deepspeed_checkpointing=true needs "
                              "recompute.granularity full or selective")
         c = self.compression
-        if c.enabled and c.projection == "gradient":
+        if c.enabled and c.kind.needs_probe:
             # the probe backward must not accumulate .grad: recompute's backward (Megatron's
             # and DeepSpeed's checkpoint) calls torch.autograd.backward inside, and ZeRO-3
             # gathers partitioned parameters only through the engine's hooks
