@@ -34,10 +34,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="compact-train", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Config keys (sections model, parallel, data, optim, train, recompute, "
+               "checkpoint, logging,\ncompression, activations): compact-train --help-config",
     )
     parser.add_argument("--config", help="YAML config (default: the embedded default job)")
     parser.add_argument("--print-config", action="store_true",
                         help="validate, print the resolved config as JSON and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its type, default and meaning, "
+                             "and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env wins
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -585,6 +590,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     # megatron-core 0.16.1 warns about its own default cuda_graph_scope on every config
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     args = parse_args(argv)
+    if args.help_config:
+        from compact_dist.training.config_help import help_config
+
+        print(help_config())
+        return
     try:  # every configuration error surfaces here, before any process group exists
         cfg = load_train_config(args.config, args.overrides)
         _, _, world = world_from_environment()
