@@ -135,7 +135,8 @@ def test_load_step_resumes_that_step(runs):
     tmp, got = runs
     c, d = got["truncated"], got["load_step"]
     assert "error" not in d, d
-    assert "resumed from step 6" in d["printed"]
+    assert re.search(r"^resumed from step 6 in \S+: loaded checkpoint \S+/step_00000006 in "
+                     r"\d+\.\d\d s$", d["printed"], re.M), d["printed"]  # path and seconds
     assert d["losses"] == pytest.approx(c["losses"], rel=1e-6)  # the same step 7 again
     ckpt = tmp / "ckpt"
     assert (ckpt / "latest").read_text() == "step_00000007"

@@ -123,3 +123,18 @@ def test_help_config_lists_every_key_with_type_default_and_meaning():
     helped = subprocess.run(run + ["--help"], capture_output=True, text=True, timeout=120,
                             env=env)
     assert "--help-config" in helped.stdout
+
+
+def test_wandb_project_without_wandb_is_one_line_before_any_process_group(monkeypatch):
+    import importlib.util
+
+    from compact_dist.training.train_config import load_train_config
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    cfg = load_train_config(None, ["logging.wandb_project=runs"])
+    with pytest.raises(ValueError, match=r"^logging.wandb_project is set but wandb is not "
+                                         r"installed \(pip install wandb"):
+        cfg.check_environment(world_size=1, has_cuda=False)
+    load_train_config(None).check_environment(world_size=1, has_cuda=False)  # unset: fine
