@@ -432,6 +432,8 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     log.print(linear_memory_table(model, cfg.model.seq_length, micro, device))
     log.print(startup.saved_activation_line(*startup.saved_activation_bytes(
         model, micro, cfg.model.seq_length, device, cfg.train.seed)))
+    if device.type == "cuda":  # the progress lines' peaks: training's, not this measurement's
+        torch.cuda.reset_peak_memory_stats(device)
     engine, stepper = build_engine(cfg, model, bf16, dp, schedule=True)
     stepper.measure_kept_energy = cfg.logging.kept_energy
     quality = KeptEnergyReport(engine.module, cfg.compression, cfg.logging.kept_energy_warn_below)
