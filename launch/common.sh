@@ -65,6 +65,19 @@ prepare_launch() {
     resolve_entrypoint
 }
 
+# resolve_gpus_per_node: GPUS_PER_NODE is the ranks started per node (every launcher, and
+# launch/slurm/pretrain.sbatch, reads this name); NPROC_PER_NODE, its old name in these two
+# scripts, is still accepted with a deprecation line.
+resolve_gpus_per_node() {
+    if [[ -n "${NPROC_PER_NODE:-}" ]]; then
+        if [[ -n "${GPUS_PER_NODE:-}" && "$GPUS_PER_NODE" != "$NPROC_PER_NODE" ]]; then
+            die "GPUS_PER_NODE=$GPUS_PER_NODE and NPROC_PER_NODE=$NPROC_PER_NODE disagree (NPROC_PER_NODE is the deprecated name of GPUS_PER_NODE: set only GPUS_PER_NODE)"
+        fi
+        info "NPROC_PER_NODE is deprecated: use GPUS_PER_NODE (the same number, ranks per node)"
+        GPUS_PER_NODE="$NPROC_PER_NODE"
+    fi
+}
+
 # gpu_count: GPUs this node may use (CUDA_VISIBLE_DEVICES, else nvidia-smi, else 0).
 gpu_count() {
     if [[ -n "${CUDA_VISIBLE_DEVICES+x}" ]]; then

@@ -15,11 +15,11 @@ Runs `compact-train --config $CONFIG [overrides]` on every slot of the hostfile 
 Required:
   CONFIG           training config, e.g. configs/train/llama_1_3b.yaml (relative to the
                    current directory or the repository root)
-  NPROC_PER_NODE   only without HOSTFILE on a machine without GPUs (CPU ranks)
+  GPUS_PER_NODE    only without HOSTFILE on a machine without GPUs (CPU ranks)
 
 Optional:
   HOSTFILE         MPI-style hostfile, one `hostname slots=<GPUs>` line per node. Unset: this
-                   node only, NPROC_PER_NODE ranks (default: all visible GPUs).
+                   node only, GPUS_PER_NODE ranks (default: all visible GPUs).
                    With several hosts the launcher reaches them by passwordless ssh + pdsh
                    (DS_LAUNCHER), or set NODE_RANK and run this script on every node yourself.
   NODE_RANK        launch only this node's ranks (deepspeed --no_ssh --node_rank); run the
@@ -27,7 +27,8 @@ Optional:
   MASTER_ADDR      address of the first host (default: the first hostfile entry; 127.0.0.1
                    for localhost or without a hostfile)
   MASTER_PORT=29500
-  NPROC_PER_NODE   with HOSTFILE: use at most this many slots per host
+  GPUS_PER_NODE    with HOSTFILE: use at most this many slots per host
+                   (NPROC_PER_NODE, its old name, still works: deprecated)
   DS_LAUNCHER=pdsh multi-node backend of the deepspeed launcher: pdsh, openmpi, mpich,
                    impi, mvapich, slurm
   DEEPSPEED_ARGS   extra launcher arguments, e.g. "--ssh_port 2222"
@@ -52,6 +53,7 @@ command -v deepspeed >/dev/null 2>&1 || die "the deepspeed launcher is not on PA
 
 MASTER_PORT="${MASTER_PORT:-29500}"
 require_uint MASTER_PORT
+resolve_gpus_per_node
 args=(--master_port "$MASTER_PORT")
 hosts=()
 if [[ -n "${HOSTFILE:-}" ]]; then
@@ -67,10 +69,10 @@ if [[ -n "${HOSTFILE:-}" ]]; then
     if [[ -z "${MASTER_ADDR:-}" ]]; then
         case "${hosts[0]}" in localhost|127.*) MASTER_ADDR=127.0.0.1 ;; *) MASTER_ADDR="${hosts[0]}" ;; esac
     fi
-    if [[ -n "${NPROC_PER_NODE:-}" ]]; then
-        require_uint NPROC_PER_NODE
-        args+=(--num_gpus "$NPROC_PER_NODE")
-        slots="$NPROC_PER_NODE"
+    if [[ -n "${GPUS_PER_NODE:-}" ]]; then
+        require_uint GPUS_PER_NODE
+        args+=(--num_gpus "$GPUS_PER_NODE")
+        slots="$GPUS_PER_NODE"
     fi
     if [[ -n "${NODE_RANK:-}" ]]; then
         require_uint NODE_RANK
@@ -89,13 +91,13 @@ else
     if [[ -n "${NODE_RANK:-}" ]]; then
         die "NODE_RANK is set but HOSTFILE is not (multi-node runs need the hostfile on every node)"
     fi
-    if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-        NPROC_PER_NODE="$(gpu_count)"
-        [[ "$NPROC_PER_NODE" -gt 0 ]] || die "NPROC_PER_NODE is not set and no GPU was found (set it to the number of CPU ranks)"
+    if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+        GPUS_PER_NODE="$(gpu_count)"
+        [[ "$GPUS_PER_NODE" -gt 0 ]] || die "GPUS_PER_NODE is not set and no GPU was found (set it to the number of CPU ranks)"
     fi
-    require_uint NPROC_PER_NODE
-    args+=(--num_gpus "$NPROC_PER_NODE")
-    slots="$NPROC_PER_NODE"
+    require_uint GPUS_PER_NODE
+    args+=(--num_gpus "$GPUS_PER_NODE")
+    slots="$GPUS_PER_NODE"
 fi
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 args+=(--master_addr "$MASTER_ADDR")

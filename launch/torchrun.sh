@@ -17,7 +17,8 @@ Required:
                    current directory or the repository root)
   NODE_RANK        this node's index (only when NNODES > 1 and RDZV_BACKEND=static)
   MASTER_ADDR      address of node 0, reachable from every node (only when NNODES > 1)
-  NPROC_PER_NODE   only on machines without GPUs (default: number of visible GPUs)
+  GPUS_PER_NODE    only on machines without GPUs: CPU ranks per node (default: number of
+                   visible GPUs). NPROC_PER_NODE, its old name, still works (deprecated).
 
 Optional:
   NNODES=1         number of nodes
@@ -50,13 +51,14 @@ require_uint NNODES
 require_uint MASTER_PORT
 [[ "$NNODES" -ge 1 ]] || die "NNODES must be at least 1"
 
-if [[ -z "${NPROC_PER_NODE:-}" ]]; then
-    NPROC_PER_NODE="$(gpu_count)"
-    [[ "$NPROC_PER_NODE" -gt 0 ]] || die "NPROC_PER_NODE is not set and no GPU was found (set it to the number of CPU ranks per node)"
+resolve_gpus_per_node
+if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+    GPUS_PER_NODE="$(gpu_count)"
+    [[ "$GPUS_PER_NODE" -gt 0 ]] || die "GPUS_PER_NODE is not set and no GPU was found (set it to the number of CPU ranks per node)"
 fi
-require_uint NPROC_PER_NODE
+require_uint GPUS_PER_NODE
 
-args=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE")
+args=(--nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE")
 if [[ "$NNODES" -gt 1 ]]; then
     require_var MASTER_ADDR "address of node 0, needed when NNODES=$NNODES > 1"
 fi
@@ -78,7 +80,7 @@ case "$RDZV_BACKEND" in
     *) die "RDZV_BACKEND=$RDZV_BACKEND is not static or c10d" ;;
 esac
 
-device_setup "$NPROC_PER_NODE"
+device_setup "$GPUS_PER_NODE"
 # shellcheck disable=SC2206
 extra=(${TORCHRUN_ARGS:-})
 info "torchrun ${args[*]} ${extra[*]} $TRAIN_CMD --config $CONFIG $*"

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 TINY = "configs/train/tiny.yaml"
 DEFAULT = "configs/train/default.yaml"  # the embedded default job
-STEP_LINE = re.compile(r"^step\s+(\d+) \| loss ([0-9.]+) \|", re.M)
+STEP_LINE = re.compile(r"^\[[\d :-]+\] iteration\s+(\d+)/\d+ \| consumed tokens [\d,]+ \| "
+                       r"loss ([0-9.]+) \|", re.M)
 
 
 def quick(cache: Path, steps: int = 3, *extra: str) -> list[str]:
@@ -31,7 +32,8 @@ def script_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "PMI_", "OMPI_"))
            and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                         "MASTER_PORT", "NODE_RANK", "NNODES", "NPROC_PER_NODE", "CONFIG",
+                         "MASTER_PORT", "NODE_RANK", "NNODES", "NPROC_PER_NODE", "GPUS_PER_NODE",
+                         "CONFIG",
                          "HOSTFILE", "CKPT_DIR", "TRAIN_CMD", "GROUP_RANK")}
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
@@ -87,7 +89,8 @@ def run_script(cmd: list[str], env: dict, timeout: float = 60,
 
 
 def losses(log_text: str) -> dict[int, float]:
-    """{step: loss} from the `step     N | loss X | ...` lines of rank 0."""
+    """{step: loss} from the `[date time] iteration N/total | consumed tokens T | loss X | ...`
+    lines of rank 0."""
     return {int(s): float(v) for s, v in STEP_LINE.findall(log_text)}
 
 

@@ -86,3 +86,45 @@ def test_compression_yaml_errors_are_one_line(tmp_path):
     bad.write_text("ratoi: 0.5\n")
     with pytest.raises(ValueError, match=r"^unknown key 'ratoi'; did you mean 'ratio'\?$"):
         CompressionConfig.from_yaml(str(bad))
+
+
+def test_help_config_lists_every_key_with_type_default_and_meaning(capsys):
+    """`compact-train --help-config`: every key of every section of the typed config appears
+    with its type, default and a meaning; --help points at it."""
+    from compact_dist.training.config_help import config_keys
+    from compact_dist.training.train import main
+    from compact_dist.training.train_config import TrainConfig
+
+    main(["--help-config"])
+    printed = capsys.readouterr().out.splitlines()
+    rows = {r["key"]: r for r in config_keys()}
+    expected = {f"{section}.{name}" for section, info in TrainConfig.model_fields.items()
+                for name in info.annotation.model_fields}
+    assert set(rows) == expected and len(expected) > 60
+    for key, row in rows.items():
+        assert row["meaning"].strip(), f"{key} has no meaning"
+        at = next(i for i, line in enumerate(printed) if line.split()[:1] == [key])
+        assert printed[at].split(None, 1)[1] == f"{row['type']}, default {row['default']}"
+        assert printed[at + 1].strip() == row["meaning"]
+    assert rows["model.position_embedding"]["default"] == "rope"
+    assert rows["train.zero_stage"]["type"] == "0 | 1 | 2 | 3"
+    assert rows["model.num_query_groups"]["type"] == "int or null"
+    assert rows["compression.ratio"]["default"] == "0.25"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--help-config" in capsys.readouterr().out
+
+
+def test_wandb_project_without_wandb_is_one_line_before_any_process_group(monkeypatch):
+    import importlib.util
+
+    from compact_dist.training.train_config import load_train_config
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    cfg = load_train_config(None, ["logging.wandb_project=runs"])
+    with pytest.raises(ValueError, match=r"^logging.wandb_project is set but wandb is not "
+                                         r"installed \(pip install wandb"):
+        cfg.check_environment(world_size=1, has_cuda=False)
+    load_train_config(None).check_environment(world_size=1, has_cuda=False)  # unset: fine

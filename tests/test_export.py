@@ -69,7 +69,7 @@ def _train_then_unmerged_step(rank, overrides, ckpt, out):
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
     ckpt = tmp / "ckpt"
-    overrides = small(tmp, "model.position_embedding=rope", "model.num_query_groups=2",
+    overrides = small(tmp, "model.num_query_groups=2",  # rotary positions: the default
                       "parallel.tensor_model_parallel_size=2", "train.zero_stage=3",
                       "train.train_steps=2", "data.vocab_size=500", "data.max_bytes=100000",
                       f"checkpoint.dir={ckpt}", "checkpoint.keep_last=5")
@@ -236,6 +236,60 @@ def test_bad_input_gives_one_clear_error(trained, tmp_path, case, message):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_quick_start_checkpoint_exports_and_loads_in_transformers(tmp_path):
+    """`compact-train` with a preset and no position setting (as the quick start runs it, on
+    CPU), then `compact-export`: files with the umask's mode (not safetensors' 0600), a LLaMA
+    and tokenizer that transformers loads and generates with."""
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from compact_dist.tools.export import main
+
+    root = Path(__file__).resolve().parents[1]
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "compact_dist.training.train", "--config",
+         str(root / "configs/train/tiny.yaml"), "train.train_steps=2", f"checkpoint.dir={ckpt}",
+         f"data.cache_dir={tmp_path / 'cache'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    umask = os.umask(0o027)
+    try:
+        main([str(ckpt), str(out)])
+    finally:
+        os.umask(umask)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o640, name
+    model = LlamaForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer("def main(", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
+    assert model.config.max_position_embeddings == 32  # tiny.yaml's seq_length
+
+
+def test_missing_export_dependency_is_one_line_naming_the_extra(monkeypatch, tmp_path):
+    import importlib.util
+
+    from compact_dist.tools import export
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "safetensors" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(tmp_path), str(tmp_path / "out")])
+    text = str(exit_info.value.code)
+    assert text == ("compact-export: error: safetensors not installed: pip install "
+                    "'compact_dist[export]' (or pip install safetensors)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_byte_tokenizer_exports_as_an_equivalent_hf_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
@@ -339,7 +393,7 @@ def test_bf16_checkpoint_exports_on_gpu(tmp_path, stage, base):
     from compact_dist.tools.export import export_checkpoint
 
     ckpt = tmp_path / "ckpt"
-    overrides = small(tmp_path, "model.position_embedding=rope", "model.num_query_groups=2",
+    overrides = small(tmp_path, "model.num_query_groups=2",
                       f"train.zero_stage={stage}", "train.precision=bf16", "train.train_steps=2",
                       "data.vocab_size=500", "data.max_bytes=100000", f"checkpoint.dir={ckpt}",
                       f"compression.base_dtype={base}")

@@ -43,23 +43,31 @@ def test_help_describes_the_variables(script, expected):
 @pytest.mark.parametrize("script, env, message", [
     (TORCHRUN, {}, "CONFIG is not set"),
     (TORCHRUN, {"CONFIG": "configs/train/nope.yaml"}, "CONFIG=configs/train/nope.yaml does not exist"),
-    (TORCHRUN, {"CONFIG": TINY}, "NPROC_PER_NODE is not set and no GPU was found"),
-    (TORCHRUN, {"CONFIG": TINY, "NPROC_PER_NODE": "2", "NNODES": "2"}, "MASTER_ADDR is not set"),
-    (TORCHRUN, {"CONFIG": TINY, "NPROC_PER_NODE": "2", "NNODES": "2", "MASTER_ADDR": "127.0.0.1"},
+    (TORCHRUN, {"CONFIG": TINY}, "GPUS_PER_NODE is not set and no GPU was found"),
+    (TORCHRUN, {"CONFIG": TINY, "GPUS_PER_NODE": "2", "NNODES": "2"}, "MASTER_ADDR is not set"),
+    (TORCHRUN, {"CONFIG": TINY, "GPUS_PER_NODE": "2", "NNODES": "2", "MASTER_ADDR": "127.0.0.1"},
      "NODE_RANK is not set"),
-    (TORCHRUN, {"CONFIG": TINY, "NPROC_PER_NODE": "2", "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
+    (TORCHRUN, {"CONFIG": TINY, "GPUS_PER_NODE": "2", "NNODES": "2", "MASTER_ADDR": "127.0.0.1",
                 "NODE_RANK": "2"}, "NODE_RANK=2 is not below NNODES=2"),
-    (TORCHRUN, {"CONFIG": TINY, "NPROC_PER_NODE": "two"}, "NPROC_PER_NODE=two is not a non-negative integer"),
-    (TORCHRUN, {"CONFIG": TINY, "NPROC_PER_NODE": "2", "RDZV_BACKEND": "etcd"}, "RDZV_BACKEND=etcd"),
-    (TORCHRUN, {"CONFIG": TINY, "NPROC_PER_NODE": "2", "TRAIN_CMD": "no-such-train"},
+    (TORCHRUN, {"CONFIG": TINY, "GPUS_PER_NODE": "two"}, "GPUS_PER_NODE=two is not a non-negative integer"),
+    (TORCHRUN, {"CONFIG": TINY, "GPUS_PER_NODE": "2", "RDZV_BACKEND": "etcd"}, "RDZV_BACKEND=etcd"),
+    (TORCHRUN, {"CONFIG": TINY, "GPUS_PER_NODE": "2", "TRAIN_CMD": "no-such-train"},
      "'no-such-train' is not on PATH"),
     (DEEPSPEED, {}, "CONFIG is not set"),
-    (DEEPSPEED, {"CONFIG": TINY}, "NPROC_PER_NODE is not set and no GPU was found"),
+    (DEEPSPEED, {"CONFIG": TINY}, "GPUS_PER_NODE is not set and no GPU was found"),
     (DEEPSPEED, {"CONFIG": TINY, "HOSTFILE": "/nonexistent/hostfile"},
      "HOSTFILE=/nonexistent/hostfile does not exist"),
-    (DEEPSPEED, {"CONFIG": TINY, "NPROC_PER_NODE": "2", "NODE_RANK": "0"},
+    (DEEPSPEED, {"CONFIG": TINY, "GPUS_PER_NODE": "2", "NODE_RANK": "0"},
      "NODE_RANK is set but HOSTFILE is not"),
     (SBATCH, {"CONFIG": TINY}, "not inside a Slurm job: submit with sbatch"),
+    # the old name of GPUS_PER_NODE: still read, with a deprecation line
+    (TORCHRUN, {"CONFIG": TINY, "NPROC_PER_NODE": "two"},
+     "NPROC_PER_NODE is deprecated: use GPUS_PER_NODE"),
+    (TORCHRUN, {"CONFIG": TINY, "NPROC_PER_NODE": "two"}, "GPUS_PER_NODE=two is not a"),
+    (DEEPSPEED, {"CONFIG": TINY, "NPROC_PER_NODE": "2", "NODE_RANK": "0"},
+     "NPROC_PER_NODE is deprecated: use GPUS_PER_NODE"),
+    (TORCHRUN, {"CONFIG": TINY, "NPROC_PER_NODE": "2", "GPUS_PER_NODE": "4"},
+     "GPUS_PER_NODE=4 and NPROC_PER_NODE=2 disagree"),
 ])
 def test_missing_or_bad_variables_fail_clearly(script, env, message):
     proc = run_script(["bash", script, "train.train_steps=1"], script_env(**env), timeout=60)
@@ -86,7 +94,7 @@ def test_deepspeed_hostfile_errors(tmp_path):
 def test_bad_training_config_fails_through_the_launcher(tmp_path, cache):
     """A config error inside compact-train surfaces as a nonzero exit of the launcher."""
     proc = run_script(["bash", TORCHRUN, *quick(cache), "compression.ratio=0"],
-                      script_env(CONFIG=TINY, NPROC_PER_NODE="1", MASTER_PORT=str(free_port())),
+                      script_env(CONFIG=TINY, GPUS_PER_NODE="1", MASTER_PORT=str(free_port())),
                       timeout=120)
     assert proc.returncode != 0
     assert "invalid configuration" in proc.stdout + proc.stderr
@@ -112,7 +120,7 @@ def torchrun_two_nodes(tmp_path_factory, cache):
     port = str(free_port())
 
     def env(rank):
-        return script_env(CONFIG=DEFAULT, NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="2",
+        return script_env(CONFIG=DEFAULT, NNODES="2", NODE_RANK=str(rank), GPUS_PER_NODE="2",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 
     texts = _two_nodes(tmp, TORCHRUN, env,

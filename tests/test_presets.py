@@ -32,7 +32,7 @@ def padded_vocab(cfg: TrainConfig) -> int:
     return -(-vocab // step) * step
 
 
-def parameter_count(cfg: TrainConfig, learned_positions: bool = False) -> int:
+def parameter_count(cfg: TrainConfig) -> int:
     """Parameters of the LLaMA-style GPT of `cfg` (what W_eff holds; CompAct's factors A are
     extra trainable state of the same layers): untied input embedding and output layer,
     per layer RMSNorm x2, QKV (grouped KV heads), output projection, SwiGLU FC1 (2 x ffn) and
@@ -41,7 +41,7 @@ def parameter_count(cfg: TrainConfig, learned_positions: bool = False) -> int:
     h, ffn = m.hidden_size, m.ffn
     kv = h // m.num_attention_heads * (m.num_query_groups or m.num_attention_heads)
     layer = 2 * h + h * (h + 2 * kv) + h * h + h * 2 * ffn + ffn * h
-    embeddings = 2 * padded_vocab(cfg) * h + (m.seq_length * h if learned_positions else 0)
+    embeddings = 2 * padded_vocab(cfg) * h  # rotary positions: no position parameters
     return embeddings + m.num_layers * layer + h
 
 
@@ -117,25 +117,37 @@ def test_default_yaml_is_the_embedded_default():
 
 @pytest.mark.parametrize("name", ["tiny", "default", "llama_60m"])
 def test_parameter_formula_matches_the_built_model(name, megatron_tp1):
-    """The count above is exact for the model compact-train builds (CPU: learned positions;
-    Megatron baseline, whose weights are what W0 / W_eff hold in the CompAct model)."""
+    """The count above is exact for the model compact-train builds (rotary positions, no
+    position parameters, on every device; Megatron baseline, whose weights are what W0 / W_eff
+    hold in the CompAct model); compact-train's start-up count agrees and adds A."""
     from compact_dist.megatron.model import build_gpt_model
+    from compact_dist.training.startup import parameter_counts
     from compact_dist.training.train import transformer_config
 
     cfg = load_train_config(str(ROOT / "configs" / "train" / f"{name}.yaml"),
                             ["compression.enabled=false"])
+    assert cfg.model.position_embedding == "rope"
     model = build_gpt_model(transformer_config(cfg, bf16=False), cfg.compression,
-                            padded_vocab(cfg), cfg.model.seq_length, "learned_absolute")
+                            padded_vocab(cfg), cfg.model.seq_length,
+                            cfg.model.position_embedding)
     built = sum(p.numel() for p in model.parameters())
-    assert built == parameter_count(cfg, learned_positions=True)
+    assert built == parameter_count(cfg)
     del model
 
     compact = load_train_config(str(ROOT / "configs" / "train" / f"{name}.yaml"))
     model = build_gpt_model(transformer_config(compact, bf16=False), compact.compression,
-                            padded_vocab(compact), compact.model.seq_length, "learned_absolute")
+                            padded_vocab(compact), compact.model.seq_length,
+                            compact.model.position_embedding)
     frozen_or_dense = sum(p.numel() for n, p in model.named_parameters()
                           if "subspace_factor" not in n)
     assert frozen_or_dense == built  # W0 has the baseline's shapes; A comes on top
+    counts = parameter_counts(model, tensor_model_parallel_size=1)
+    assert counts["total"] - counts["factors"] == built
+    assert counts["frozen"] == sum(p.numel() for n, p in model.named_parameters()
+                                   if n.endswith("linear_qkv.weight") or n.endswith(
+                                       "linear_proj.weight") or n.endswith("linear_fc1.weight")
+                                   or n.endswith("linear_fc2.weight"))
+    assert counts["trainable"] == counts["total"] - counts["frozen"]
 
 
 def test_cli_prints_a_preset():

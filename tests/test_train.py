@@ -89,6 +89,7 @@ def _ddp_reference(rank, overrides, out):
 
     from compact_dist.training.data import build_data
     from compact_dist.megatron.model import build_gpt_model
+    from compact_dist.megatron.rope import install_host_rotary
     from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
     from compact_dist.training.train import init_distributed, lr_lambda, probe_loss, transformer_config
     from compact_dist.training.train_config import load_train_config
@@ -104,7 +105,8 @@ def _ddp_reference(rank, overrides, out):
     torch.manual_seed(cfg.train.seed)
     vocab = -(-tok.vocab_size // 64) * 64
     model = build_gpt_model(transformer_config(cfg, False), cfg.compression, vocab,
-                            cfg.model.seq_length)
+                            cfg.model.seq_length, cfg.model.position_embedding)
+    install_host_rotary(model)  # RoPE (the default) without CUDA
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(optimizer_param_groups(model, cfg.optim.weight_decay),
                             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
@@ -290,7 +292,7 @@ def test_progress_rates_cover_the_last_interval_not_the_run():
 
     now = [0.0]
     meter = ThroughputMeter(tokens_per_step=1000, flops_per_token=6e9, peak=1e15, gpus=2,
-                            start_step=0, clock=lambda: now[0])
+                            start_step=0, total_steps=121, clock=lambda: now[0])
     now[0] = 10.0  # step 1 took 10 s (compilation, warm-up)
     first = meter.interval(1)
     now[0] = 12.0  # steps 2..21 took 0.1 s each
@@ -299,9 +301,81 @@ def test_progress_rates_cover_the_last_interval_not_the_run():
     assert second["perf/tokens_per_s"] == pytest.approx(10000.0)  # not 21000 / 12
     assert second["perf/step_time_s"] == pytest.approx(0.1)
     assert second["perf/mfu"] == pytest.approx(6e9 * 10000.0 / 2e15)
+    assert second["perf/tokens_per_s_per_gpu"] == pytest.approx(5000.0)
+    assert second["perf/tflops_per_gpu"] == pytest.approx(6e9 * 5000.0 / 1e12)
+    assert second["perf/eta_s"] == pytest.approx(100 * 0.1)  # 100 steps left at 0.1 s
     totals = meter.totals(21)
     assert totals["tokens"] == 21000 and totals["tokens_per_s"] == pytest.approx(1750.0)
     assert peak_flops("NVIDIA H200") == peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
     assert peak_flops("NVIDIA GH200 480GB") == 989.4e12 and peak_flops("cpu") is None
+    assert peak_flops("NVIDIA H100 PCIe") == 756.5e12  # the longest matching name wins
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA B200") == 2250e12
+    assert peak_flops("NVIDIA L40S") == 362.05e12 and peak_flops("NVIDIA L40") == 181.05e12
+    assert peak_flops("NVIDIA GeForce RTX 4090") == 165.2e12
     f = model_flops(layers=2, hidden=4, ffn=8, seq=16, vocab_padded=64)
     assert f["per_token"] == 6 * f["matmul_params"] + 6 * 2 * 4 * 16
+
+
+def _logged(rank, overrides, out):
+    """run() with stdout (not a terminal: no bar) and every scalar key that reaches
+    TensorBoard recorded; rank 1 holds 400 MB more than rank 0, so the memory maximum over
+    ranks is rank 1's."""
+    import contextlib
+    import io
+
+    import compact_dist.training.train as train_mod
+    from tensorboardX import SummaryWriter
+
+    from compact_dist.training.train_config import load_train_config
+
+    ballast = torch.ones(100 * 2**20) if rank == 1 else None  # 400 MB resident on rank 1
+    printed, keys = io.StringIO(), set()
+    original_add = SummaryWriter.add_scalar
+
+    def add_scalar(writer, key, value, step):
+        keys.add(key)
+        original_add(writer, key, value, step)
+
+    SummaryWriter.add_scalar = add_scalar
+    with contextlib.redirect_stdout(printed):
+        train_mod.run(load_train_config(None, overrides + ["train.train_steps=2"]))
+    if rank == 0:
+        Path(out).write_text(json.dumps({"lines": printed.getvalue().splitlines(),
+                                         "keys": sorted(keys)}))
+    del ballast
+
+
+def test_log_lines_carry_what_megatron_users_grep_for(tmp_path):
+    """2 ranks (DP=2), stdout not a terminal: start-up parameter counts, layout and whole-model
+    saved ratio; per log step a line with every field (memory: the maximum over ranks, held by
+    rank 1) and the same scalars in TensorBoard; the checkpoint save line with step, path and
+    seconds (the load line: test_checkpoint_safety)."""
+    import re
+
+    ckpt = tmp_path / "ckpt"
+    overrides = small(tmp_path, f"checkpoint.dir={ckpt}",
+                      f"logging.tensorboard_dir={tmp_path / 'tb'}", "logging.peak_tflops=1")
+    run_distributed_raw(_logged, 2, overrides, str(tmp_path / "log.json"))
+    got = json.loads((tmp_path / "log.json").read_text())
+    text = "\n".join(got["lines"])
+    assert re.search(r"parameters: [\d,]+ total, [\d,]+ trainable \(subspace factors A: "
+                     r"[\d,]+\), [\d,]+ frozen \(W0\)", text), text
+    assert ("layout: world 2 = TP 1 x DP 2 (PP 1), sequence parallel off, ZeRO-1, fp32; micro "
+            "batch 2, global batch 4 sequences = 128 tokens (gradient accumulation 1)") in text
+    ratio = re.search(r"saved for backward, whole model .* ratio (\d\.\d+)", text)
+    assert ratio and 0.5 < float(ratio.group(1)) < 1.0, text
+    line = re.compile(
+        r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iteration 2/2 \| consumed tokens 256 \| "
+        r"loss \d+\.\d{4} \| lr \d\.\d{3}E-0\d \| grad norm \d+\.\d{3} \| skipped 0 \| nan 0 \| "
+        r"[\d,.]+ ms/step \| tokens/s/GPU [\d,]+ \| tokens/s [\d,]+ \| TFLOP/s/GPU [\d.e-]+ \| "
+        r"MFU [\d.]+% \| mem allocated [\d.]+ GiB \(rank 1\) reserved [\d.]+ GiB \(rank 1\) \| "
+        r"ETA 00:00:00")
+    assert any(line.match(t) for t in got["lines"]), text
+    assert re.search(r"saved checkpoint of step 2 to \S+step_00000002 in \d+\.\d\d s", text)
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/consumed_tokens",
+                "train/skipped_steps", "perf/step_time_s", "perf/tokens_per_s",
+                "perf/tokens_per_s_per_gpu", "perf/tflops_per_gpu", "perf/mfu", "perf/eta_s",
+                "perf/memory_allocated_GiB", "perf/memory_allocated_rank",
+                "perf/memory_reserved_GiB", "valid/loss"):
+        assert key in got["keys"], key

@@ -49,8 +49,11 @@ over the padded rows, whose trained logits are very negative).
 `load_megatron_from_hf` pads them back (with zeros) to the Megatron model's size.
 
 Position embeddings: LLaMA is a rotary model. Runs with `position_embedding: rope` (the default
-on GPUs; on CPU set it explicitly: compact_dist.megatron.rope makes Megatron's RoPE run without CUDA)
-export; a learned-absolute-position model is refused with one ValueError.
+on every device: compact_dist.megatron.rope makes Megatron's RoPE run without CUDA) export; a
+learned-absolute-position model is refused with one ValueError.
+
+Dependencies: transformers and safetensors (the `export` extra); without them `compact-export`
+says so in one line. Files are written with the process umask's usual mode.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import importlib.util
 import io
 import json
 import os
@@ -73,6 +77,7 @@ RUN_FILE = "compact_run.json"
 TOKENIZER_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"  # a data.tokenizer .model, copied as is
 RUN_FORMAT = 1
+EXPORT_EXTRA = "pip install 'compact_dist[export]'"  # transformers, safetensors (pyproject)
 LATEST = "latest"  # compact_dist.deepspeed.checkpoint.LATEST (that module imports Megatron; this one not)
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -427,11 +432,25 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path,
     # transformers 5 calls the saved dtype `dtype`, 4.x `torch_dtype`
     setattr(config, "dtype" if hasattr(config, "dtype") else "torch_dtype", dtype)
     config.save_pretrained(str(out))
-    save_file({k: v.to(dtype) for k, v in state.items()}, str(out / "model.safetensors"),
+    weights = out / "model.safetensors"
+    save_file({k: v.to(dtype) for k, v in state.items()}, str(weights),
               metadata={"format": "pt"})
+    _usual_mode(weights)  # safetensors creates it 0600
     save_tokenizer(tag_dir, run, out)
     return {"tag_dir": str(tag_dir), **info,
             "parameters": sum(v.numel() for v in state.values())}
+
+
+def _usual_mode(path: Path) -> None:
+    """The mode open() gives a new file: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def missing_export_dependencies() -> list[str]:
+    return [name for name in ("transformers", "safetensors")
+            if importlib.util.find_spec(name) is None]
 
 
 # --------------------------------------------------------------- HF -> Megatron (loader)
@@ -550,6 +569,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                         help="dtype of the saved weights (default fp32)")
     args = parser.parse_args(argv)
+    missing = missing_export_dependencies()
+    if missing:
+        sys.exit(f"compact-export: error: {' and '.join(missing)} not installed: "
+                 f"{EXPORT_EXTRA} (or pip install {' '.join(missing)})")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     try:
         info = export_checkpoint(args.checkpoint_dir, args.out_dir, args.tag, dtype)

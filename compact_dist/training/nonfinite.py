@@ -28,6 +28,7 @@ class NonFiniteCheck:
         self.engine = engine
         self._local: Optional[torch.Tensor] = None
         self._hook = None
+        self.norm: Optional[float] = None  # the last step's global gradient norm (problem())
         if not hasattr(engine.optimizer, "_global_grad_norm"):  # as DeepSpeed's engine asks
             self._hook = engine.optimizer.register_step_pre_hook(self._measure)
 
@@ -54,8 +55,9 @@ class NonFiniteCheck:
         return math.inf if bad.item() > 0 and math.isfinite(local.item()) else local.item()
 
     def problem(self, step: int, loss: float) -> Optional[str]:
-        """What was not finite at `step` (every rank gets the same answer), or None."""
-        norm = self.grad_norm()
+        """What was not finite at `step` (every rank gets the same answer), or None. Keeps
+        the step's gradient norm in `norm` (None where no optimizer computed one)."""
+        norm = self.norm = self.grad_norm()
         if not math.isfinite(loss):
             return f"step {step}: the training loss is {loss}"
         if norm is not None and not math.isfinite(norm):

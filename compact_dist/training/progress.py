@@ -1,6 +1,7 @@
-"""Training-speed accounting for the progress line: throughput over the last log interval
-(not the average since start, which reads as a speed-up while start-up costs fade), step time,
-model FLOPs utilisation, and the totals of a run.
+"""Training-speed and memory accounting for the progress line: throughput over the last log
+interval (not the average since start, which reads as a speed-up while start-up costs fade),
+step time, TFLOP/s and model FLOPs utilisation per GPU, ETA, the peak memory as the maximum
+over ranks, and the totals of a run.
 
 MFU = model FLOPs per token x tokens/s / (GPUs x peak dense bf16 FLOP/s of one GPU), with
 model FLOPs per token = 6 N_matmul + 6 L h s (causal attention; N_matmul counts the
@@ -12,9 +13,18 @@ from __future__ import annotations
 import time
 from typing import Callable, Optional
 
-# dense bf16 FLOP/s of one GPU, by a substring of torch.cuda.get_device_name()
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "GH200": 989.4e12, "A100": 312e12,
-                   "B200": 2250e12}
+import torch
+
+# dense (no sparsity) bf16 tensor-core FLOP/s of one GPU, by a substring of
+# torch.cuda.get_device_name(); the longest matching key wins ("H100 PCIe" before "H100").
+# Vendor data sheets; `logging.peak_tflops` overrides the table (other GPUs, clocks).
+PEAK_BF16_FLOPS = {
+    "A100": 312e12, "A800": 312e12, "RTX A6000": 154.8e12,
+    "L40": 181.05e12, "L40S": 362.05e12, "RTX 4090": 165.2e12, "RTX 6000 Ada": 364.2e12,
+    "H100": 989.4e12, "H100 PCIe": 756.5e12, "H100 NVL": 835.5e12, "H800": 989.4e12,
+    "H200": 989.4e12, "GH200": 989.4e12,
+    "B100": 1750e12, "B200": 2250e12, "GB200": 2500e12,
+}
 
 
 def model_flops(layers: int, hidden: int, ffn: int, seq: int, vocab_padded: int,
@@ -37,30 +47,83 @@ def peak_flops(device_name: str) -> Optional[float]:
     return None
 
 
+def format_eta(seconds: float) -> str:
+    """'1d 02:03:04' / '02:03:04' for the progress line."""
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    text = f"{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
+def local_memory_gib(device: torch.device) -> tuple[float, float]:
+    """(allocated, reserved) peaks of this process in GiB: CUDA max_memory_allocated /
+    max_memory_reserved; on CPU the resident set size for both."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) / 2**30,
+                torch.cuda.max_memory_reserved(device) / 2**30)
+    import psutil
+
+    rss = psutil.Process().memory_info().rss / 2**30
+    return rss, rss
+
+
+def memory_over_ranks(device: torch.device) -> dict[str, float]:
+    """The largest allocated and reserved peak over the world group's ranks and the rank
+    holding each (one all-reduce of a [world, 2] fp32 tensor on `device`: every rank fills its
+    row; collective, call it on every rank). Scalars perf/memory_allocated_GiB,
+    perf/memory_allocated_rank, perf/memory_reserved_GiB, perf/memory_reserved_rank."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    table = torch.zeros(world, 2, device=device)
+    table[rank] = torch.tensor(local_memory_gib(device), device=device)
+    if world > 1:
+        dist.all_reduce(table)
+    value, where = table.max(dim=0)
+    return {"perf/memory_allocated_GiB": value[0].item(),
+            "perf/memory_allocated_rank": where[0].item(),
+            "perf/memory_reserved_GiB": value[1].item(),
+            "perf/memory_reserved_rank": where[1].item()}
+
+
 class ThroughputMeter:
-    """Tokens/s, step time and MFU over the steps since the previous `interval()` call.
+    """Tokens/s (global and per GPU), step time, TFLOP/s per GPU, MFU and ETA over the steps
+    since the previous `interval()` call.
 
     tokens_per_step: global tokens of one optimizer step; flops_per_token: model FLOPs;
-    peak: FLOP/s of one GPU (None: no MFU); gpus: how many share the work; clock: for tests.
+    peak: FLOP/s of one GPU (None: no MFU); gpus: how many share the work; total_steps: the
+    run's last step (ETA); clock: for tests.
     """
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak: Optional[float],
-                 gpus: int, start_step: int, clock: Callable[[], float] = time.perf_counter):
+                 gpus: int, start_step: int, total_steps: Optional[int] = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak, self.gpus, self.clock = peak, gpus, clock
+        self.total_steps = total_steps
         self.start_time = self._mark_time = clock()
         self.start_step = self._mark_step = start_step
 
     def interval(self, step: int) -> dict[str, float]:
-        """Rates over (previous call, now]; starts the next interval."""
+        """Rates over (previous call, now]; starts the next interval. perf/eta_s: the steps
+        left to total_steps at this interval's step time."""
         now = self.clock()
         steps, seconds = step - self._mark_step, max(now - self._mark_time, 1e-9)
         self._mark_time, self._mark_step = now, step
         tokens_per_s = self.tokens_per_step * steps / seconds
-        out = {"perf/tokens_per_s": tokens_per_s, "perf/step_time_s": seconds / max(steps, 1)}
+        step_time = seconds / max(steps, 1)
+        flops_per_gpu = self.flops_per_token * tokens_per_s / self.gpus
+        out = {"perf/tokens_per_s": tokens_per_s,
+               "perf/tokens_per_s_per_gpu": tokens_per_s / self.gpus,
+               "perf/step_time_s": step_time,
+               "perf/tflops_per_gpu": flops_per_gpu / 1e12}
         if self.peak:
-            out["perf/mfu"] = self.flops_per_token * tokens_per_s / (self.gpus * self.peak)
+            out["perf/mfu"] = flops_per_gpu / self.peak
+        if self.total_steps is not None:
+            out["perf/eta_s"] = max(0, self.total_steps - step) * step_time
         return out
 
     def totals(self, step: int) -> dict[str, float]:

@@ -34,10 +34,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="compact-train", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Config keys (sections model, parallel, data, optim, train, recompute, "
+               "checkpoint, logging,\ncompression, activations): compact-train --help-config",
     )
     parser.add_argument("--config", help="YAML config (default: the embedded default job)")
     parser.add_argument("--print-config", action="store_true",
                         help="validate, print the resolved config as JSON and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its type, default and meaning, "
+                             "and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env wins
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -167,12 +172,15 @@ class GracefulStop:
 
 
 class Logger:
-    """Rank-0 console progress line (tqdm) and tensorboard scalars."""
+    """Rank-0 output: a tqdm bar on a terminal, timestamped log lines that Megatron-LM users
+    grep for (`progress_line`) and the same scalars in TensorBoard (logging.tensorboard_dir)
+    and Weights & Biases (logging.wandb_project, when wandb is installed)."""
 
     def __init__(self, cfg: TrainConfig, rank: int, start_step: int):
         self.active = rank == 0
-        self.bar = self.writer = None
-        self.rates = ""  # tokens/s (and MFU) of the last log interval
+        self.bar = self.writer = self.wandb = None
+        self.total_steps = cfg.train.train_steps
+        self.postfix = ""  # the bar's rates and memory of the last log line
         if not self.active:
             return
         if cfg.logging.progress:
@@ -185,50 +193,95 @@ class Logger:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
+        if cfg.logging.wandb_project:
+            import wandb  # checked importable at config load (TrainConfig.check_environment)
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project,
+                                    config=cfg.model_dump(mode="json"), resume="allow")
 
     def print(self, text: str) -> None:
-        if self.active:
-            (self.bar.write if self.bar else print)(text)
+        """A timestamped line on rank 0 (above the bar on a terminal)."""
+        if not self.active:
+            return
+        line = f"[{timestamp()}] {text}"
+        if self.bar:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
 
-    def step(self, step: int, scalars: dict[str, float], line: bool, fields: str = "") -> None:
-        """scalars: train/loss, train/lr, perf/memory_GiB every step; on `line` steps also the
-        ThroughputMeter's rates over the steps since the previous line; on steps that measured
-        the kept energy its scalars (compact_dist.training.quality) and `fields` for the
-        line."""
+    def scalars(self, step: int, scalars: dict[str, float]) -> None:
         if not self.active:
             return
         if self.writer:
             for key, value in scalars.items():
                 self.writer.add_scalar(key, value, step)
-        if "perf/tokens_per_s" in scalars:
-            self.rates = f"{scalars['perf/tokens_per_s']:,.0f} tok/s " + (
-                f"MFU {100 * scalars['perf/mfu']:.1f}% " if "perf/mfu" in scalars else "")
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+
+    def step(self, step: int, scalars: dict[str, float], line: bool, fields: str = "") -> None:
+        """scalars: train/loss, train/lr every step; on `line` steps also train/grad_norm,
+        the skipped and non-finite step counts, the ThroughputMeter's rates over the steps
+        since the previous line, the memory maximum over ranks (progress.memory_over_ranks),
+        and on steps that measured the kept energy its scalars (compact_dist.training.quality)
+        and `fields` for the line."""
+        if not self.active:
+            return
+        self.scalars(step, scalars)
+        if line:
+            self.postfix = (f"{scalars['perf/tokens_per_s']:,.0f} tok/s "
+                            f"mem {scalars['perf/memory_allocated_GiB']:.2f} GiB")
         if self.bar:
             self.bar.update(1)
-            self.bar.set_postfix_str(
-                f"loss {scalars['train/loss']:.3f} {self.rates}"
-                f"mem {scalars['perf/memory_GiB']:.2f} GiB", refresh=False)
+            self.bar.set_postfix_str(f"loss {scalars['train/loss']:.3f} {self.postfix}",
+                                     refresh=False)
         if line:
-            self.print(
-                f"step {step:5d} | loss {scalars['train/loss']:.4f} | lr "
-                f"{scalars['train/lr']:.2e} | {scalars['perf/step_time_s'] * 1e3:,.0f} ms/step | "
-                f"{self.rates.strip().replace(' MFU', ' | MFU')} | "
-                f"mem {scalars['perf/memory_GiB']:.2f} GiB" + (f" | {fields}" if fields else ""))
+            self.print(progress_line(step, self.total_steps, scalars)
+                       + (f" | {fields}" if fields else ""))
 
     def close(self) -> None:
         if self.bar:
             self.bar.close()
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
-def memory_gib(device: torch.device) -> float:
-    """CUDA peak allocated, or this process's resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import psutil
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
 
-    return psutil.Process().memory_info().rss / 2**30
+
+def progress_line(step: int, total_steps: int, s: dict[str, float]) -> str:
+    """One log line of a log step, fields as Megatron-LM words them where it has them:
+    'iteration 20/400 | consumed tokens 163,840 | loss 5.1234 | lr 1.90E-03 | grad norm
+    0.812 | skipped 0 | nan 0 | 123.4 ms/step | tokens/s/GPU 1,234 | tokens/s 2,468 |
+    TFLOP/s/GPU 12.3 | MFU 4.0% | mem allocated 1.23 GiB (rank 1) reserved 1.50 GiB
+    (rank 1) | ETA 00:12:34' (MFU only with a known peak; memory: the maximum over ranks)."""
+    from compact_dist.training.progress import format_eta
+
+    width = len(str(total_steps))
+    norm = s.get("train/grad_norm")
+    parts = [
+        f"iteration {step:{width}d}/{total_steps}",
+        f"consumed tokens {int(s['train/consumed_tokens']):,}",
+        f"loss {s['train/loss']:.4f}",
+        f"lr {s['train/lr']:.3E}",
+        f"grad norm {'n/a' if norm is None else f'{norm:.3f}'}",
+        f"skipped {int(s['train/skipped_steps_interval'])}",
+        f"nan {int(s['train/nonfinite_steps_interval'])}",
+        f"{s['perf/step_time_s'] * 1e3:,.1f} ms/step",
+        f"tokens/s/GPU {s['perf/tokens_per_s_per_gpu']:,.0f}",
+        f"tokens/s {s['perf/tokens_per_s']:,.0f}",
+        f"TFLOP/s/GPU {s['perf/tflops_per_gpu']:.3g}",
+    ]
+    if "perf/mfu" in s:
+        parts.append(f"MFU {100 * s['perf/mfu']:.1f}%")
+    parts.append(f"mem allocated {s['perf/memory_allocated_GiB']:.2f} GiB (rank "
+                 f"{int(s['perf/memory_allocated_rank'])}) reserved "
+                 f"{s['perf/memory_reserved_GiB']:.2f} GiB (rank "
+                 f"{int(s['perf/memory_reserved_rank'])})")
+    parts.append(f"ETA {format_eta(s['perf/eta_s'])}")
+    return " | ".join(parts)
 
 
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
@@ -263,8 +316,9 @@ def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, vocab_size: 
 
 def throughput_meter(cfg: TrainConfig, tokens_per_step: int, bf16: bool, device: torch.device,
                      start_step: int, vocab_size: int):
-    """The ThroughputMeter of a run: model FLOPs of cfg's GPT, the GPU's peak (MFU only for
-    bf16 on a known GPU), every rank's GPU sharing the tokens."""
+    """The ThroughputMeter of a run: model FLOPs of cfg's GPT, the peak FLOP/s of one GPU
+    (logging.peak_tflops, else the table for bf16 on a known GPU; None: no MFU), every rank's
+    GPU sharing the tokens, ETA to train.train_steps."""
     import torch.distributed as dist
 
     from compact_dist.training.progress import ThroughputMeter, model_flops, peak_flops
@@ -275,8 +329,10 @@ def throughput_meter(cfg: TrainConfig, tokens_per_step: int, bf16: bool, device:
                         padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size), kv)
     peak = (peak_flops(torch.cuda.get_device_name(device))
             if bf16 and device.type == "cuda" else None)
+    if cfg.logging.peak_tflops is not None:
+        peak = cfg.logging.peak_tflops * 1e12
     return ThroughputMeter(tokens_per_step, flops["per_token"], peak, dist.get_world_size(),
-                           start_step)
+                           start_step, total_steps=cfg.train.train_steps)
 
 
 def probe_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -339,7 +395,9 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     from compact_dist.training import resume
     from compact_dist.training.data import build_data
     from compact_dist.deepspeed.engine import use_deepspeed_checkpointing
+    from compact_dist.training import startup
     from compact_dist.training.nonfinite import NonFiniteCheck
+    from compact_dist.training.progress import local_memory_gib, memory_over_ranks
     from compact_dist.training.quality import KeptEnergyReport
     from compact_dist.tools.export import write_run_files
     from compact_dist.tools.memory import linear_memory_table
@@ -366,8 +424,16 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     log = Logger(cfg, rank, 0)
     for line in train_iter.summary:
         log.print(line)
-    log.print(linear_memory_table(model, cfg.model.seq_length, cfg.train.micro_batch_size,
-                                  device))
+    tp = cfg.parallel.tensor_model_parallel_size
+    log.print(startup.parameter_line(startup.parameter_counts(model, tp)))
+    log.print(startup.layout_line(world, tp, cfg.parallel.sequence_parallel,
+                                  cfg.train.zero_stage, micro, grad_accum, cfg.model.seq_length,
+                                  "bf16" if bf16 else "fp32"))
+    log.print(linear_memory_table(model, cfg.model.seq_length, micro, device))
+    log.print(startup.saved_activation_line(*startup.saved_activation_bytes(
+        model, micro, cfg.model.seq_length, device, cfg.train.seed)))
+    if device.type == "cuda":  # the progress lines' peaks: training's, not this measurement's
+        torch.cuda.reset_peak_memory_stats(device)
     engine, stepper = build_engine(cfg, model, bf16, dp, schedule=True)
     stepper.measure_kept_energy = cfg.logging.kept_energy
     quality = KeptEnergyReport(engine.module, cfg.compression, cfg.logging.kept_energy_warn_below)
@@ -376,11 +442,14 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     for note in plan.notes:
         log.print(note)
     if plan.tag is not None:
+        started = time.perf_counter()
         state = resume.load_with_run_settings(engine, cfg.checkpoint.dir, plan.tag)
         step = state["step"]
         stepper.steps = state["stepper_steps"]
         train_iter.load_state_dict(state["data"])
-        log.print(f"resumed from step {step} in {cfg.checkpoint.dir}")
+        log.print(f"resumed from step {step} in {cfg.checkpoint.dir}: loaded checkpoint "
+                  f"{os.path.join(cfg.checkpoint.dir, plan.tag)} in "
+                  f"{time.perf_counter() - started:.2f} s")
     if log.bar:
         log.bar.n = step
 
@@ -402,10 +471,11 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
 
     history = {"losses": [], "valid": [], "kept_energy": [], "stopped_early": False}
     stop.install()
-    meter = throughput_meter(cfg, tokens_per_step=cfg.train.micro_batch_size * grad_accum * dp
-                             * cfg.model.seq_length, bf16=bf16, device=device, start_step=step,
-                             vocab_size=tokenizer.vocab_size)
+    tokens_per_step = micro * grad_accum * dp * cfg.model.seq_length
+    meter = throughput_meter(cfg, tokens_per_step=tokens_per_step, bf16=bf16, device=device,
+                             start_step=step, vocab_size=tokenizer.vocab_size)
     nonfinite = NonFiniteCheck(engine)
+    skipped_at_line, nonfinite_since_line = engine.skipped_steps, 0
     engine.train()
     while step < cfg.train.train_steps:
         loss_sum = torch.zeros((), device=device)
@@ -423,16 +493,26 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
         mean_loss = (loss_sum / (grad_accum * dp)).item()
         history["losses"].append(mean_loss)
+        problem = nonfinite.problem(step, mean_loss)  # before this step's checkpoint
+        nonfinite_since_line += bool(problem)
         kept = {} if stepper.kept_energy is None else quality.record(step, stepper.kept_energy)
-        line = step % cfg.train.log_interval == 0 or step == 1 or bool(kept)
-        scalars = {"train/loss": mean_loss, "train/lr": lr, "perf/memory_GiB": memory_gib(device),
-                   **(meter.interval(step) if line else {}), **kept}
+        line = step % cfg.train.log_interval == 0 or step == 1 or bool(kept) or bool(problem)
+        scalars = {"train/loss": mean_loss, "train/lr": lr, **kept}
+        if nonfinite.norm is not None:
+            scalars["train/grad_norm"] = nonfinite.norm
+        if line:  # the same steps on every rank: memory_over_ranks is a collective
+            scalars.update({
+                "train/consumed_tokens": step * tokens_per_step,
+                "train/skipped_steps": engine.skipped_steps,
+                "train/skipped_steps_interval": engine.skipped_steps - skipped_at_line,
+                "train/nonfinite_steps_interval": nonfinite_since_line,
+                **meter.interval(step), **memory_over_ranks(device)})
+            skipped_at_line, nonfinite_since_line = engine.skipped_steps, 0
         log.step(step, scalars, line=line, fields=quality.fields() if kept else "")
         if kept:
             history["kept_energy"].append((step, dict(zip(quality.names, quality.values))))
             if quality.warning():
                 log.print(quality.warning())
-        problem = nonfinite.problem(step, mean_loss)  # before this step's checkpoint
         if problem:
             log.close()
             where = (f"the last checkpoint is {os.path.join(cfg.checkpoint.dir, saved)}" if saved
@@ -444,16 +524,19 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
             history["valid"].append((step, vloss))
             log.print(f"step {step:5d} | validation loss {vloss:.4f} | "
                       f"perplexity {math.exp(min(vloss, 50)):.2f}")
-            if log.writer:
-                log.writer.add_scalar("valid/loss", vloss, step)
-                log.writer.add_scalar("valid/perplexity", math.exp(min(vloss, 50)), step)
+            log.scalars(step, {"valid/loss": vloss,
+                               "valid/perplexity": math.exp(min(vloss, 50))})
         interval = cfg.checkpoint.save_interval
         stopping = stop.requested_anywhere(device)  # every rank agrees (all-reduced flag)
         if cfg.checkpoint.dir and ((interval and step % interval == 0) or stopping
                                    or step == cfg.train.train_steps):
+            started = time.perf_counter()
             saved = save_checkpoint(engine, cfg.checkpoint.dir, step, {
                 "step": step, "stepper_steps": stepper.steps, "data": train_iter.state_dict()},
                 cfg.checkpoint.keep_last, run_files)
+            log.print(f"saved checkpoint of step {step} to "
+                      f"{os.path.join(cfg.checkpoint.dir, saved)} in "
+                      f"{time.perf_counter() - started:.2f} s")
         if stopping:
             history["stopped_early"] = step < cfg.train.train_steps
             by = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"
@@ -472,9 +555,11 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
         if quality.summary():
             summary += "\n" + quality.summary()
         total = meter.totals(step)
+        allocated, reserved = local_memory_gib(device)
         log.print(summary + f"\ntotals: {total['steps']} steps, {total['tokens']:,} tokens in "
-                  f"{total['seconds']:.1f} s ({total['tokens_per_s']:,.0f} tok/s with "
-                  f"evaluations and checkpoints), peak memory {memory_gib(device):.2f} GiB")
+                  f"{total['seconds']:.1f} s ({total['tokens_per_s']:,.0f} tokens/s with "
+                  f"evaluations and checkpoints), peak memory of rank 0: allocated "
+                  f"{allocated:.2f} GiB, reserved {reserved:.2f} GiB")
     log.close()
     return history
 
@@ -507,6 +592,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     # megatron-core 0.16.1 warns about its own default cuda_graph_scope on every config
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     args = parse_args(argv)
+    if args.help_config:
+        from compact_dist.training.config_help import help_config
+
+        print(help_config())
+        return
     try:  # every configuration error surfaces here, before any process group exists
         cfg = load_train_config(args.config, args.overrides)
         _, _, world = world_from_environment()

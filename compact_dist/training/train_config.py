@@ -27,18 +27,25 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """LLaMA-style GPT: RMSNorm, SwiGLU, no biases; rotary positions on GPUs."""
+    """LLaMA-style GPT: RMSNorm, SwiGLU, no biases, rotary positions."""
 
-    num_layers: int = Field(4, ge=1)
-    hidden_size: int = Field(128, ge=8)
-    num_attention_heads: int = Field(4, ge=1)
-    num_query_groups: Optional[int] = Field(None, ge=1)
-    ffn_hidden_size: Optional[int] = Field(None, ge=1)  # default: 8/3 * hidden, multiple of 64
-    seq_length: int = Field(128, ge=8)
-    position_embedding: Literal["auto", "rope", "learned_absolute"] = "auto"
-    init_std: float = Field(0.02, gt=0)
-    hidden_dropout: float = Field(0.0, ge=0, lt=1)
-    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    num_layers: int = Field(4, ge=1, description="transformer layers")
+    hidden_size: int = Field(128, ge=8, description="model width h")
+    num_attention_heads: int = Field(4, ge=1, description="attention heads (head dim = "
+                                     "hidden_size / heads)")
+    num_query_groups: Optional[int] = Field(None, ge=1, description="key/value heads "
+                                            "(grouped-query attention); null: one per head")
+    ffn_hidden_size: Optional[int] = Field(None, ge=1, description="SwiGLU width; null: 8/3 "
+                                           "hidden rounded down to a multiple of 64")
+    seq_length: int = Field(128, ge=8, description="tokens per sequence")
+    position_embedding: Literal["rope", "learned_absolute", "auto"] = Field(
+        "rope", description="rope (rotary, on CPU too; what compact-export needs) or "
+        "learned_absolute; auto (older configs): rope with CUDA, learned without")
+    init_std: float = Field(0.02, gt=0, description="std of the normal weight init")
+    hidden_dropout: float = Field(0.0, ge=0, lt=1, description="dropout after attention and "
+                                  "MLP")
+    attention_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention "
+                                     "probabilities")
 
     @property
     def ffn(self) -> int:
@@ -63,39 +70,50 @@ class ModelConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    tensor_model_parallel_size: int = Field(1, ge=1)
-    sequence_parallel: bool = False
+    tensor_model_parallel_size: int = Field(1, ge=1, description="Megatron tensor-parallel "
+                                            "size TP (data-parallel size = world / TP)")
+    sequence_parallel: bool = Field(False, description="Megatron sequence parallelism "
+                                    "(needs TP > 1 and CUDA)")
 
 
 class OptimConfig(_Section):
-    lr: float = Field(2e-3, gt=0)
-    min_lr: float = Field(2e-4, ge=0)
-    warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    grad_clip: float = Field(1.0, ge=0)
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW)")
+    min_lr: float = Field(2e-4, ge=0, description="learning rate at the end of the cosine "
+                          "decay")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay (not on norms "
+                                "or biases)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1")
+    beta2: float = Field(0.95, ge=0, lt=1, description="Adam beta2")
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this "
+                             "(0: off)")
 
 
 class TrainLoopConfig(_Section):
-    micro_batch_size: int = Field(8, ge=1)
-    global_batch_size: Optional[int] = Field(None, ge=1)  # default: micro * data-parallel
-    train_steps: int = Field(400, ge=1)
-    seed: int = Field(1234, ge=0)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    zero_stage: Literal[0, 1, 2, 3] = 1
-    log_interval: int = Field(20, ge=1)
-    eval_interval: int = Field(100, ge=1)
-    eval_batches: int = Field(8, ge=1)
+    micro_batch_size: int = Field(8, ge=1, description="sequences per rank per forward")
+    global_batch_size: Optional[int] = Field(None, ge=1, description="sequences per optimizer "
+                                             "step; null: micro x data-parallel (gradient "
+                                             "accumulation makes up the rest)")
+    train_steps: int = Field(400, ge=1, description="optimizer steps of the run")
+    seed: int = Field(1234, ge=0, description="model init and dropout seed")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 with "
+                                                       "CUDA, fp32 on CPU")
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    log_interval: int = Field(20, ge=1, description="steps between progress lines")
+    eval_interval: int = Field(100, ge=1, description="steps between validations")
+    eval_batches: int = Field(8, ge=1, description="micro-batches per validation")
 
 
 class RecomputeConfig(_Section):
     """Megatron recompute ('full' per layer or 'selective' core attention), optionally run
     through deepspeed.checkpointing instead of Megatron's tensor_parallel.checkpoint."""
 
-    granularity: Literal["none", "full", "selective"] = "none"
-    num_layers: int = Field(1, ge=1)
-    deepspeed_checkpointing: bool = False
+    granularity: Literal["none", "full", "selective"] = Field(
+        "none", description="Megatron activation recompute: full layers or selective (core "
+        "attention)")
+    num_layers: int = Field(1, ge=1, description="layers per recompute chunk (full)")
+    deepspeed_checkpointing: bool = Field(False, description="recompute through "
+                                          "deepspeed.checkpointing instead of Megatron's")
 
 
 class CheckpointConfig(_Section):
@@ -103,11 +121,14 @@ class CheckpointConfig(_Section):
     checkpoint, else the one `latest` names, else the newest complete one (compact_dist.
     training.resume); keep_last: complete checkpoints kept (older ones deleted by step)."""
 
-    dir: Optional[str] = None
-    save_interval: int = Field(0, ge=0)  # 0: only at the end (when dir is set)
-    resume: bool = True
-    keep_last: int = Field(2, ge=1)
-    load_step: Optional[int] = Field(None, ge=1)  # resume exactly this step (error if absent)
+    dir: Optional[str] = Field(None, description="checkpoint directory (null: no "
+                               "checkpoints); checked writable before step 1")
+    save_interval: int = Field(0, ge=0, description="steps between saves (0: only at the "
+                               "end and on SIGTERM / SIGUSR1 / Ctrl-C)")
+    resume: bool = Field(True, description="continue from the checkpoint in dir, if any")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept (older deleted)")
+    load_step: Optional[int] = Field(None, ge=1, description="resume exactly this step "
+                                     "(error if absent)")
 
     @model_validator(mode="after")
     def _load_step_needs_resume(self) -> "CheckpointConfig":
@@ -127,10 +148,21 @@ class LoggingConfig(_Section):
     (benchmarks/results/convergence110m_lr.md, convergence350m.md), so 0.8 would warn on
     healthy runs."""
 
-    tensorboard_dir: Optional[str] = None
-    progress: bool = True
-    kept_energy: bool = True
-    kept_energy_warn_below: float = Field(0.6, ge=0, le=1)
+    tensorboard_dir: Optional[str] = Field(None, description="write TensorBoard scalars "
+                                           "here (the progress line's, validation, kept "
+                                           "energy)")
+    wandb_project: Optional[str] = Field(None, description="also log the scalars to this "
+                                         "Weights & Biases project (needs wandb installed)")
+    progress: bool = Field(True, description="tqdm bar on a terminal (log files get the "
+                           "lines only)")
+    peak_tflops: Optional[float] = Field(None, gt=0, description="peak dense TFLOP/s of one "
+                                         "GPU for MFU; null: the table of known GPUs "
+                                         "(compact_dist/training/progress.py)")
+    kept_energy: bool = Field(True, description="measure what P keeps of the weight "
+                              "gradients before each resample")
+    kept_energy_warn_below: float = Field(0.6, ge=0, le=1, description="warn when the mean "
+                                          "kept energy falls below this (not at the first "
+                                          "measurement)")
 
 
 class TrainConfig(_Section):
@@ -211,6 +243,13 @@ class TrainConfig(_Section):
         before any process group."""
         self.check_launch(world_size, has_cuda)
         self.data.check(self.model.seq_length)
+        if self.logging.wandb_project:
+            import importlib.util
+
+            if importlib.util.find_spec("wandb") is None:
+                raise ValueError("logging.wandb_project is set but wandb is not installed "
+                                 "(pip install wandb, or unset it: TensorBoard needs nothing "
+                                 "extra)")
 
     def check_launch(self, world_size: int, has_cuda: bool) -> None:
         """What the world size and the device allow; no filesystem access (compact-plan runs
