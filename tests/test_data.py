@@ -172,6 +172,27 @@ def test_resume_reproduces_next_batches_across_epoch(byte_cfg):
         fresh(seed=12).load_state_dict(full.state_dict())
 
 
+def test_resume_refuses_a_run_length_that_changes_the_sample_order(byte_cfg):
+    """megatron-core's GPTDataset order depends on the run's total samples (its epochs): a
+    resume whose train.train_steps changes that order raises instead of reading other
+    samples; a change that keeps the order (inside the first epoch) resumes as before."""
+    def data(train_samples):
+        return build_data(byte_cfg, 1024, 4, train_samples=train_samples, valid_samples=4)[1]
+
+    per_epoch = len(data(4).samples)
+    short, long = data(2 * per_epoch + per_epoch // 10), data(4 * per_epoch - 1)
+    assert not np.array_equal(short.samples[0], long.samples[0])  # the order differs
+    _batches(short, 3)
+    state = json.loads(json.dumps(short.state_dict()))
+    with pytest.raises(ValueError, match="differ from the checkpointed run's"):
+        long.load_state_dict(state)
+    first, extended = data(per_epoch // 3), data(per_epoch // 2)  # one epoch both
+    ref = _batches(data(per_epoch // 2), 6)
+    _batches(first, 3)
+    extended.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert _same(_batches(extended, 3), ref[3:])
+
+
 def test_valid_batches_fixed_and_dp_disjoint(bpe):
     cfg = bpe[0]
     tok, train, valid = build_data(cfg, 64, 2, 0, 1, train_samples=20, valid_samples=8)
@@ -369,3 +390,15 @@ def test_cache_hit_reads_no_corpus_and_a_changed_file_rebuilds(tmp_path, monkeyp
     _, rebuilt = D.prepare_dataset(cfg)
     meta = json.loads((rebuilt / "meta.json").read_text())
     assert rebuilt != built and meta["bytes"] == 2 * len("document 0 " * 40) + 19 * 40
+
+
+def test_a_cache_dir_inside_a_corpus_directory_is_not_corpus(tmp_path):
+    """data.paths=[dir] with data.cache_dir under dir: the tokenized cache is not read back
+    as text (the corpus, and so the cache key, stay the same from run to run)."""
+    for name in "abc":
+        (tmp_path / f"{name}.txt").write_text(f"hello corpus {name}\n" * 200)
+    cfg = DataConfig(source="files", paths=[str(tmp_path)], tokenizer="byte",
+                     cache_dir=str(tmp_path / ".cache"))
+    D.prepare_dataset(cfg)
+    assert any((tmp_path / ".cache").rglob("*.bin"))
+    assert cfg.check_paths() == [tmp_path / f"{name}.txt" for name in "abc"]

@@ -1,5 +1,5 @@
 """A merge or a moments operation that cannot find A's master or optimizer state raises; it
-never skips A (compact_dist.core.masters, .moments). DeepSpeed's layouts are covered by
+never skips A (the backends of compact_dist.core.backend, core.moments). DeepSpeed's layouts are covered by
 tests/test_zero_matrix.py."""
 
 import pytest

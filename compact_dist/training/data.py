@@ -155,10 +155,15 @@ class DataConfig(BaseModel):
         if self.source == "stdlib":
             return list(_stdlib_files())
         files: list[Path] = []
+        cache = Path(os.path.expanduser(self.cache_dir)).resolve()
+
+        def corpus_file(q: Path) -> bool:  # not the tokenized cache, if it lies under a path
+            return q.is_file() and cache not in q.resolve().parents
+
         for pattern in self.paths:
             matched = sorted(  # a directory means the files under it
                 f for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                for f in (sorted(q for q in Path(p).rglob("*") if q.is_file())
+                for f in (sorted(q for q in Path(p).rglob("*") if corpus_file(q))
                           if os.path.isdir(p) else [Path(p)])
             )
             if not matched:

@@ -23,6 +23,8 @@ state is `consumed_samples`.
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 import os
 from pathlib import Path
@@ -270,19 +272,45 @@ class GlobalSampleIterator:
         self.consumed_samples += self.micro_batch_size * self.dp_size
         return batch
 
+    ORDER_PROBE = 16  # samples before and after `consumed_samples` the order digest reads
+
+    def order_digest(self, consumed: int) -> str:
+        """sha1 of the global samples around `consumed` ([consumed - 16, consumed + 16),
+        clipped to the split): equal digests mean this run reads the same samples there.
+        megatron-core's GPTDataset order depends on the run's total samples (its number of
+        epochs and whether the last one is shuffled apart), not only on data.seed."""
+        digest = hashlib.sha1()
+        for g in range(max(0, consumed - self.ORDER_PROBE),
+                       min(len(self.samples), consumed + self.ORDER_PROBE)):
+            digest.update(np.ascontiguousarray(self.samples[g], dtype=np.int64).tobytes())
+        return digest.hexdigest()
+
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "seed": self.seed,
-                "num_samples": len(self.samples)}
+                "num_samples": len(self.samples),
+                "order_digest": self.order_digest(self.consumed_samples)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at `state["consumed_samples"]` (global, so dp_size may differ on resume)."""
-        for key, mine in (("seed", self.seed), ("num_samples", len(self.samples))):
-            if key in state and state[key] != mine:
-                raise ValueError(
-                    f"data state has {key}={state[key]} but this run has {mine}: resuming "
-                    "would not continue the same sample order (keep data.seed, the blend, "
-                    "train.train_steps and the global batch size of the checkpointed run)")
-        self.consumed_samples = int(state["consumed_samples"])
+        """Resume at `state["consumed_samples"]` (global, so dp_size may differ on resume).
+        ValueError when this run's sample order differs from the checkpointed run's around
+        that point (another data.seed, blend, or a train.train_steps / global batch that
+        changes the dataset's epochs), instead of reading other samples silently."""
+        consumed = int(state["consumed_samples"])
+        if "seed" in state and state["seed"] != self.seed:
+            raise ValueError(f"data state has seed={state['seed']} but this run has "
+                             f"{self.seed}: keep data.seed of the checkpointed run")
+        if "order_digest" in state:
+            same = state["order_digest"] == self.order_digest(consumed)
+        else:  # checkpoints before the digest: the length is what they recorded
+            same = state.get("num_samples", len(self.samples)) == len(self.samples)
+        if not same:
+            raise ValueError(
+                f"this run's training samples around sample {consumed} differ from the "
+                "checkpointed run's: megatron-core's GPTDataset order depends on the run's total "
+                "samples (train.train_steps x global batch: its epochs), data.seed and the "
+                "blend; keep those of the checkpointed run (train.train_steps may change only "
+                "while the order stays the same)")
+        self.consumed_samples = consumed
 
 
 # ----------------------------------------------------------------------------- summary

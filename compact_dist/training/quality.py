@@ -18,8 +18,9 @@ class KeptEnergyReport:
     """Names the stepper's fractions (compact_layers(model) order) and words them.
 
     warn_below: the warning threshold on the mean over the layers (logging key
-    kept_energy_warn_below). The first measurement never warns: it scores the P estimated
-    before training, from the gradients of the initialisation, which turn fastest (0.28 at
+    kept_energy_warn_below). The measurement at step resample_interval never warns: it
+    scores the P estimated before training, from the gradients of the initialisation, which
+    turn fastest (0.28 at
     110M and 350M in runs that ended at or below the baseline's perplexity,
     benchmarks/results/convergence110m_lr.md, convergence350m.md); it is logged as the others."""
 
@@ -33,7 +34,6 @@ class KeptEnergyReport:
         self.step: Optional[int] = None
         self.values: list[float] = []
         self.lowest: Optional[tuple[float, int]] = None  # (mean, step) over the run
-        self.measurements = 0
 
     @property
     def mean(self) -> float:
@@ -47,7 +47,6 @@ class KeptEnergyReport:
         quality/kept_energy/<layer name> per layer, .../mean, .../worst and per role
         .../role/<role>."""
         self.step, self.values = step, fractions.tolist()
-        self.measurements += 1
         if len(self.values) != len(self.names):
             raise ValueError(f"{len(self.values)} kept-energy fractions for "
                              f"{len(self.names)} compact layers")
@@ -76,8 +75,10 @@ class KeptEnergyReport:
 
     def warning(self) -> Optional[str]:
         """The warning line when the mean is below warn_below, with what to do; else None
-        (also for the first measurement: see the class docstring)."""
-        if self.measurements < 2 or self.mean >= self.warn_below:
+        (also for the measurement at step resample_interval, which scores the P estimated
+        before training: see the class docstring; decided by the step, so a resumed run's first
+        measurement warns as any other)."""
+        if self.step <= self.compression.resample_interval or self.mean >= self.warn_below:
             return None
         c = self.compression
         size = (f"a larger compression.ratio (now {c.ratio})" if c.rank is None
