@@ -284,8 +284,17 @@ def _two_rank_build(rank, cache_dir, out_dir):
         error = None
     except ValueError as err:
         error = str(err)
+    own = Path(out_dir) / f"corpus{rank}.jsonl"  # as node-local copies that differ
+    own.write_text('{"text": "the same words, again and again"}\n' * (20 + rank))
+    try:
+        build_data(DataConfig(source="files", paths=[str(own)], tokenizer="byte",
+                              cache_dir=cache_dir, valid_fraction=0.2), 8, 2, rank, 2,
+                   train_samples=4, valid_samples=2)
+        other = None
+    except ValueError as err:
+        other = str(err)
     torch.save({"tok": tok.encode(TEXT), "train": _batches(train, 3), "valid": list(valid(2)),
-                "error": error}, os.path.join(out_dir, f"rank{rank}.pt"))
+                "error": error, "other": other}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_two_processes_rank0_builds_others_wait(tmp_path):
@@ -295,11 +304,14 @@ def test_two_processes_rank0_builds_others_wait(tmp_path):
     run_distributed(_two_rank_build, 2, str(cache), str(tmp_path), tp=1)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     built = [p for p in cache.iterdir() if p.is_dir()]
-    assert len(built) == 1 and (built[0] / "meta.json").is_file()  # no temporaries left
+    # the default corpus and rank 0's own corpus file; no temporaries left
+    assert len(built) == 2 and all((b / "meta.json").is_file() for b in built)
     assert got[0]["tok"] == got[1]["tok"]
     assert got[0]["error"].endswith("bad.jsonl:2: expected an object with a string field 'text' "
                                     "(data.jsonl_key)")
     assert got[1]["error"] == "rank 0 could not tokenize the corpus: " + got[0]["error"]
+    for rank in range(2):  # every rank stops, rank 0 too (no rank left at a collective)
+        assert "rank(s) 1 see other corpus or tokenizer files than rank 0" in got[rank]["other"]
     cfg = DataConfig(cache_dir=str(cache), max_bytes=200_000, vocab_size=300)
     _, train, valid = build_data(cfg, 64, 4, 0, 1, train_samples=12, valid_samples=4)
     assert len(list(cache.iterdir())) > 1  # megatron-core's index caches next to it

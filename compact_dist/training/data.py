@@ -132,7 +132,9 @@ class DataConfig(BaseModel):
     def check(self, seq_length: Optional[int] = None) -> None:
         """Every data check that touches only the filesystem (before any process group): the
         corpus files, the tokenizer (loads, has an end-of-document token), and for indexed
-        input the prefixes, weights, token ids and splits (`indexed.check_indexed`)."""
+        input the prefixes, weights, token ids and splits (`indexed.check_indexed`); and that
+        cache_dir is a writable directory (created if missing)."""
+        _check_writable(Path(os.path.expanduser(self.cache_dir)))
         if self.source != "indexed":
             self.check_paths()
             if self.tokenizer not in ("byte", "bpe"):
@@ -171,6 +173,18 @@ class DataConfig(BaseModel):
                                  f"(relative to {os.getcwd()})")
             files.extend(m for m in matched if m not in files)
         return files
+
+
+def _check_writable(root: Path) -> None:
+    """Create root and write + remove a probe file in it, or raise one line."""
+    probe = root / f".write_probe.{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"data.cache_dir={str(root)!r} is not a writable directory: "
+                         f"{err.strerror or err}") from None
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -271,13 +285,16 @@ def _rank() -> int:
     return 0
 
 
-def _from_rank0(error: Optional[str]) -> Optional[str]:
-    """Rank 0's build error (None: built) on every rank; the others wait here for it."""
+def _from_rank0(error: Optional[str], key: str) -> tuple[Optional[str], list[str]]:
+    """Rank 0's build error (None: built) and every rank's cache key, on every rank; the
+    others wait here for rank 0."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         box = [error]
         torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return error
+        keys: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(keys, key)
+        return box[0], keys
+    return error, [key]
 
 
 def _tokenizer_digest(spec: str) -> Optional[str]:
@@ -379,18 +396,25 @@ def prepare_dataset(cfg: DataConfig) -> tuple[Tokenizer, Path]:
     line, too few documents) raises on every rank, not only on rank 0.
     """
     files = cfg.check_paths()
-    out = Path(cfg.cache_dir) / _key(cfg, files)
+    key = _key(cfg, files)
+    out = Path(cfg.cache_dir) / key
     error = None
     if _rank() == 0 and not _complete(out):
         try:
             _build(cfg, files, out)
         except Exception as err:
             error = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
-            _from_rank0(error)
+            _from_rank0(error, key)
             raise
-    error = _from_rank0(error)
+    error, keys = _from_rank0(error, key)
     if error is not None:
         raise ValueError(f"rank 0 could not tokenize the corpus: {error}")
+    other = sorted(r for r, k in enumerate(keys) if k != keys[0])
+    if other:  # e.g. node-local copies of the corpus that differ in size or time
+        raise ValueError(
+            f"rank(s) {', '.join(map(str, other))} see other corpus or tokenizer files than rank "
+            f"0 (cache keys {sorted(set(keys))}): data.paths and data.tokenizer must name the "
+            "same files, with the same size and modification time, on every node")
     if not _complete(out):
         raise RuntimeError(f"rank {_rank()}: {out} is missing after rank 0 built it: "
                            "data.cache_dir must be a directory every node sees")
