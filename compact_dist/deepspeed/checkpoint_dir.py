@@ -113,16 +113,18 @@ def rotate(root: Path, written: int, keep_last: int) -> list[str]:
     return deleted
 
 
-def check_writable(root: Path) -> None:
-    """Create root and write + remove a probe file in it, or raise one line."""
+def check_writable(root: Path, key: str = "checkpoint.dir",
+                   error: type = CheckpointError) -> None:
+    """Create root and write + remove a probe file in it, or raise `error` with one line
+    naming the config `key`."""
     probe = root / f".write_probe.{socket.gethostname()}.{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"probe")
         probe.unlink()
     except OSError as err:
-        raise CheckpointError(f"checkpoint.dir={str(root)!r} is not a writable directory: "
-                              f"{err.strerror or err}") from None
+        raise error(f"{key}={str(root)!r} is not a writable directory: "
+                    f"{err.strerror or err}") from None
 
 
 def read_latest(root: Path) -> tuple[Optional[str], Optional[str]]:

@@ -134,7 +134,9 @@ class DataConfig(BaseModel):
         corpus files, the tokenizer (loads, has an end-of-document token), and for indexed
         input the prefixes, weights, token ids and splits (`indexed.check_indexed`); and that
         cache_dir is a writable directory (created if missing)."""
-        _check_writable(Path(os.path.expanduser(self.cache_dir)))
+        from compact_dist.deepspeed.checkpoint_dir import check_writable
+
+        check_writable(Path(os.path.expanduser(self.cache_dir)), "data.cache_dir", ValueError)
         if self.source != "indexed":
             self.check_paths()
             if self.tokenizer not in ("byte", "bpe"):
@@ -173,18 +175,6 @@ class DataConfig(BaseModel):
                                  f"(relative to {os.getcwd()})")
             files.extend(m for m in matched if m not in files)
         return files
-
-
-def _check_writable(root: Path) -> None:
-    """Create root and write + remove a probe file in it, or raise one line."""
-    probe = root / f".write_probe.{os.getpid()}"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"probe")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"data.cache_dir={str(root)!r} is not a writable directory: "
-                         f"{err.strerror or err}") from None
 
 
 # ----------------------------------------------------------------------------- corpus
