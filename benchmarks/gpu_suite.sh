@@ -49,7 +49,7 @@ steptime_1.3b|1|420|150|3|steptime_1.3b.{json,md}|1.3B, micro-batch 4, one GPU: 
 mt_7b_lean|1|240|150|4|mt_7b_lean.{json,md}, mt_7b_lean_mb8.{json,md}|7B on one GPU without recompute: r1/8, bf16 W0, lean activations at micro-batch 4 and 8
 mt_1.3b_pca_memory|1|200|90|2|mt_1.3b_pca_memory.{json,md}, mt_1.3b_pca_memory_memory_vs_time.png|1.3B, micro-batch 4: peak memory of pca vs gaussian P with the estimate steps inside the measured steps, and r1/4 bf16 W0 lean
 convergence110m_lr|1|0|150|2 x 9|convergence110m_lr.{json,md}, convergence110m_lr_ppl.png, convergence110m_lr/|the learning-rate control at 110M (issue 25): baseline and the pca r1/4 default at lr 5e-4 and 2e-3 (four runs sharing one GPU), beside their lr 1e-3 runs (copied from convergence110m_fused / convergence110m_prior), best-vs-best; resumable
-convergence110m_lr2|1|0|150|2 x 9|convergence110m_lr2.{json,md}, convergence110m_lr2_ppl.png, convergence110m_lr2/|the learning-rate control at 110M in the data order of megatron GPTDataset (the data path since issue 24; convergence110m_lr ran the order before it): baseline at 1e-3 and 2e-3, the pca r1/4 default at 2e-3 and 4e-3, four runs sharing one GPU, best-vs-best; resumable
+convergence110m_lr2|1|0|150|4 calls of 9|convergence110m_lr2.{json,md}, convergence110m_lr2_ppl.png, convergence110m_lr2/|the learning-rate control at 110M in the data order of megatron GPTDataset (the data path since issue 24; convergence110m_lr ran the order before it): baseline at 5e-4, 1e-3 (2 seeds) and 2e-3, the pca r1/4 default at 1e-3 (2 seeds), 2e-3 and 4e-3, four runs at a time sharing one GPU, best-vs-best; resumable
 convergence350m|1|0|150|2 x 9|convergence350m.{json,md}, convergence350m_ppl.png, convergence350m/|350M, baseline and the pca r1/4 default, two seeds each (four runs sharing one GPU), 8M tokens of the host corpus of the 110M preset, with the kept-energy telemetry of the pca runs; resumable
 kept_energy_7b|1|300|200|5|kept_energy_7b.{json,md}|kept_energy.py at 7B on one GPU (the compact-plan config for world size 1: TP 1, ZeRO-1, fp32 W0, micro-batch 2, no recompute), 80 steps, P re-estimated every 20
 kept_energy_1.3b|1|480|300|8|kept_energy_1.3b.{json,md}|kept_energy.py: what P of the pca r1/4 default keeps of the weight gradient of every layer at 1.3B, micro-batch 8, host corpus, 300 steps from scratch, measured before each re-estimate (every 25 steps)
@@ -313,7 +313,7 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
       [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m_lr2")
       x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
         --prefix convergence110m_lr2 --results-dir "$RES" --per-gpu 4 --data-dir "$CVDATA" \
-        --variants baseline,baseline_lr0.002,pca_r1/4_lr0.002,pca_r1/4_lr0.004 \
+        --variants baseline,baseline_lr0.002,pca_r1/4_lr0.002,pca_r1/4_lr0.004,baseline_seed2,baseline_lr0.0005,pca_r1/4,pca_r1/4_seed2 \
         ${extra[@]+"${extra[@]}"} || rc=$? ;;
     convergence350m)
       [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence350m")
