@@ -463,7 +463,7 @@ class Bench:
               vocab: Optional[int] = None) -> dict:
         """Model + DeepSpeed engine built by compact_dist.training.train's build_model / build_engine,
         as compact-train builds them (constant learning rate optim.lr)."""
-        from compact_dist.tools.memory import saved_activation_bytes
+        from compact_dist.training.saved_tensors import saved_activation_bytes
         from compact_dist.training.train import build_engine, build_model
 
         vocab = vocab or self.shape["vocab_size"]

@@ -194,7 +194,7 @@ def test_shared_embeddings(megatron_tp1):
 
 def test_keeps_no_logits_for_backward(megatron_tp1):
     from compact_dist.megatron.cross_entropy import fused_linear_cross_entropy
-    from compact_dist.tools.memory import saved_activation_bytes
+    from compact_dist.training.saved_tensors import saved_activation_bytes
     from gpt_utils import text_batch
 
     s, b, h, v = 24, 2, 16, 512

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from compact_dist.core.config import CompressionConfig, LayerCompression
-from compact_dist.tools.memory import saved_activation_bytes
+from compact_dist.training.saved_tensors import saved_activation_bytes
 from gpt_utils import SEQ, tiny_gpt
 from layer_utils import build
 

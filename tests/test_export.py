@@ -128,7 +128,7 @@ def test_hf_llama_logits_match_megatron(trained, exported):
 def test_hf_weights_load_into_plain_megatron(megatron_tp1, trained, exported):
     from transformers import LlamaForCausalLM
 
-    from compact_dist.tools.export import load_megatron_from_hf
+    from compact_dist.tools.hf_import import load_megatron_from_hf
     from compact_dist.core.subspace import compact_layers
 
     _, ref = trained
@@ -155,7 +155,7 @@ def test_export_weight_is_the_layers_effective_weight(megatron_tp1, data_aware, 
 
     from compact_dist.deepspeed.checkpoint import _rank_state
     from compact_dist.core.config import CompressionConfig
-    from compact_dist.tools.export import _effective_weight
+    from compact_dist.tools.checkpoint_shards import effective_weight
     from compact_dist.core.subspace import compact_layers
 
     model = tiny_gpt(CompressionConfig(projection="gaussian", update_scale=1.5,
@@ -176,7 +176,7 @@ def test_export_weight_is_the_layers_effective_weight(megatron_tp1, data_aware, 
     checked = 0
     for name, layer in model.named_modules():
         if layer in compact_layers(model):
-            got = _effective_weight(state, name, entries[name])
+            got = effective_weight(state, name, entries[name])
             assert torch.allclose(got, layer.effective_weight(), atol=1e-6, rtol=0), name
             assert (got - layer.weight.float()).abs().max() > 1e-2  # A P^T is really there
             checked += 1
@@ -294,7 +294,7 @@ def test_byte_tokenizer_exports_as_an_equivalent_hf_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     from compact_dist.training.data import Tokenizer
-    from compact_dist.tools.export import save_tokenizer
+    from compact_dist.tools.hf_tokenizer import save_tokenizer
 
     run = {"tokenizer": {"kind": "byte", "vocab_size": 257, "eod": 256},
            "model": {"max_sequence_length": 64}}
@@ -311,7 +311,7 @@ def _run_files(tmp_path, tokenizer) -> dict:
     the attributes compact_run.json records)."""
     from types import SimpleNamespace
 
-    from compact_dist.tools.export import read_run, write_run_files
+    from compact_dist.training.run_files import read_run, write_run_files
     from compact_dist.training.train_config import load_train_config
 
     model = SimpleNamespace(position_embedding_type="rope", vocab_size=640,
@@ -336,7 +336,7 @@ def test_path_tokenizers_export_with_their_vocabulary_and_eod(tmp_path):
     from tokenizers import models, pre_tokenizers
     from transformers import AutoTokenizer
 
-    from compact_dist.tools.export import save_tokenizer
+    from compact_dist.tools.hf_tokenizer import save_tokenizer
     from compact_dist.training.tokenizer import load_tokenizer
 
     words = {w: i for i, w in enumerate(["alpha", "beta", "</s>", "[UNK]", "gamma"])}

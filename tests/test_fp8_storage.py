@@ -21,7 +21,7 @@ from compact_dist.megatron import fp8_storage
 from compact_dist.megatron.activations import ActivationConfig
 from compact_dist.megatron.attention import Fp8AttentionFunction, SDPACoreAttention, attend
 from compact_dist.megatron.fp8_storage import block_size, fake_quantize, pack, unpack
-from compact_dist.tools.memory import saved_activation_bytes
+from compact_dist.training.saved_tensors import saved_activation_bytes
 from compact_dist.megatron.norm import Fp8LayerNorm, Fp8RMSNorm, SequenceParallelTorchNorm
 from compact_dist.megatron.spec import get_compact_gpt_block_spec
 from compact_dist.megatron.swiglu import Fp8SwiGLUMLP, _glu, fp8_swiglu

@@ -6,7 +6,7 @@ from megatron.core import tensor_parallel
 
 from compact_dist.core.config import LayerCompression
 from compact_dist.core.rounding import stochastic_round_to_bf16
-from compact_dist.tools.memory import saved_activation_bytes
+from compact_dist.training.saved_tensors import saved_activation_bytes
 from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
 from compact_dist.core.config import CompressionConfig
 from layer_utils import build, layer_config

@@ -1,6 +1,8 @@
 """The package's import graph: every module imports, no module reaches itself through
-imports (module-level or inside functions: a deferred import only hides a cycle), and core/
-names no engine (compact_dist.core.backend is the seam; see docs/EXTENDING.md)."""
+imports (module-level or inside functions: a deferred import only hides a cycle), the
+applications sit on top (tools/ may import training/, never the other way; the library below
+imports neither), and core/ names no engine (compact_dist.core.backend is the seam; see
+docs/EXTENDING.md)."""
 
 import ast
 import importlib
@@ -90,6 +92,41 @@ def test_the_cycle_finder_finds_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+# who may import an application package: tools/ only itself; training/ itself and tools/
+IMPORTED_ONLY_BY = {"compact_dist.tools": ("compact_dist.tools",),
+                    "compact_dist.training": ("compact_dist.training", "compact_dist.tools")}
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """'importer -> imported' for each import of tools/ or training/ from below them."""
+    return [f"{name} -> {target}" for name in sorted(graph) for target in sorted(graph[name])
+            for package, importers in IMPORTED_ONLY_BY.items()
+            if _in(target, package) and not any(_in(name, p) for p in importers)]
+
+
+def test_training_never_imports_tools():
+    """Helpers that training and tools share live in training/ (run_files, indexed_writer,
+    saved_tensors, startup); tools/ builds on them. Deferred imports count."""
+    graph = import_graph()
+    assert graph["compact_dist.tools.export"] & {"compact_dist.training.run_files"}
+    assert not upward_imports(graph), "\n".join(upward_imports(graph))
+
+
+def test_upward_imports_are_found():
+    graph = {"compact_dist.training.data": {"compact_dist.tools.preprocess"},
+             "compact_dist.tools.export": {"compact_dist.training.run_files"},
+             "compact_dist.core.layers": {"compact_dist.training.startup"},
+             "compact_dist.tools.hf_import": {"compact_dist.tools.export"},
+             "compact_dist.toolsy": {"compact_dist.tools"}}
+    assert upward_imports(graph) == ["compact_dist.core.layers -> compact_dist.training.startup",
+                                     "compact_dist.toolsy -> compact_dist.tools",
+                                     "compact_dist.training.data -> compact_dist.tools.preprocess"]
 
 
 def test_every_module_imports():

@@ -1,1 +1,2 @@
-"""Tools around training: saved-bytes measurement, compact-memory, compact-plan and compact-export."""
+"""Tools around training, built on compact_dist.training (never imported by it): compact-memory,
+compact-plan, compact-export (and its HF -> Megatron inverse) and compact-preprocess."""

@@ -31,7 +31,7 @@ stdlib / files sources are first tokenized once into `data.cache_dir`:
    (`tokenizer_sample`: every k-th document, k = ceil(corpus bytes / budget), cut at the
    budget) that bounds the training time on large corpora; every document is still tokenized.
 3. Documents are split into train/valid by a seeded document permutation (`valid_fraction`)
-   and written by compact-preprocess's writer (`tools/preprocess.write_indexed`, megatron-core's
+   and written by compact-preprocess's writer (`indexed_writer.write_indexed`, megatron-core's
    IndexedDatasetBuilder, each document followed by the end-of-document token) to
    `<cache_dir>/<key>/{train,valid}.{bin,idx}` (+ `tokenizer.json` for bpe, `meta.json`). `key`
    hashes the settings, the tokenizer's files and each corpus file's path, size and mtime.
@@ -335,7 +335,7 @@ def _build(cfg: DataConfig, files: list[Path], out: Path) -> None:
 
     Streams the corpus: one pass for the document sizes (the split and the BPE sample need
     the count), one to train BPE (bpe only), one per split to tokenize (write_indexed)."""
-    from compact_dist.tools.preprocess import write_indexed
+    from compact_dist.training.indexed_writer import write_indexed
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

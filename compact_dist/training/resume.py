@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 from compact_dist.deepspeed.checkpoint_dir import CheckpointError, check_writable, choose
 from compact_dist.deepspeed.checkpoint_dir import complete_steps, tag_of
+from compact_dist.training.run_files import RUN_FILE
 
-RUN_FILE = "compact_run.json"  # compact_dist.tools.export.RUN_FILE
 LAYOUT = ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
           "model.num_query_groups", "model.ffn_hidden_size", "model.position_embedding",
           "parallel.tensor_model_parallel_size", "train.zero_stage", "data.tokenizer",

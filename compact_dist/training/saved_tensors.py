@@ -1,6 +1,8 @@
-"""What autograd saves for backward during a forward, per storage, with the code site and the
-transformer layer that saved it (compact-memory's measurement; compact-train's start-up ratio).
-Imports nothing of the training loop, so training and tools can both use it."""
+"""What autograd saves for backward during a forward: the total bytes (`saved_activation_bytes`,
+compact-train's per-linear start-up table and the tests' memory checks) and, per storage, the
+code site and transformer layer that saved it (`record_saved_tensors`, compact-memory's
+measurement and compact-train's start-up ratio). Imports nothing of the training loop, so
+training and tools can both use it."""
 
 from __future__ import annotations
 
@@ -24,6 +26,31 @@ class SavedTensor:
     nbytes: int                # storage bytes (counted at the first tensor that saves it)
 
 
+def saved_activation_bytes(fn: Callable[[], object], module: torch.nn.Module) -> int:
+    """Run `fn()` and return the bytes of the tensors autograd saved for backward, not counting
+    `module`'s parameters (saved by reference, not copied). Storages are counted once.
+
+    The hook keeps a detached alias, never the tensor itself: a pack hook that returns an
+    op's own output (softmax, exp, ...) stores output -> grad_fn -> saved output, a C++
+    reference cycle that Python's gc cannot see, and the whole graph of `fn()` would stay
+    allocated (at 1.3B: ~4.5 GiB per measured sequence, held for the rest of the process)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: set[int] = set()
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_storages and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
 def _site() -> str:
     frame = sys._getframe(2)
     while frame is not None:
@@ -40,7 +67,7 @@ def record_saved_tensors(fn: Callable[[], object], module: torch.nn.Module) -> l
     """Run `fn()` and return one record per storage autograd saved for backward, excluding
     `module`'s parameters. The transformer layer is tracked with forward hooks on
     `module.decoder.layers` (when present). The hook keeps detached aliases (see
-    compact_dist.tools.memory.saved_activation_bytes: returning the tensor itself leaks the graph)."""
+    saved_activation_bytes: returning the tensor itself leaks the graph)."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: set[int] = set()
     records: list[SavedTensor] = []

@@ -1,6 +1,7 @@
-"""What compact-train prints before step 1: parameter counts, the resolved parallel layout and
-the whole model's saved-activation ratio (what the start-up table's per-linear ratio means for
-the run's activation memory)."""
+"""What compact-train prints before step 1: parameter counts, the resolved parallel layout, the
+per-linear table of bytes saved for backward (`linear_memory_table`) and the whole model's
+saved-activation ratio (what the table's per-linear ratio means for the run's activation
+memory)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,38 @@ def layout_line(world: int, tp: int, sequence_parallel: bool, zero_stage: int,
             f"{'on' if sequence_parallel else 'off'}, ZeRO-{zero_stage}, {precision}; "
             f"micro batch {micro_batch}, global batch {global_batch} sequences = "
             f"{global_batch * seq_length:,} tokens (gradient accumulation {grad_accum})")
+
+
+_ROLES = (("qkv", "self_attention.linear_qkv"), ("proj", "self_attention.linear_proj"),
+          ("fc1", "mlp.linear_fc1"), ("fc2", "mlp.linear_fc2"))
+
+
+def linear_memory_table(model: torch.nn.Module, seq_length: int, micro_batch: int,
+                        device: torch.device) -> str:
+    """Per linear role of the first transformer layer: bytes its backward keeps for one
+    micro-batch, measured, next to what Megatron's layer keeps (its whole input). Collective
+    under tensor parallelism (every TP rank must call); run it before ZeRO-3 partitions."""
+    from compact_dist.core.layers import CompactLinearMixin
+    from compact_dist.training import saved_tensors
+
+    layer = model.decoder.layers[0]
+    dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+    rows = [f"bytes saved for backward per linear (one micro-batch, s={seq_length}, "
+            f"b={micro_batch}, {str(dtype).replace('torch.', '')}, this TP rank):",
+            f"  {'linear':<6}{'uncompressed':>14}{'this run':>14}{'ratio':>8}"]
+    for role, path in _ROLES:
+        linear = layer.get_submodule(path)
+        width = getattr(linear, "input_size_per_partition", linear.input_size)
+        seq = seq_length
+        if getattr(linear, "sequence_parallel", False) and not hasattr(
+                linear, "input_size_per_partition"):
+            seq //= linear.tp_group.size()  # column-parallel input is sequence-sharded
+        x = torch.randn(seq, micro_batch, width, device=device, dtype=dtype, requires_grad=True)
+        full = x.numel() * x.element_size()
+        saved = saved_tensors.saved_activation_bytes(lambda: linear(x), linear) if isinstance(
+            linear, CompactLinearMixin) else full
+        rows.append(f"  {role:<6}{full:>14,}{saved:>14,}{saved / full:>8.3f}")
+    return "\n".join(rows)
 
 
 @torch.no_grad()

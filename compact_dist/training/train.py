@@ -399,8 +399,8 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     from compact_dist.training.nonfinite import NonFiniteCheck
     from compact_dist.training.progress import local_memory_gib, memory_over_ranks
     from compact_dist.training.quality import KeptEnergyReport
-    from compact_dist.tools.export import write_run_files
-    from compact_dist.tools.memory import linear_memory_table
+    from compact_dist.training.run_files import write_run_files
+    from compact_dist.training.startup import linear_memory_table
 
     rank, _, world = world_from_environment()
     cfg.check_environment(world, torch.cuda.is_available())
