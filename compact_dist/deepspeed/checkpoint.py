@@ -93,7 +93,7 @@ def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep_
     earlier save of step N), points `latest` at it and deletes the complete checkpoints older
     than step N beyond the newest `keep_last` (checkpoint_dir.rotate). write_run_files(tag
     directory): called on rank 0 before the rename, for files that describe the run (the
-    resolved config and the tokenizer, compact_dist.tools.export.write_run_files)."""
+    resolved config and the tokenizer, compact_dist.training.run_files.write_run_files)."""
     root = Path(directory)
     tag = checkpoint_dir.tag_of(step)
     partial = tag + checkpoint_dir.PARTIAL
