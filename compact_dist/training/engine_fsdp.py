@@ -8,6 +8,10 @@ Checkpoint layout in save_dir/tag (inside compact_dist.deepspeed.checkpoint's at
                         dicts (torch.distributed.checkpoint.state_dict: sharded DTensors by
                         parameter name), one per TP rank T, written by its data-parallel group
                         (Megatron's TP shards share names: one DCP checkpoint each)
+    fsdp2_extra_rank{R}.pt
+                        rank R: the modules' extra states (a compact layer's projection: its
+                        epoch, seeds and data-aware basis, None or a tensor, which DCP's
+                        load plan cannot take in place of each other)
     fsdp2_engine.pt     rank 0: the client state and the learning-rate scheduler's state
 """
 
@@ -22,6 +26,13 @@ import torch
 from compact_dist.training.engine_base import TrainingEngine
 
 ENGINE_FILE = "fsdp2_engine.pt"
+EXTRA_STATE = "_extra_state"
+
+
+def _extra_file(root: Path) -> Path:
+    import torch.distributed as dist
+
+    return root / f"fsdp2_extra_rank{dist.get_rank()}.pt"
 
 
 def _dcp_dir(root: Path) -> Path:
@@ -108,7 +119,8 @@ class FSDP2TrainingEngine(TrainingEngine):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model, optim = get_state_dict(self.module, self._optimizer)
-        return {"model": model, "optim": optim}
+        extra = {k: model.pop(k) for k in list(model) if k.endswith(EXTRA_STATE)}
+        return {"model": model, "optim": optim}, extra
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict,
                         save_latest: bool = False) -> None:
@@ -119,8 +131,9 @@ class FSDP2TrainingEngine(TrainingEngine):
         root = Path(save_dir) / tag
         target = _dcp_dir(root)
         target.mkdir(parents=True, exist_ok=True)
-        dcp.save(self._state_dicts(), checkpoint_id=str(target),
-                 process_group=ps.get_data_parallel_group())
+        state, extra = self._state_dicts()
+        dcp.save(state, checkpoint_id=str(target), process_group=ps.get_data_parallel_group())
+        torch.save(extra, _extra_file(root))
         if dist.get_rank() == 0:
             scheduler = None if self.lr_scheduler is None else self.lr_scheduler.state_dict()
             torch.save({"client_state": client_state, "lr_scheduler": scheduler,
@@ -135,11 +148,12 @@ class FSDP2TrainingEngine(TrainingEngine):
         if not (load_optimizer_states and load_lr_scheduler_states):
             raise ValueError("the FSDP2 engine loads model, optimizer and schedule together")
         root = Path(load_dir) / tag
-        if not (root / ENGINE_FILE).is_file() or not _dcp_dir(root).is_dir():
+        if not all(p.exists() for p in (root / ENGINE_FILE, _dcp_dir(root), _extra_file(root))):
             return None, None  # compact_dist.deepspeed.checkpoint raises CheckpointError
-        state = self._state_dicts()
+        state, _ = self._state_dicts()
         dcp.load(state, checkpoint_id=str(_dcp_dir(root)),
                  process_group=ps.get_data_parallel_group())
+        state["model"].update(torch.load(_extra_file(root), weights_only=False))
         set_state_dict(self.module, self._optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         engine = torch.load(root / ENGINE_FILE, weights_only=False)
