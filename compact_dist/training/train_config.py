@@ -251,8 +251,8 @@ class TrainConfig(_Section):
             raise ValueError("train.engine=fsdp2 does not shard the low word of a bf16-pair W0 "
                              "(a buffer): set compression.base_dtype fp32 or bf16")
         if t.precision == "bf16":
-            raise ValueError("train.engine=fsdp2 trains in fp32 (precision fp32 or auto "
-                             "without CUDA): bf16 mixed precision is not wired for FSDP2")
+            raise ValueError("train.engine=fsdp2 trains in fp32: set train.precision=fp32 "
+                             "(bf16 mixed precision is not wired for FSDP2)")
 
     def _check_ranks(self) -> None:
         """Each compressed linear's projection rank for the model's shapes (what
@@ -316,7 +316,8 @@ class TrainConfig(_Section):
                 "keep an fp32 W0")
         if self.train.engine == "fsdp2" and bf16:
             raise ValueError("train.engine=fsdp2 trains in fp32: set train.precision=fp32 "
-                             "(auto means bf16 with CUDA)")
+                             "(auto means bf16 with CUDA; bf16 mixed precision is not wired "
+                             "for FSDP2)")
         if self.train.precision == "bf16" and not has_cuda:
             raise ValueError("train.precision=bf16 needs CUDA; use fp32 (or auto) on CPU")
 
