@@ -479,7 +479,8 @@ def _build(run_: _Run) -> None:
     log.print(startup.parameter_line(startup.parameter_counts(model, tp)))
     log.print(startup.layout_line(run_.world, tp, cfg.parallel.sequence_parallel,
                                   cfg.train.zero_stage, micro, run_.grad_accum,
-                                  cfg.model.seq_length, "bf16" if run_.bf16 else "fp32"))
+                                  cfg.model.seq_length, "bf16" if run_.bf16 else "fp32",
+                                  cfg.train.engine))
     log.print(linear_memory_table(model, cfg.model.seq_length, micro, device))
     log.print(startup.saved_activation_line(*startup.saved_activation_bytes(
         model, micro, cfg.model.seq_length, device, cfg.train.seed)))
