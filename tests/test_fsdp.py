@@ -1,6 +1,6 @@
 """torch FSDP2 (compact_dist.fsdp, CPU, gloo) as the second training engine: training compact
-layers at DP=2 matches the single-process full-batch run (test_zero's reference), including
-merges, resamples and A's moments; compact-train's `train.engine=fsdp2` at DP=2 and
+layers at DP=2 (two micro-batches accumulated per step) matches the single-process
+full-batch run (test_zero's reference), including merges, resamples and A's moments; compact-train's `train.engine=fsdp2` at DP=2 and
 TP=2 x DP=2 matches torch DDP's run (test_train's reference), and its resume continues the
 uninterrupted run bit for bit.
 
@@ -28,10 +28,13 @@ def _fsdp_run(rank, moments, projection, expected):
     from compact_dist.core.backend_registry import backend_for
     from compact_dist.core.moments import subspace_step_count
     from compact_dist.fsdp.backend import FSDP2_BACKEND
-    from compact_dist.fsdp.shard import shard_model
+    from compact_dist.fsdp.shard import shard_model, tensor_parallel_duplicates
+    from compact_dist.training.engine_fsdp import FSDP2TrainingEngine
     from gpt_utils import text_batch, tiny_gpt
 
-    model = shard_model(tiny_gpt(_compression(moments, projection)), torch.device("cpu"))
+    model = tiny_gpt(_compression(moments, projection))
+    duplicates = tensor_parallel_duplicates(model)
+    shard_model(model, torch.device("cpu"))
     layers = compact_layers(model)
     # W0 and A really are sharded by rows over the 2 data-parallel ranks
     assert all(isinstance(l.weight, DTensor) and isinstance(l.subspace_factor, DTensor)
@@ -39,19 +42,24 @@ def _fsdp_run(rank, moments, projection, expected):
     assert all(2 * l.weight.to_local().shape[0] == l.weight.shape[0] for l in layers)
     opt = torch.optim.AdamW(optimizer_param_groups(model, WD), lr=LR)
     assert backend_for(opt, [layers[0].subspace_factor]) is FSDP2_BACKEND
+    # two micro-batches of one sequence per step: the engine's gradient accumulation
+    engine = FSDP2TrainingEngine(model, opt, None, 2, 0.0, torch.device("cpu"), duplicates)
     stepper = SubspaceStepper(model, _compression(moments, projection))
     dp = ps.get_data_parallel_world_size()
     losses = []
     for step in range(STEPS):
         tokens, positions, labels = text_batch(batch=4, seed=step)
-        mine = slice(2 * rank, 2 * rank + 2)
-        loss = model(tokens[mine], positions[mine], None, labels=labels[mine]).float().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        stepper.after_step(LR, WD, opt)
+        total = torch.zeros(())
+        for i in (2 * rank, 2 * rank + 1):
+            mine = slice(i, i + 1)
+            loss = engine(tokens[mine], positions[mine], None,
+                          labels=labels[mine]).float().mean()
+            engine.backward(loss)
+            total += loss.detach() / 2
+        engine.step()
+        assert engine.get_global_grad_norm() > 0 and engine.skipped_steps == 0
+        stepper.after_step(LR, WD, engine.optimizer)
         assert all(not l.subspace_factor.to_local().any() for l in layers)  # merged: A = 0
-        total = loss.detach().clone()
         torch.distributed.all_reduce(total)
         losses.append(total.item() / dp)
     assert all(l.projection_epoch == STEPS // 2 + (projection != "gaussian") for l in layers)
