@@ -1,5 +1,6 @@
 """`compact-train` / `python -m compact_dist.training.train`: pretrain a Megatron-core GPT with CompAct
-layers under DeepSpeed ZeRO.
+layers under DeepSpeed ZeRO (`train.engine: deepspeed`, the default) or torch FSDP2
+(`train.engine: fsdp2`), both behind compact_dist.training.engine_base.TrainingEngine.
 
     compact-train [--config configs/train/tiny.yaml] [section.key=value ...]
 
