@@ -11,6 +11,7 @@ warnings.filterwarnings(
 
 import compact_dist.deepspeed  # registers the DeepSpeed ZeRO 0-3 backend (nothing is imported
 # from the deepspeed library until a DeepSpeed engine is used)
+import compact_dist.fsdp  # registers the torch FSDP2 backend
 from compact_dist.core.config import CompressionConfig, LayerCompression
 from compact_dist.core.layers import CompactColumnParallelLinear, CompactRowParallelLinear
 from compact_dist.megatron.spec import get_compact_gpt_block_spec, get_compact_gpt_layer_spec

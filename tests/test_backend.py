@@ -10,6 +10,7 @@ from compact_dist.core.backend_registry import backend_for, registered_backends
 from compact_dist.core.config import LayerCompression
 from compact_dist.core.torch_backend import TORCH_BACKEND
 from compact_dist.deepspeed.backend import DEEPSPEED_BACKEND
+from compact_dist.fsdp.backend import FSDP2_BACKEND
 from layer_utils import build
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")
@@ -20,6 +21,7 @@ def test_backend_for_picks_the_engine_that_holds_the_factor():
     factor = layer.subspace_factor
     opt = torch.optim.AdamW(optimizer_param_groups(torch.nn.ModuleList([layer]), 0.0))
     assert DEEPSPEED_BACKEND in registered_backends()  # the package root registers it
+    assert FSDP2_BACKEND in registered_backends()  # FSDP2 claims DTensor factors only
     assert backend_for(opt, [factor]) is TORCH_BACKEND
     assert backend_for(None, [factor]) is TORCH_BACKEND
     factor._hp_mapping = None  # linked by ZeRO 1-2 (its fragment on another rank)

@@ -1,4 +1,6 @@
-"""Atomic, resumable training checkpoints on top of DeepSpeed's engine checkpoints.
+"""Atomic, resumable training checkpoints on top of a training engine's own checkpoints
+(DeepSpeed's engine, or any with its save_checkpoint / load_checkpoint signatures:
+compact_dist.training.engine_base; the FSDP2 engine's files: training/engine_fsdp.py).
 
 Layout under `dir` (names and the choice of the checkpoint to resume: checkpoint_dir):
     step_00000100/          DeepSpeed engine checkpoint (module, ZeRO optimizer, scheduler,
@@ -35,7 +37,7 @@ from megatron.core.tensor_parallel import random as mpu_random
 
 from compact_dist.core.subspace import compact_layers
 from compact_dist.deepspeed import checkpoint_dir
-from compact_dist.deepspeed.backend import DEEPSPEED_BACKEND
+from compact_dist.core.backend_registry import backend_for
 
 LATEST = checkpoint_dir.LATEST
 
@@ -81,7 +83,7 @@ def _restore_rank_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
             # DeepSpeed). DeepSpeed writes A on load through `.data`, which the layer cannot
             # see; A was zero at the save, so this makes sure it is, and lets forward skip
             # the A P^T term again
-            DEEPSPEED_BACKEND.zero_factor(layer)
+            backend_for(None, [layer.subspace_factor]).zero_factor(layer)
         else:
             layer.mark_factor_written()
 
@@ -131,13 +133,14 @@ def latest_tag(directory: str) -> Optional[str]:
 
 def load_checkpoint(engine, directory: str, tag: str) -> dict:
     """Collective. Loads checkpoint `tag` (checkpoint_dir.choose picks it); returns its client
-    state. Raises CheckpointError when DeepSpeed finds no engine checkpoint there."""
+    state. Raises CheckpointError when the engine finds no checkpoint of its own there."""
     _, client_state = engine.load_checkpoint(
         directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if client_state is None:
         raise checkpoint_dir.CheckpointError(
-            f"{Path(directory) / tag}: DeepSpeed found no engine checkpoint to load")
+            f"{Path(directory) / tag}: the {getattr(engine, 'name', 'DeepSpeed')} engine found "
+            "no checkpoint of its own to load")
     state = torch.load(
         Path(directory) / tag / f"compact_rank{dist.get_rank()}.pt", weights_only=False
     )

@@ -1,7 +1,8 @@
 """Stop on a non-finite loss or gradient norm (Megatron-LM's --check-for-nan-in-loss-and-grad).
 
 After every optimizer step compact-train checks the loss averaged over data-parallel ranks
-and the global gradient norm of that step. The norm is DeepSpeed's
+and the global gradient norm of that step. The norm is the training engine's
+(compact_dist.training.engine_base; FSDP2's: compact_dist.fsdp.grad_norm), under DeepSpeed
 (`engine.get_global_grad_norm()`: ZeRO 1-3 and bf16 compute it every step, clipping or not;
 on a non-finite norm they skip the update and report inf). Where DeepSpeed computes none
 (ZeRO-0 fp32: the torch optimizer is not wrapped) a step pre-hook on that optimizer takes the
@@ -29,7 +30,7 @@ class NonFiniteCheck:
         self._local: Optional[torch.Tensor] = None
         self._hook = None
         self.norm: Optional[float] = None  # the last step's global gradient norm (problem())
-        if not hasattr(engine.optimizer, "_global_grad_norm"):  # as DeepSpeed's engine asks
+        if not engine.computes_grad_norm:  # compact_dist.training.engine_base.TrainingEngine
             self._hook = engine.optimizer.register_step_pre_hook(self._measure)
 
     @torch.no_grad()

@@ -24,7 +24,8 @@ from compact_dist.training.run_files import RUN_FILE
 
 LAYOUT = ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
           "model.num_query_groups", "model.ffn_hidden_size", "model.position_embedding",
-          "parallel.tensor_model_parallel_size", "train.zero_stage", "data.tokenizer",
+          "parallel.tensor_model_parallel_size", "train.zero_stage", "train.engine",
+          "data.tokenizer",
           "data.vocab_size", "compression.enabled")
 COMPRESSION = ("compression.mode", "compression.ratio", "compression.rank",
                "compression.ratios", "compression.layers", "compression.base_dtype",
@@ -56,6 +57,8 @@ def _values(tree: dict, keys: tuple[str, ...]) -> dict[str, Any]:
     if "model.num_query_groups" in out:
         out["model.num_query_groups"] = (model.get("num_query_groups")
                                          or model.get("num_attention_heads"))
+    if out.get("train.engine") == _ABSENT:  # written before train.engine existed
+        out["train.engine"] = "deepspeed"
     if "model.ffn_hidden_size" in out:
         out["model.ffn_hidden_size"] = ModelConfig.model_construct(**model).ffn
     return out
@@ -127,7 +130,8 @@ def same_on_every_rank(tag: Optional[str]) -> None:
 
 
 def load_with_run_settings(engine, directory: str, tag: str) -> dict:
-    """compact_dist.deepspeed.checkpoint.load_checkpoint, keeping this run's optimizer
+    """compact_dist.deepspeed.checkpoint.load_checkpoint of a training engine
+    (compact_dist.training.engine_base.TrainingEngine, or DeepSpeed's own), keeping this run's optimizer
     hyperparameters: torch's Optimizer.load_state_dict brings back the checkpoint's param-group
     values (lr, betas, weight decay, ...) and LambdaLR's load_state_dict its base rates. Both
     are put back to the values the engine was built with, and each group's rate to the run's

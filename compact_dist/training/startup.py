@@ -36,12 +36,14 @@ def parameter_line(counts: dict[str, int]) -> str:
 
 
 def layout_line(world: int, tp: int, sequence_parallel: bool, zero_stage: int,
-                micro_batch: int, grad_accum: int, seq_length: int, precision: str) -> str:
+                micro_batch: int, grad_accum: int, seq_length: int, precision: str,
+                engine: str = "deepspeed") -> str:
     """The resolved parallel layout and batch (DP = world / TP, no pipeline parallelism)."""
     dp = world // tp
+    sharding = f"ZeRO-{zero_stage}" if engine == "deepspeed" else f"FSDP2 (as ZeRO-{zero_stage})"
     global_batch = micro_batch * grad_accum * dp
     return (f"layout: world {world} = TP {tp} x DP {dp} (PP 1), sequence parallel "
-            f"{'on' if sequence_parallel else 'off'}, ZeRO-{zero_stage}, {precision}; "
+            f"{'on' if sequence_parallel else 'off'}, {sharding}, {precision}; "
             f"micro batch {micro_batch}, global batch {global_batch} sequences = "
             f"{global_batch * seq_length:,} tokens (gradient accumulation {grad_accum})")
 

@@ -1,5 +1,6 @@
 """`compact-train` / `python -m compact_dist.training.train`: pretrain a Megatron-core GPT with CompAct
-layers under DeepSpeed ZeRO.
+layers under DeepSpeed ZeRO (`train.engine: deepspeed`, the default) or torch FSDP2
+(`train.engine: fsdp2`), both behind compact_dist.training.engine_base.TrainingEngine.
 
     compact-train [--config configs/train/tiny.yaml] [section.key=value ...]
 
@@ -374,6 +375,41 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_para
     return engine, SubspaceStepper(engine.module, cfg.compression)
 
 
+def build_fsdp2_engine(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
+                       data_parallel_size: int, schedule: bool):
+    """torch FSDP2 engine (compact_dist.fsdp: fully_shard per transformer layer over
+    Megatron's data-parallel group; AdamW over the sharded parameters in Megatron's groups +
+    the subspace group) and the SubspaceStepper; as build_engine, fp32."""
+    from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
+    from compact_dist.fsdp.shard import shard_model, tensor_parallel_duplicates
+    from compact_dist.training.engine_fsdp import FSDP2TrainingEngine
+
+    duplicates = tensor_parallel_duplicates(model)
+    shard_model(model, device, reshard_after_forward=cfg.train.zero_stage == 3)
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2))
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+                 if schedule else None)
+    engine = FSDP2TrainingEngine(model, optimizer, scheduler,
+                                 cfg.gradient_accumulation_steps(data_parallel_size),
+                                 cfg.optim.grad_clip, device, duplicates)
+    return engine, SubspaceStepper(model, cfg.compression)
+
+
+def build_training_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool,
+                          device: torch.device, data_parallel_size: int):
+    """The engine of train.engine behind the training-engine interface
+    (compact_dist.training.engine_base), with the warm-up + cosine schedule, and its
+    SubspaceStepper."""
+    if cfg.train.engine == "fsdp2":
+        return build_fsdp2_engine(cfg, model, device, data_parallel_size, schedule=True)
+    from compact_dist.training.engine_deepspeed import DeepSpeedTrainingEngine
+
+    engine, stepper = build_engine(cfg, model, bf16, data_parallel_size, schedule=True)
+    return DeepSpeedTrainingEngine(engine), stepper
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train per `cfg`; returns {"losses": [...], "valid": [(step, loss)], "kept_energy":
     [(step, {layer name: fraction})], "step": int, "stopped_early": bool} (rank-local,
@@ -387,181 +423,268 @@ def run(cfg: TrainConfig) -> dict:
         stop.restore()
 
 
-def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+class _Run:
+    """What the training loop holds: the config, the process groups' sizes, the data, the
+    engine (compact_dist.training.engine_base.TrainingEngine) with its stepper, the logger
+    and meters, the step reached and the newest checkpoint of this trajectory."""
 
-    from compact_dist.deepspeed.checkpoint import save_checkpoint
-    from compact_dist.training import resume
-    from compact_dist.training.data import build_data
-    from compact_dist.deepspeed.engine import use_deepspeed_checkpointing
+    def __init__(self, cfg: TrainConfig) -> None:
+        from megatron.core import parallel_state as ps
+
+        from compact_dist.training import resume
+        from compact_dist.training.data import build_data
+        from compact_dist.deepspeed.engine import use_deepspeed_checkpointing
+
+        rank, _, world = world_from_environment()
+        cfg.check_environment(world, torch.cuda.is_available())
+        self.cfg = cfg
+        self.plan = resume.plan(cfg)  # checkpoint.dir writable, what to resume: before groups
+        self.device = init_distributed(cfg)
+        resume.same_on_every_rank(self.plan.tag)
+        self.bf16 = cfg.train.precision == "bf16" or (
+            cfg.train.precision == "auto" and self.device.type == "cuda")
+        self.world, self.rank = world, rank
+        self.dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.grad_accum = cfg.gradient_accumulation_steps(self.dp)
+        if cfg.recompute.deepspeed_checkpointing:
+            use_deepspeed_checkpointing(cfg.train.seed)
+        micro = cfg.train.micro_batch_size
+        self.tokenizer, self.train_iter, self.valid_batches = build_data(
+            cfg.data, cfg.model.seq_length, micro, dp_rank, self.dp,
+            train_samples=cfg.train.train_steps * micro * self.grad_accum * self.dp,
+            valid_samples=cfg.train.eval_batches * micro * self.dp)
+        self.tokens_per_step = micro * self.grad_accum * self.dp * cfg.model.seq_length
+        self.step, self.saved = 0, self.plan.tag  # saved: the newest checkpoint of this run
+        self.history = {"losses": [], "valid": [], "kept_energy": [], "stopped_early": False}
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+def _build(run_: _Run) -> None:
+    """The model, the start-up lines (data, parameters, layout, memory of the linears and
+    of the saved activations), the engine and its stepper, the kept-energy report."""
     from compact_dist.training import startup
-    from compact_dist.training.nonfinite import NonFiniteCheck
-    from compact_dist.training.progress import local_memory_gib, memory_over_ranks
     from compact_dist.training.quality import KeptEnergyReport
     from compact_dist.training.run_files import write_run_files
     from compact_dist.training.startup import linear_memory_table
 
-    rank, _, world = world_from_environment()
-    cfg.check_environment(world, torch.cuda.is_available())
-    plan = resume.plan(cfg)  # checkpoint.dir writable, what to resume: before any group
-    device = init_distributed(cfg)
-    resume.same_on_every_rank(plan.tag)
-    bf16 = cfg.train.precision == "bf16" or (
-        cfg.train.precision == "auto" and device.type == "cuda")
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    grad_accum = cfg.gradient_accumulation_steps(dp)
-    if cfg.recompute.deepspeed_checkpointing:
-        use_deepspeed_checkpointing(cfg.train.seed)
-
-    micro = cfg.train.micro_batch_size
-    tokenizer, train_iter, valid_batches = build_data(
-        cfg.data, cfg.model.seq_length, micro, dp_rank, dp,
-        train_samples=cfg.train.train_steps * micro * grad_accum * dp,
-        valid_samples=cfg.train.eval_batches * micro * dp)
-    model = build_model(cfg, device, bf16, tokenizer.vocab_size)
-    run_files = functools.partial(write_run_files, cfg=cfg, tokenizer=tokenizer, model=model)
-    log = Logger(cfg, rank, 0)
-    for line in train_iter.summary:
+    cfg, device = run_.cfg, run_.device
+    micro, tp = cfg.train.micro_batch_size, cfg.parallel.tensor_model_parallel_size
+    model = build_model(cfg, device, run_.bf16, run_.tokenizer.vocab_size)
+    run_.run_files = functools.partial(write_run_files, cfg=cfg, tokenizer=run_.tokenizer,
+                                       model=model)
+    log = run_.log = Logger(cfg, run_.rank, 0)
+    for line in run_.train_iter.summary:
         log.print(line)
-    tp = cfg.parallel.tensor_model_parallel_size
     log.print(startup.parameter_line(startup.parameter_counts(model, tp)))
-    log.print(startup.layout_line(world, tp, cfg.parallel.sequence_parallel,
-                                  cfg.train.zero_stage, micro, grad_accum, cfg.model.seq_length,
-                                  "bf16" if bf16 else "fp32"))
+    log.print(startup.layout_line(run_.world, tp, cfg.parallel.sequence_parallel,
+                                  cfg.train.zero_stage, micro, run_.grad_accum,
+                                  cfg.model.seq_length, "bf16" if run_.bf16 else "fp32",
+                                  cfg.train.engine))
     log.print(linear_memory_table(model, cfg.model.seq_length, micro, device))
     log.print(startup.saved_activation_line(*startup.saved_activation_bytes(
         model, micro, cfg.model.seq_length, device, cfg.train.seed)))
     if device.type == "cuda":  # the progress lines' peaks: training's, not this measurement's
         torch.cuda.reset_peak_memory_stats(device)
-    engine, stepper = build_engine(cfg, model, bf16, dp, schedule=True)
-    stepper.measure_kept_energy = cfg.logging.kept_energy
-    quality = KeptEnergyReport(engine.module, cfg.compression, cfg.logging.kept_energy_warn_below)
+    run_.engine, run_.stepper = build_training_engine(cfg, model, run_.bf16, device, run_.dp)
+    run_.stepper.measure_kept_energy = cfg.logging.kept_energy
+    run_.quality = KeptEnergyReport(run_.engine.module, cfg.compression,
+                                    cfg.logging.kept_energy_warn_below)
 
-    step, saved = 0, plan.tag  # saved: the newest checkpoint of this run's trajectory
-    for note in plan.notes:
+
+def _resume(run_: _Run) -> None:
+    """Load the planned checkpoint (engine, stepper, data position), if any."""
+    from compact_dist.training import resume
+
+    cfg, log = run_.cfg, run_.log
+    for note in run_.plan.notes:
         log.print(note)
-    if plan.tag is not None:
+    if run_.plan.tag is not None:
         started = time.perf_counter()
-        state = resume.load_with_run_settings(engine, cfg.checkpoint.dir, plan.tag)
-        step = state["step"]
-        stepper.steps = state["stepper_steps"]
-        train_iter.load_state_dict(state["data"])
-        log.print(f"resumed from step {step} in {cfg.checkpoint.dir}: loaded checkpoint "
-                  f"{os.path.join(cfg.checkpoint.dir, plan.tag)} in "
+        state = resume.load_with_run_settings(run_.engine, cfg.checkpoint.dir, run_.plan.tag)
+        run_.step = state["step"]
+        run_.stepper.steps = state["stepper_steps"]
+        run_.train_iter.load_state_dict(state["data"])
+        log.print(f"resumed from step {run_.step} in {cfg.checkpoint.dir}: loaded checkpoint "
+                  f"{os.path.join(cfg.checkpoint.dir, run_.plan.tag)} in "
                   f"{time.perf_counter() - started:.2f} s")
     if log.bar:
-        log.bar.n = step
+        log.bar.n = run_.step
 
-    def to_device(batch):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-    def evaluate() -> float:
-        engine.eval()
-        total, count = torch.zeros((), device=device), 0
-        with torch.no_grad():
-            for batch in valid_batches(cfg.train.eval_batches):
-                b = to_device(batch)
-                total += engine(b["tokens"], b["position_ids"], None,
-                                labels=b["labels"]).float().mean()
-                count += 1
-        engine.train()
-        dist.all_reduce(total, group=ps.get_data_parallel_group())
-        return (total / (count * dp)).item()
+def _optimizer_step(run_: _Run) -> tuple[float, float]:
+    """One optimizer step: the probe (when the stepper needs one), forward and backward of
+    each micro-batch, the engine's step, the merge (and resample); returns (the loss
+    averaged over micro-batches and data-parallel ranks, the learning rate the step used)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
 
-    history = {"losses": [], "valid": [], "kept_energy": [], "stopped_early": False}
-    stop.install()
-    tokens_per_step = micro * grad_accum * dp * cfg.model.seq_length
-    meter = throughput_meter(cfg, tokens_per_step=tokens_per_step, bf16=bf16, device=device,
-                             start_step=step, vocab_size=tokenizer.vocab_size)
-    nonfinite = NonFiniteCheck(engine)
-    skipped_at_line, nonfinite_since_line = engine.skipped_steps, 0
+    engine, stepper = run_.engine, run_.stepper
+    loss_sum = torch.zeros((), device=run_.device)
+    batches = (run_.to_device(next(run_.train_iter)) for _ in range(run_.grad_accum))
+    first = next(batches)
+    stepper.before_step(lambda: probe_loss(engine.module, first))
+    for b in itertools.chain([first], batches):
+        loss = engine(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean()
+        engine.backward(loss)
+        loss_sum += loss.detach()
+    lr = engine.lr  # the rate this optimizer step uses
+    engine.step()
+    stepper.after_step(lr, run_.cfg.optim.weight_decay, engine.optimizer)
+    run_.step += 1
+    dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
+    return (loss_sum / (run_.grad_accum * run_.dp)).item(), lr
+
+
+def _record(run_: _Run, loss: float, lr: float) -> Optional[str]:
+    """The step's loss, the non-finite check, the kept energy, the scalars and, on log
+    steps, the progress line; returns what was not finite (None: all finite)."""
+    from compact_dist.training.progress import memory_over_ranks
+
+    step, engine, quality = run_.step, run_.engine, run_.quality
+    run_.history["losses"].append(loss)
+    problem = run_.nonfinite.problem(step, loss)  # before this step's checkpoint
+    run_.nonfinite_since_line += bool(problem)
+    stepper = run_.stepper
+    kept = {} if stepper.kept_energy is None else quality.record(step, stepper.kept_energy)
+    line = step % run_.cfg.train.log_interval == 0 or step == 1 or bool(kept) or bool(problem)
+    scalars = {"train/loss": loss, "train/lr": lr, **kept}
+    if run_.nonfinite.norm is not None:
+        scalars["train/grad_norm"] = run_.nonfinite.norm
+    if line:  # the same steps on every rank: memory_over_ranks is a collective
+        scalars.update({
+            "train/consumed_tokens": step * run_.tokens_per_step,
+            "train/skipped_steps": engine.skipped_steps,
+            "train/skipped_steps_interval": engine.skipped_steps - run_.skipped_at_line,
+            "train/nonfinite_steps_interval": run_.nonfinite_since_line,
+            **run_.meter.interval(step), **memory_over_ranks(run_.device)})
+        run_.skipped_at_line, run_.nonfinite_since_line = engine.skipped_steps, 0
+    run_.log.step(step, scalars, line=line, fields=quality.fields() if kept else "")
+    if kept:
+        run_.history["kept_energy"].append((step, dict(zip(quality.names, quality.values))))
+        if quality.warning():
+            run_.log.print(quality.warning())
+    return problem
+
+
+def _stop_on_nonfinite(run_: _Run, problem: str) -> None:
+    cfg = run_.cfg
+    run_.log.close()
+    where = (f"the last checkpoint is {os.path.join(cfg.checkpoint.dir, run_.saved)}"
+             if run_.saved else "no checkpoint was saved" if cfg.checkpoint.dir
+             else "checkpoint.dir is not set")
+    raise NonFiniteError(f"{problem}: stopped without saving this step; {where}")
+
+
+def _evaluate(run_: _Run) -> float:
+    """The validation loss over train.eval_batches micro-batches per data-parallel rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    engine, device = run_.engine, run_.device
+    engine.eval()
+    total, count = torch.zeros((), device=device), 0
+    with torch.no_grad():
+        for batch in run_.valid_batches(run_.cfg.train.eval_batches):
+            b = run_.to_device(batch)
+            total += engine(b["tokens"], b["position_ids"], None,
+                            labels=b["labels"]).float().mean()
+            count += 1
     engine.train()
-    while step < cfg.train.train_steps:
-        loss_sum = torch.zeros((), device=device)
-        batches = (to_device(next(train_iter)) for _ in range(grad_accum))
-        first = next(batches)
-        stepper.before_step(lambda: probe_loss(engine.module, first))
-        for b in itertools.chain([first], batches):
-            loss = engine(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean()
-            engine.backward(loss)
-            loss_sum += loss.detach()
-            lr = engine.get_lr()[0]  # the rate this optimizer step uses
-            engine.step()
-        stepper.after_step(lr, cfg.optim.weight_decay, engine.optimizer)
-        step += 1
-        dist.all_reduce(loss_sum, group=ps.get_data_parallel_group())
-        mean_loss = (loss_sum / (grad_accum * dp)).item()
-        history["losses"].append(mean_loss)
-        problem = nonfinite.problem(step, mean_loss)  # before this step's checkpoint
-        nonfinite_since_line += bool(problem)
-        kept = {} if stepper.kept_energy is None else quality.record(step, stepper.kept_energy)
-        line = step % cfg.train.log_interval == 0 or step == 1 or bool(kept) or bool(problem)
-        scalars = {"train/loss": mean_loss, "train/lr": lr, **kept}
-        if nonfinite.norm is not None:
-            scalars["train/grad_norm"] = nonfinite.norm
-        if line:  # the same steps on every rank: memory_over_ranks is a collective
-            scalars.update({
-                "train/consumed_tokens": step * tokens_per_step,
-                "train/skipped_steps": engine.skipped_steps,
-                "train/skipped_steps_interval": engine.skipped_steps - skipped_at_line,
-                "train/nonfinite_steps_interval": nonfinite_since_line,
-                **meter.interval(step), **memory_over_ranks(device)})
-            skipped_at_line, nonfinite_since_line = engine.skipped_steps, 0
-        log.step(step, scalars, line=line, fields=quality.fields() if kept else "")
-        if kept:
-            history["kept_energy"].append((step, dict(zip(quality.names, quality.values))))
-            if quality.warning():
-                log.print(quality.warning())
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return (total / (count * run_.dp)).item()
+
+
+def _validate_if_due(run_: _Run) -> None:
+    step, cfg = run_.step, run_.cfg
+    if not (step % cfg.train.eval_interval == 0 or step == cfg.train.train_steps):
+        return
+    vloss = _evaluate(run_)
+    run_.history["valid"].append((step, vloss))
+    run_.log.print(f"step {step:5d} | validation loss {vloss:.4f} | "
+                   f"perplexity {math.exp(min(vloss, 50)):.2f}")
+    run_.log.scalars(step, {"valid/loss": vloss, "valid/perplexity": math.exp(min(vloss, 50))})
+
+
+def _save_if_due(run_: _Run, stopping: bool) -> None:
+    """A checkpoint at save_interval steps, at the last step and when stopping."""
+    from compact_dist.deepspeed.checkpoint import save_checkpoint
+
+    step, cfg = run_.step, run_.cfg
+    interval = cfg.checkpoint.save_interval
+    if not cfg.checkpoint.dir or not ((interval and step % interval == 0) or stopping
+                                      or step == cfg.train.train_steps):
+        return
+    started = time.perf_counter()
+    run_.saved = save_checkpoint(run_.engine, cfg.checkpoint.dir, step, {
+        "step": step, "stepper_steps": run_.stepper.steps,
+        "data": run_.train_iter.state_dict()}, cfg.checkpoint.keep_last, run_.run_files)
+    run_.log.print(f"saved checkpoint of step {step} to "
+                   f"{os.path.join(cfg.checkpoint.dir, run_.saved)} in "
+                   f"{time.perf_counter() - started:.2f} s")
+
+
+def _note_stop(run_: _Run, stop: GracefulStop) -> None:
+    cfg = run_.cfg
+    run_.history["stopped_early"] = run_.step < cfg.train.train_steps
+    by = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"
+    run_.log.print(f"stopped by {by} after step {run_.step}"
+                   + (f", checkpoint in {cfg.checkpoint.dir}" if cfg.checkpoint.dir else ""))
+
+
+def _summary(run_: _Run) -> None:
+    """The run's last lines: losses, validation, kept energy, totals and peak memory."""
+    from compact_dist.training.progress import local_memory_gib
+
+    history, step = run_.history, run_.step
+    if not history["losses"]:
+        return
+    first, last = history["losses"][0], history["losses"][-1]
+    ended = "stopped" if history["stopped_early"] else "done"
+    summary = f"{ended}: {step} steps, train loss {first:.3f} -> {last:.3f}"
+    if history["valid"]:
+        vloss = history["valid"][-1][1]
+        summary += f", validation loss {vloss:.3f} (perplexity {math.exp(min(vloss, 50)):.1f})"
+    if run_.quality.summary():
+        summary += "\n" + run_.quality.summary()
+    total = run_.meter.totals(step)
+    allocated, reserved = local_memory_gib(run_.device)
+    run_.log.print(summary + f"\ntotals: {total['steps']} steps, {total['tokens']:,} tokens in "
+                   f"{total['seconds']:.1f} s ({total['tokens_per_s']:,.0f} tokens/s with "
+                   f"evaluations and checkpoints), peak memory of rank 0: allocated "
+                   f"{allocated:.2f} GiB, reserved {reserved:.2f} GiB")
+
+
+def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
+    from compact_dist.training.nonfinite import NonFiniteCheck
+
+    run_ = _Run(cfg)
+    _build(run_)
+    _resume(run_)
+    stop.install()
+    run_.meter = throughput_meter(cfg, tokens_per_step=run_.tokens_per_step, bf16=run_.bf16,
+                                  device=run_.device, start_step=run_.step,
+                                  vocab_size=run_.tokenizer.vocab_size)
+    run_.nonfinite = NonFiniteCheck(run_.engine)
+    run_.skipped_at_line, run_.nonfinite_since_line = run_.engine.skipped_steps, 0
+    run_.engine.train()
+    while run_.step < cfg.train.train_steps:
+        loss, lr = _optimizer_step(run_)
+        problem = _record(run_, loss, lr)
         if problem:
-            log.close()
-            where = (f"the last checkpoint is {os.path.join(cfg.checkpoint.dir, saved)}" if saved
-                     else "no checkpoint was saved" if cfg.checkpoint.dir
-                     else "checkpoint.dir is not set")
-            raise NonFiniteError(f"{problem}: stopped without saving this step; {where}")
-        if step % cfg.train.eval_interval == 0 or step == cfg.train.train_steps:
-            vloss = evaluate()
-            history["valid"].append((step, vloss))
-            log.print(f"step {step:5d} | validation loss {vloss:.4f} | "
-                      f"perplexity {math.exp(min(vloss, 50)):.2f}")
-            log.scalars(step, {"valid/loss": vloss,
-                               "valid/perplexity": math.exp(min(vloss, 50))})
-        interval = cfg.checkpoint.save_interval
-        stopping = stop.requested_anywhere(device)  # every rank agrees (all-reduced flag)
-        if cfg.checkpoint.dir and ((interval and step % interval == 0) or stopping
-                                   or step == cfg.train.train_steps):
-            started = time.perf_counter()
-            saved = save_checkpoint(engine, cfg.checkpoint.dir, step, {
-                "step": step, "stepper_steps": stepper.steps, "data": train_iter.state_dict()},
-                cfg.checkpoint.keep_last, run_files)
-            log.print(f"saved checkpoint of step {step} to "
-                      f"{os.path.join(cfg.checkpoint.dir, saved)} in "
-                      f"{time.perf_counter() - started:.2f} s")
+            _stop_on_nonfinite(run_, problem)
+        _validate_if_due(run_)
+        stopping = stop.requested_anywhere(run_.device)  # every rank agrees (all-reduced)
+        _save_if_due(run_, stopping)
         if stopping:
-            history["stopped_early"] = step < cfg.train.train_steps
-            by = signal.Signals(stop.signal).name if stop.signal else "another rank's signal"
-            log.print(f"stopped by {by} after step {step}"
-                      + (f", checkpoint in {cfg.checkpoint.dir}" if cfg.checkpoint.dir else ""))
+            _note_stop(run_, stop)
             break
-    nonfinite.close()
-    history["step"] = step
-    if history["losses"]:
-        first, last = history["losses"][0], history["losses"][-1]
-        ended = "stopped" if history["stopped_early"] else "done"
-        summary = f"{ended}: {step} steps, train loss {first:.3f} -> {last:.3f}"
-        if history["valid"]:
-            vloss = history["valid"][-1][1]
-            summary += f", validation loss {vloss:.3f} (perplexity {math.exp(min(vloss, 50)):.1f})"
-        if quality.summary():
-            summary += "\n" + quality.summary()
-        total = meter.totals(step)
-        allocated, reserved = local_memory_gib(device)
-        log.print(summary + f"\ntotals: {total['steps']} steps, {total['tokens']:,} tokens in "
-                  f"{total['seconds']:.1f} s ({total['tokens_per_s']:,.0f} tokens/s with "
-                  f"evaluations and checkpoints), peak memory of rank 0: allocated "
-                  f"{allocated:.2f} GiB, reserved {reserved:.2f} GiB")
-    log.close()
-    return history
+    run_.nonfinite.close()
+    run_.history["step"] = run_.step
+    _summary(run_)
+    run_.log.close()
+    return run_.history
 
 
 def set_rendezvous_address(world_size: int) -> None:

@@ -98,7 +98,13 @@ class TrainLoopConfig(_Section):
     seed: int = Field(1234, ge=0, description="model init and dropout seed")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 with "
                                                        "CUDA, fp32 on CPU")
-    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage")
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage; with "
+                                            "engine fsdp2: 3 (reshard after forward) or 2 "
+                                            "(keep parameters gathered until backward)")
+    engine: Literal["deepspeed", "fsdp2"] = Field(
+        "deepspeed", description="deepspeed (ZeRO 0-3) or fsdp2 (torch fully_shard over "
+        "the data-parallel group, fp32; megatron-core 0.16.1's own DDP and distributed "
+        "optimizer need CUDA)")
     log_interval: int = Field(20, ge=1, description="steps between progress lines")
     eval_interval: int = Field(100, ge=1, description="steps between validations")
     eval_batches: int = Field(8, ge=1, description="micro-batches per validation")
@@ -216,6 +222,7 @@ class TrainConfig(_Section):
             if self.train.zero_stage == 3:
                 raise ValueError("compression.projection=gradient does not support ZeRO-3 "
                                  "(use projection=pca)")
+        self._check_engine()
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr={self.optim.min_lr} must not exceed "
                              f"optim.lr={self.optim.lr}")
@@ -223,6 +230,29 @@ class TrainConfig(_Section):
         self._check_ranks()
         self.activations.check_model(m.attention_dropout, self.recompute.granularity)
         return self
+
+    def _check_engine(self) -> None:
+        """What train.engine=fsdp2 cannot mean: a ZeRO stage that does not shard parameters,
+        DeepSpeed's recompute, sequence parallelism (its TP gradient hooks sit on the
+        parameters FSDP2 replaces), the bf16 pair's low word (a buffer FSDP2 does not shard)
+        and bf16 (no mixed-precision policy is wired)."""
+        t = self.train
+        if t.engine != "fsdp2":
+            return
+        if t.zero_stage not in (2, 3):
+            raise ValueError(f"train.engine=fsdp2 shards parameters, gradients and optimizer "
+                             f"state: train.zero_stage={t.zero_stage} has no meaning there; "
+                             "set 3 (reshard after forward) or 2 (keep until backward)")
+        if self.recompute.deepspeed_checkpointing:
+            raise ValueError("recompute.deepspeed_checkpointing needs train.engine=deepspeed")
+        if self.parallel.sequence_parallel:
+            raise ValueError("train.engine=fsdp2 does not support parallel.sequence_parallel")
+        if self.compression.enabled and self.compression.base_dtype == "bf16_pair":
+            raise ValueError("train.engine=fsdp2 does not shard the low word of a bf16-pair W0 "
+                             "(a buffer): set compression.base_dtype fp32 or bf16")
+        if t.precision == "bf16":
+            raise ValueError("train.engine=fsdp2 trains in fp32: set train.precision=fp32 "
+                             "(bf16 mixed precision is not wired for FSDP2)")
 
     def _check_ranks(self) -> None:
         """Each compressed linear's projection rank for the model's shapes (what
@@ -284,6 +314,10 @@ class TrainConfig(_Section):
                 "train.zero_stage=3 with bf16 partitions the frozen W0 in bf16: set "
                 "compression.base_dtype=bf16 (stochastic-rounding merges), or use ZeRO-1/2 to "
                 "keep an fp32 W0")
+        if self.train.engine == "fsdp2" and bf16:
+            raise ValueError("train.engine=fsdp2 trains in fp32: set train.precision=fp32 "
+                             "(auto means bf16 with CUDA; bf16 mixed precision is not wired "
+                             "for FSDP2)")
         if self.train.precision == "bf16" and not has_cuda:
             raise ValueError("train.precision=bf16 needs CUDA; use fp32 (or auto) on CPU")
 
