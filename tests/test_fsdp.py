@@ -97,3 +97,50 @@ def test_compact_train_fsdp2_at_tp2_dp2_matches_ddp_and_resumes(tmp_path):
     (ckpt / "latest").write_text("step_00000002")  # as if the job died after step 2
     resumed = train(4, fsdp, tmp_path, "resumed")["losses"]
     assert resumed == pytest.approx(full["losses"][2:], rel=1e-6, abs=1e-6), (resumed, full)
+
+
+def test_fsdp2_skipped_step_keeps_parameters_and_schedule(megatron_tp1):
+    """A non-finite gradient norm skips the update as DeepSpeed's engine does
+    (engine._take_model_step: skipped_steps += 1 and no lr_scheduler.step()): the
+    parameters and the learning rate stay; the next finite step applies the same rate."""
+    from compact_dist import optimizer_param_groups
+    from compact_dist.fsdp.grad_norm import local_grad
+    from compact_dist.fsdp.shard import shard_model, tensor_parallel_duplicates
+    from compact_dist.training.engine_fsdp import FSDP2TrainingEngine
+    from gpt_utils import text_batch, tiny_gpt
+
+    model = tiny_gpt(_compression())
+    duplicates = tensor_parallel_duplicates(model)
+    shard_model(model, torch.device("cpu"))
+    opt = torch.optim.AdamW(optimizer_param_groups(model, WD), lr=LR)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    engine = FSDP2TrainingEngine(model, opt, schedule, 1, 1.0, torch.device("cpu"), duplicates)
+    tokens, positions, labels = text_batch(batch=2)
+
+    def backward():
+        engine.backward(engine(tokens, positions, None, labels=labels).float().mean())
+
+    backward()
+    trained = [p for p in model.parameters() if p.grad is not None]
+    local_grad(trained[0]).view(-1)[0] = float("inf")
+    before = [p.detach().to_local().clone() for p in trained]
+    engine.step()
+    assert engine.skipped_steps == 1 and engine.get_global_grad_norm() == float("inf")
+    assert all(torch.equal(p.detach().to_local(), b) for p, b in zip(trained, before))
+    assert engine.lr == LR  # the schedule did not advance
+    backward()
+    engine.step()
+    assert engine.skipped_steps == 1 and engine.lr == LR / 2
+
+
+def test_gradient_projection_refused_only_for_deepspeed_zero3():
+    """projection=gradient's probe needs DeepSpeed's engine hooks to gather ZeRO-3's
+    partitions, not FSDP2's module hooks: train.engine=fsdp2 at zero_stage 3 (reshard after
+    forward) is accepted (compact-train, DP=2, 3 steps, resample every step: the losses of
+    fsdp2 at zero_stage 3, fsdp2 at 2 and DeepSpeed ZeRO-1 are the same to the last bit)."""
+    from compact_dist.training.train_config import load_train_config
+
+    gradient = ["compression.projection=gradient", "train.zero_stage=3"]
+    assert load_train_config(None, gradient + ["train.engine=fsdp2"]).train.zero_stage == 3
+    with pytest.raises(ValueError, match="does not support ZeRO-3"):
+        load_train_config(None, gradient)

@@ -79,8 +79,9 @@ class FSDP2TrainingEngine(TrainingEngine):
         self._micro_batches += 1
 
     def step(self) -> None:
-        """Clip to grad_clip by the global norm and step; a non-finite norm skips the update
-        (as DeepSpeed's ZeRO optimizers do; compact-train then stops with one line)."""
+        """Clip to grad_clip by the global norm, step and advance the schedule; a non-finite
+        norm skips the update and the schedule's step (as DeepSpeed's engine does;
+        compact-train then stops with one line)."""
         from compact_dist.fsdp.grad_norm import clip_grads, global_grad_norm
 
         if self._micro_batches != self.gradient_accumulation_steps:
@@ -93,10 +94,10 @@ class FSDP2TrainingEngine(TrainingEngine):
         if math.isfinite(self._norm):
             clip_grads(params, norm, self.grad_clip)
             self._optimizer.step()
-        else:
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        else:  # as DeepSpeed's engine (_take_model_step): the schedule does not advance
             self._skipped += 1
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
         self._optimizer.zero_grad(set_to_none=True)
 
     @property
