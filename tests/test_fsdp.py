@@ -144,3 +144,31 @@ def test_gradient_projection_refused_only_for_deepspeed_zero3():
     assert load_train_config(None, gradient + ["train.engine=fsdp2"]).train.zero_stage == 3
     with pytest.raises(ValueError, match="does not support ZeRO-3"):
         load_train_config(None, gradient)
+
+
+def _load_with_a_missing_rank_file(rank, directory):
+    from pathlib import Path
+
+    from compact_dist import optimizer_param_groups
+    from compact_dist.fsdp.shard import shard_model, tensor_parallel_duplicates
+    from compact_dist.training.engine_fsdp import FSDP2TrainingEngine
+    from gpt_utils import tiny_gpt
+
+    model = tiny_gpt(_compression())
+    duplicates = tensor_parallel_duplicates(model)
+    shard_model(model, torch.device("cpu"))
+    opt = torch.optim.AdamW(optimizer_param_groups(model, WD), lr=LR)
+    engine = FSDP2TrainingEngine(model, opt, None, 1, 1.0, torch.device("cpu"), duplicates)
+    engine.save_checkpoint(directory, "step", {"step": 1})
+    torch.distributed.barrier()
+    if rank == 0:  # as a run on more ranks than wrote the checkpoint finds it
+        (Path(directory) / "step" / "fsdp2_extra_rank1.pt").unlink()
+    torch.distributed.barrier()
+    assert engine.load_checkpoint(directory, "step") == (None, None)
+
+
+def test_fsdp2_load_agrees_on_every_rank_that_the_checkpoint_is_missing(tmp_path):
+    """A rank that lacks its file of the checkpoint (more ranks than wrote it) must not leave
+    the others in the collective DCP load (gloo: a peer-closed error, NCCL: a hang): every rank
+    finds no checkpoint, and compact-train prints its one CheckpointError line."""
+    run_distributed(_load_with_a_missing_rank_file, 2, str(tmp_path), tp=1)

@@ -142,6 +142,9 @@ class FSDP2TrainingEngine(TrainingEngine):
 
     def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True) -> tuple[Optional[str], Any]:
+        """Collective (world group); (None, None) on every rank where any rank lacks its
+        files (a run on more ranks than wrote the checkpoint)."""
+        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from megatron.core import parallel_state as ps
         from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -149,7 +152,10 @@ class FSDP2TrainingEngine(TrainingEngine):
         if not (load_optimizer_states and load_lr_scheduler_states):
             raise ValueError("the FSDP2 engine loads model, optimizer and schedule together")
         root = Path(load_dir) / tag
-        if not all(p.exists() for p in (root / ENGINE_FILE, _dcp_dir(root), _extra_file(root))):
+        found = all(p.exists() for p in (root / ENGINE_FILE, _dcp_dir(root), _extra_file(root)))
+        agreed = torch.tensor(float(found), device=self.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # no rank left alone in dcp.load
+        if not agreed.item():
             return None, None  # compact_dist.deepspeed.checkpoint raises CheckpointError
         state, _ = self._state_dicts()
         dcp.load(state, checkpoint_id=str(_dcp_dir(root)),
