@@ -172,3 +172,21 @@ def test_fsdp2_load_agrees_on_every_rank_that_the_checkpoint_is_missing(tmp_path
     the others in the collective DCP load (gloo: a peer-closed error, NCCL: a hang): every rank
     finds no checkpoint, and compact-train prints its one CheckpointError line."""
     run_distributed(_load_with_a_missing_rank_file, 2, str(tmp_path), tp=1)
+
+
+def test_resume_of_a_deepspeed_checkpoint_with_fsdp2_is_one_line(tmp_path, monkeypatch):
+    """A checkpoint DeepSpeed wrote, resumed with train.engine=fsdp2: one CheckpointError
+    line, before any process group."""
+    from test_checkpoint_safety import _complete, _fails_before_training
+
+    from compact_dist.training.train_config import load_train_config
+
+    ckpt = tmp_path / "ckpt"
+    common = small(tmp_path, f"checkpoint.dir={ckpt}")
+    _complete(ckpt, 4, load_train_config(None, common))
+    _fails_before_training(
+        monkeypatch, common + ["train.engine=fsdp2", "train.zero_stage=3"],
+        f"cannot resume from {ckpt / 'step_00000004'}: it was written with other settings "
+        '(checkpoint -> config): train.zero_stage 1 -> 3, train.engine "deepspeed" -> '
+        '"fsdp2"; use the checkpoint\'s values, or checkpoint.resume=false or another '
+        "checkpoint.dir to start at step 0")
