@@ -190,3 +190,54 @@ def test_resume_of_a_deepspeed_checkpoint_with_fsdp2_is_one_line(tmp_path, monke
         '(checkpoint -> config): train.zero_stage 1 -> 3, train.engine "deepspeed" -> '
         '"fsdp2"; use the checkpoint\'s values, or checkpoint.resume=false or another '
         "checkpoint.dir to start at step 0")
+
+
+def _train_keeping_weights(rank, overrides, out):
+    """compact-train's run(); rank 0 saves the model's whole tensors at the end (A is zero
+    after the last merge) and the extra states of its compact layers."""
+    from compact_dist.training import train as loop
+    from compact_dist.training.train_config import load_train_config
+
+    summary = loop._summary
+
+    def keeping(run_):
+        whole = {n: t.full_tensor() for n, t in run_.engine.module.state_dict().items()
+                 if hasattr(t, "full_tensor")}
+        if rank == 0:
+            extra = {n: t for n, t in run_.engine.module.state_dict().items()
+                     if n.endswith("_extra_state")}
+            torch.save({"tensors": whole, "extra": extra}, out)
+        summary(run_)
+
+    loop._summary = keeping
+    loop.run(load_train_config(None, overrides))
+
+
+def test_fsdp2_checkpoint_reads_back_for_compact_export(tmp_path):
+    """compact-export's reader (tools/checkpoint_shards.tp_module_state) of an FSDP2
+    checkpoint: every tensor of the module whole (W0, A, norms, embedding) as the trained
+    model holds it, and the compact layers' extra states (data-aware basis P); compact-export
+    writes the HF model from it."""
+    from compact_dist.tools.checkpoint_shards import tp_module_state
+
+    ckpt = tmp_path / "ckpt"
+    overrides = small(tmp_path, "train.engine=fsdp2", "train.zero_stage=3",
+                      "train.train_steps=2", f"checkpoint.dir={ckpt}")
+    run_distributed_raw(_train_keeping_weights, 2, overrides, str(tmp_path / "model.pt"))
+    model = torch.load(tmp_path / "model.pt", weights_only=False)
+    state = tp_module_state(ckpt / "step_00000002", 0)
+    for name, tensor in model["tensors"].items():
+        assert torch.equal(state[name], tensor), name
+    bases = [k for k, v in model["extra"].items() if v and v.get("basis") is not None]
+    assert bases  # pca: a data-aware basis per compact layer
+    for name in bases:
+        assert torch.equal(state[name]["basis"], model["extra"][name]["basis"]), name
+    from safetensors.torch import load_file
+
+    from compact_dist.tools.export import export_checkpoint
+
+    info = export_checkpoint(ckpt, tmp_path / "hf")
+    hf = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert info["compact_layers"] and info["max_abs_factor"] == 0  # merged at step 2: A = 0
+    assert torch.equal(hf["model.layers.1.mlp.down_proj.weight"],
+                       model["tensors"]["decoder.layers.1.mlp.linear_fc2.weight"])
