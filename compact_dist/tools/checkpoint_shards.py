@@ -34,6 +34,7 @@ import glob
 import io
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -99,7 +100,9 @@ def _fsdp2_module_state(tag_dir: Path, tp_rank: int) -> dict[str, Any]:
     model = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
              for key, meta in stored.items()
              if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-    dcp.load({"model": model}, checkpoint_id=directory, no_dist=True)
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": no_dist
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model}, checkpoint_id=directory, no_dist=True)
     for path in sorted(tag_dir.glob("compact_rank*.pt")):
         ranks = _load(path)
         if (ranks.get("tp_rank"), ranks.get("dp_rank")) == (tp_rank, 0):
