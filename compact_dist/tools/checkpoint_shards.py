@@ -13,6 +13,9 @@ What is read (one checkpoint tag, `compact_dist.deepspeed.checkpoint` layout):
 - compact_rank{R}.pt of the rank with TP rank t and DP rank 0: per compact layer its module
   name, its `projection.Projection` (seed, layer id, blocks of this TP rank), mode and update
   scale.
+- train.engine=fsdp2 instead of DeepSpeed's files: fsdp2_tp{t:02d}/ (the model and optimizer
+  as torch.distributed.checkpoint, trainable tensors fp32) and fsdp2_extra_rank{R}.pt (the
+  extra states), training/engine_fsdp.py.
 (The run's config and tokenizer, compact_run.json: compact_dist/training/run_files.py.)
 
 Per compact layer and TP shard: W_eff = W0 + update_scale * A P^T (subspace mode; the
@@ -31,6 +34,7 @@ import glob
 import io
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,6 +71,8 @@ def _load(path: Path) -> Any:
 def tp_module_state(tag_dir: Path, tp_rank: int) -> dict[str, Any]:
     """The module state of one TP rank, every tensor whole (TP-local shape), trainable ones
     from the fp32 masters where ZeRO optimizer files exist; extra states included."""
+    if (tag_dir / f"fsdp2_tp{tp_rank:02d}").is_dir():
+        return _fsdp2_module_state(tag_dir, tp_rank)
     mp = f"mp_rank_{tp_rank:02d}"
     model_files = sorted(glob.glob(str(tag_dir / f"*{mp}_model_states.pt")))
     optim_files = sorted(glob.glob(str(tag_dir / f"*zero_pp_rank_*_{mp}_optim_states.pt")))
@@ -80,6 +86,30 @@ def tp_module_state(tag_dir: Path, tp_rank: int) -> dict[str, Any]:
         if "zero_stage" in first:  # ZeRO 1-3 (BF16_Optimizer at stage 0 has no partitions)
             state.update(_zero_fp32_state(tag_dir, model_files + optim_files))
     return state
+
+
+def _fsdp2_module_state(tag_dir: Path, tp_rank: int) -> dict[str, Any]:
+    """train.engine=fsdp2 (compact_dist/training/engine_fsdp.py): the model part of the TP
+    rank's torch.distributed.checkpoint (fsdp2_tp{t}/, read whole without a process group)
+    and the extra states of its rank of DP rank 0 (fsdp2_extra_rank{R}.pt)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    directory = str(tag_dir / f"fsdp2_tp{tp_rank:02d}")
+    stored = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    model = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in stored.items()
+             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": no_dist
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model}, checkpoint_id=directory, no_dist=True)
+    for path in sorted(tag_dir.glob("compact_rank*.pt")):
+        ranks = _load(path)
+        if (ranks.get("tp_rank"), ranks.get("dp_rank")) == (tp_rank, 0):
+            return {**model, **_load(tag_dir / path.name.replace("compact_rank",
+                                                                 "fsdp2_extra_rank"))}
+    raise ValueError(f"{str(tag_dir)!r} has no compact_rank*.pt of DP rank 0 and TP rank "
+                     f"{tp_rank}")
 
 
 def _zero_fp32_state(tag_dir: Path, files: list[str]) -> dict[str, torch.Tensor]:

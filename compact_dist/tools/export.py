@@ -110,8 +110,9 @@ def gather_hf_state_dict(tag_dir: Path, run: dict) -> tuple[dict[str, torch.Tens
     s = _shapes(run)
     tp, h, hd, g = s["tp"], s["hidden"], s["head_dim"], s["groups"]
     q_per_group = s["heads"] // g
-    mp_files = glob.glob(str(tag_dir / "*mp_rank_*_model_states.pt"))
-    found_tp = len({re.search(r"mp_rank_(\d+)", f).group(1) for f in mp_files})
+    mp_files = (glob.glob(str(tag_dir / "*mp_rank_*_model_states.pt"))  # DeepSpeed
+                + glob.glob(str(tag_dir / "fsdp2_tp*")))  # train.engine=fsdp2
+    found_tp = len({re.search(r"(mp_rank_|fsdp2_tp)(\d+)", f).group(2) for f in mp_files})
     if found_tp != tp:
         raise ValueError(f"{str(tag_dir)!r} holds {found_tp} TP ranks' model states, the run "
                          f"config says tensor_model_parallel_size={tp}")

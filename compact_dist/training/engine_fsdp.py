@@ -79,8 +79,9 @@ class FSDP2TrainingEngine(TrainingEngine):
         self._micro_batches += 1
 
     def step(self) -> None:
-        """Clip to grad_clip by the global norm and step; a non-finite norm skips the update
-        (as DeepSpeed's ZeRO optimizers do; compact-train then stops with one line)."""
+        """Clip to grad_clip by the global norm, step and advance the schedule; a non-finite
+        norm skips the update and the schedule's step (as DeepSpeed's engine does;
+        compact-train then stops with one line)."""
         from compact_dist.fsdp.grad_norm import clip_grads, global_grad_norm
 
         if self._micro_batches != self.gradient_accumulation_steps:
@@ -93,10 +94,10 @@ class FSDP2TrainingEngine(TrainingEngine):
         if math.isfinite(self._norm):
             clip_grads(params, norm, self.grad_clip)
             self._optimizer.step()
-        else:
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        else:  # as DeepSpeed's engine (_take_model_step): the schedule does not advance
             self._skipped += 1
-        if self.lr_scheduler is not None:
-            self.lr_scheduler.step()
         self._optimizer.zero_grad(set_to_none=True)
 
     @property
@@ -141,6 +142,9 @@ class FSDP2TrainingEngine(TrainingEngine):
 
     def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True) -> tuple[Optional[str], Any]:
+        """Collective (world group); (None, None) on every rank where any rank lacks its
+        files (a run on more ranks than wrote the checkpoint)."""
+        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from megatron.core import parallel_state as ps
         from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -148,7 +152,10 @@ class FSDP2TrainingEngine(TrainingEngine):
         if not (load_optimizer_states and load_lr_scheduler_states):
             raise ValueError("the FSDP2 engine loads model, optimizer and schedule together")
         root = Path(load_dir) / tag
-        if not all(p.exists() for p in (root / ENGINE_FILE, _dcp_dir(root), _extra_file(root))):
+        found = all(p.exists() for p in (root / ENGINE_FILE, _dcp_dir(root), _extra_file(root)))
+        agreed = torch.tensor(float(found), device=self.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # no rank left alone in dcp.load
+        if not agreed.item():
             return None, None  # compact_dist.deepspeed.checkpoint raises CheckpointError
         state, _ = self._state_dicts()
         dcp.load(state, checkpoint_id=str(_dcp_dir(root)),

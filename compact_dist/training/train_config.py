@@ -214,12 +214,13 @@ class TrainConfig(_Section):
         c = self.compression
         if c.enabled and c.kind.needs_probe:
             # the probe backward must not accumulate .grad: recompute's backward (Megatron's
-            # and DeepSpeed's checkpoint) calls torch.autograd.backward inside, and ZeRO-3
-            # gathers partitioned parameters only through the engine's hooks
+            # and DeepSpeed's checkpoint) calls torch.autograd.backward inside, and DeepSpeed's
+            # ZeRO-3 gathers partitioned parameters only through the engine's hooks (FSDP2's
+            # fully_shard gathers in module hooks, which the probe runs through)
             if self.recompute.granularity != "none":
                 raise ValueError("compression.projection=gradient does not support activation "
                                  "recompute (use projection=pca)")
-            if self.train.zero_stage == 3:
+            if self.train.zero_stage == 3 and self.train.engine == "deepspeed":
                 raise ValueError("compression.projection=gradient does not support ZeRO-3 "
                                  "(use projection=pca)")
         self._check_engine()
