@@ -30,7 +30,7 @@ across the micro-batches of a gradient-accumulation window, so with accumulation
 beside the activations. Optimizer offload (train.offload_optimizer=cpu, DeepSpeed's
 ZeRO-Offload) moves the fp32 masters, Adam moments and the fp32 gradient partition to host
 memory (`host` in the prediction: those, DeepSpeed's bf16 staging copy of the partition and,
-ZeRO-2/3, its host gradient accumulation buffer) and adds one GPU staging buffer of the
+ZeRO-2, its host gradient accumulation buffer) and adds one GPU staging buffer of the
 largest trainable parameter; ZeRO-2/3 then keep no gradient partition on the GPU. Its time:
 the AdamW step on the host (HOST_ADAM_ELEMENTS_PER_S) and the PCIe copies
 (PCIE_BYTES_PER_S): ZeRO-1 copies the gradients out and the parameters back once per
