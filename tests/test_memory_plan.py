@@ -172,7 +172,8 @@ LLAMA_7B = str(Path(__file__).resolve().parents[1] / "configs" / "train" / "llam
 def test_plan_writes_only_configs_compact_train_accepts(tmp_path, capsys):
     """For a grid of (world size, TP, device), every candidate compact-plan lists passes
     compact-train's checks for that world and device, and the written config loads and
-    passes check_environment. The 7B config asks for ZeRO-3 (with a bf16 W0); at
+    passes check_environment (an offload config the planner writes is trained by compact-train
+    in tests/test_offload.py). The 7B config asks for ZeRO-3 (with a bf16 W0); at
     data-parallel size 1 the plan takes ZeRO-1 (the lowest stage tried), whose fp32 W0
     ZeRO-3 with bf16 could not keep."""
     for config, world, tp, device in itertools.product(
@@ -191,6 +192,8 @@ def test_plan_writes_only_configs_compact_train_accepts(tmp_path, capsys):
         rows, best = plan(plan_parse_args(argv))
         for row in rows:
             row["cfg"].check_launch(world, has_cuda=device == "cuda")
+        # optimizer offload is a candidate (compact-plan's default --offload none,cpu)
+        assert any(r["cfg"].train.offload_optimizer == "cpu" for r in rows), where
         plan_main(argv + ["--out", str(out)])
         capsys.readouterr()
         cfg = load_train_config(str(out))
@@ -330,3 +333,55 @@ def test_gpu_activation_prediction_matches_profiler(megatron_tp1, extra):
     measured = summarize(records)["total_bytes"]
     predicted = activation_bytes(setup_from(cfg, 1, "cuda", "flash", 4096))["total"]
     assert abs(predicted - measured) <= 0.02 * measured, (predicted, measured, summarize(records))
+
+
+LLAMA_7B_24GB = str(Path(LLAMA_7B).with_name("llama_7b_24gb.yaml"))
+
+
+def test_offload_moves_the_optimizer_state_to_the_host():
+    """train.offload_optimizer=cpu: the fp32 masters and Adam moments leave the GPU for the
+    host (18 bytes per element of this rank's partition, ZeRO-1: masters, moments, fp32
+    gradients, bf16 staging copy), the peak drops, the step pays the host step and PCIe."""
+    def predicted(*extra):
+        cfg = load_train_config(LLAMA_7B, ["parallel.tensor_model_parallel_size=1",
+                                           "train.zero_stage=1", "train.global_batch_size=2",
+                                           "compression.ratio=0.25", *extra])
+        return predict(setup_from(cfg, 1, "cuda", "flash")), param_counts(
+            setup_from(cfg, 1, "cuda", "flash"))
+
+    plain, counts = predicted()
+    off, _ = predicted("train.offload_optimizer=cpu")
+    trainable = counts["a"] + counts["other"]
+    assert plain["host_bytes"] == 0 and off["host_bytes"] == 18 * trainable
+    assert off["static"]["fp32 masters"] == off["static"]["Adam moments"] == 0
+    assert plain["static"]["fp32 masters"] == 4 * trainable
+    assert off["peak_allocated"] < plain["peak_allocated"] - 11 * trainable
+    assert off["step_time_s"] > plain["step_time_s"]
+
+
+def test_plan_finds_the_24gb_preset_only_with_offload(tmp_path, capsys):
+    """The preset configs/train/llama_7b_24gb.yaml is what compact-plan writes for one
+    24 GiB GPU (its header's command; levers here narrowed to a set that holds the winner),
+    predicted under 22 GiB allocated with the host memory offload takes, at a global batch
+    of 256 sequences of 2048; without offload nothing fits."""
+    from compact_dist.tools.memory_plan import prediction_line
+
+    out = tmp_path / "plan.yaml"
+    argv = ["--config", LLAMA_7B, "--tp", "1", "--budget-gib", "24", "--ratios", "1/4",
+            "--zero", "1,2", "--w0", "bf16", "--fp8", "none,swiglu+attention+norm",
+            "--recompute", "none,full", "--micro-batches", "1,2", "--out", str(out),
+            "train.global_batch_size=256", "compression.projection=gaussian"]
+    plan_main(argv)
+    capsys.readouterr()
+    written = load_train_config(str(out)).model_dump()
+    preset = load_train_config(LLAMA_7B_24GB)
+    written["checkpoint"]["dir"] = preset.checkpoint.dir
+    assert written == preset.model_dump()
+    preset.check_environment(1, has_cuda=True)
+    line = prediction_line(setup_from(preset, 1, "cuda", "flash"))
+    assert line["peak_allocated_GiB"] < 22 and line["peak_reserved_GiB"] <= 24, line
+    assert line["host_GiB"] > 20 and line["offload_optimizer"] == "cpu", line
+    assert line["micro_batch"] * line["gradient_accumulation"] >= 256
+    assert preset.model.seq_length == 2048 and preset.compression.ratio == 0.25
+    with pytest.raises(SystemExit, match="no candidate fits 24 GiB"):
+        plan_main(argv + ["--offload", "none"])

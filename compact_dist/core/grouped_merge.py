@@ -19,7 +19,8 @@ GEMM). Chunks keep delta under MERGE_CHUNK_BYTES (at least one layer).
 
 Used for the module's own A (`merge_layers`: the backends whose optimizer writes the updated
 A into the module, i.e. plain torch and ZeRO 0-2; the optimizer's fp32 copies of A keep only
-the rounding residual) and by backends that partition W0 for their partition-local merge
+the rounding residual; masters in host memory, as ZeRO-Offload keeps them, get A copied
+there) and by backends that partition W0 for their partition-local merge
 (through `group_layers`, `chunks`, `apply_rows`, `finish`); a layer that needs A gathered
 goes through merge_subspace alone.
 """
@@ -105,7 +106,10 @@ def _merge_chunk(layers: list, decay: float, masters: dict) -> None:
             highs.append(master.tensor)
             spans.append((i, master.start, master.numel))
     if highs:
-        flat = stacked.view(len(layers), -1).float()  # one cast for the chunk (A is small)
+        flat = stacked.view(len(layers), -1)
+        if flat.device != highs[0].device:  # masters in host memory (ZeRO-Offload): one copy
+            flat = flat.to(highs[0].device)  # of the chunk's A, in A's dtype
+        flat = flat.float()  # one cast for the chunk (A is small)
         torch._foreach_sub_(highs, [flat[i].narrow(0, start, numel)
                                     for i, start, numel in spans])
     lows = (None if layers[0].weight_lo is None

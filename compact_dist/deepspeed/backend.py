@@ -7,9 +7,11 @@ in A's place):
 - ZeRO-0 with bf16 (FP16_UnfusedOptimizer): a full fp32 clone of A [out, r], the inner
   optimizer's parameter and the key of its state, copied into A after every step;
 - ZeRO 1-2 and DeepSpeed's BF16_Optimizer: this rank's fragment of a flat fp32 partition,
-  linked as `A._hp_mapping` (None where the fragment is on another rank);
+  linked as `A._hp_mapping` (None where the fragment is on another rank); with optimizer
+  offload (ZeRO-Offload) the partition is in host memory, and the merge copies A there;
 - ZeRO-3: this rank's partition of a flat fp32 group (A has `ds_id`; the merge:
-  compact_dist.deepspeed.zero3_merge).
+  compact_dist.deepspeed.zero3_merge, which reads and zeroes offloaded masters through
+  DeepSpeed's accessors).
 A's optimizer state is keyed by those tensors: ZeRO 1-3 flatten each param group into its
 own fp32 partitions, so the flagged group's states are exactly A's; at ZeRO-0 with bf16 they
 are keyed by A's fp32 masters. The merge of ZeRO 0-2 is the plain one (the module's A is the

@@ -3,8 +3,9 @@
     compact-plan --config configs/train/llama_1_3b.yaml --world-size 8 --budget-gib 40
     compact-plan --predict --config X [section.key=value ...]      # one JSON line
 
-The planner tries every combination of the levers below (ZeRO stage, compression ratio, W0
-dtype, FP8 storage, fused loss, recompute, micro-batch), keeps only what compact-train
+The planner tries every combination of the levers below (ZeRO stage, optimizer offload,
+compression ratio, W0 dtype, FP8 storage, fused loss, recompute, micro-batch), keeps only
+what compact-train
 accepts for the target world size and device (TrainConfig.check_launch: the trainer's own
 rules), ranks them by predicted step time, then the lowest ZeRO stage (least communication,
 which the time model leaves out), then the predicted peak, and writes the first that fits
@@ -23,6 +24,18 @@ Prediction (bytes per GPU, this TP rank), every term a short formula below:
     optimizer  = gradients + the step's temporaries (flat copy, fp32 gradient partition) or
                  the subspace merge's temporaries
     reserved   = peak * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB: what must fit the budget.
+
+ZeRO-1/2 keep the bf16 gradients of every parameter (ZeRO-1) or of their partition (ZeRO-2)
+across the micro-batches of a gradient-accumulation window, so with accumulation they sit
+beside the activations. Optimizer offload (train.offload_optimizer=cpu, DeepSpeed's
+ZeRO-Offload) moves the fp32 masters, Adam moments and the fp32 gradient partition to host
+memory (`host` in the prediction: those, DeepSpeed's bf16 staging copy of the partition and,
+ZeRO-2, its host gradient accumulation buffer) and adds one GPU staging buffer of the
+largest trainable parameter; ZeRO-2/3 then keep no gradient partition on the GPU. Its time:
+the AdamW step on the host (HOST_ADAM_ELEMENTS_PER_S) and the PCIe copies
+(PCIE_BYTES_PER_S): ZeRO-1 copies the gradients out and the parameters back once per
+optimizer step; ZeRO-2 moves each micro-batch's gradients out and the running sum back in
+(DeepSpeed 0.19.8 accumulates on the host in bf16), ZeRO-3 moves them out.
 
 The activation rows are what `compact-memory` measures (tests/test_memory_plan.py checks them
 against the profiler on CPU). The bf16 GPU case was checked against the 1.3B measurements in
@@ -76,6 +89,12 @@ MERGE_BYTES_PER_W0 = {"fp32": 12, "bf16": 30, "bf16_pair": 34}
 FP8_STEP_S_PER_TOKEN_LAYER = {"attention": 4.1e-8, "swiglu": 4.4e-8, "norm": 2.9e-8}
 LAYER_LAUNCH_S = 2e-4       # fixed cost per layer per micro-batch (kernel launches, small GEMMs)
 DEEPSPEED_BUCKET = 50_000_000        # reduce / all-gather bucket (elements), engine config
+# optimizer offload (not yet calibrated on a GPU): host AdamW elements per second (torch's
+# fused CPU AdamW ran 1.0e9/s on 2 cores of this build machine, DeepSpeedCPUAdam 0.9e9/s; a
+# GPU host's 16+ cores are bounded by its memory bandwidth, ~28 bytes per element) and the
+# pinned host <-> GPU copy rate (PCIe Gen5 x16 moves ~50 GB/s per direction at best)
+HOST_ADAM_ELEMENTS_PER_S = 4e9
+PCIE_BYTES_PER_S = 25e9
 ZERO3_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
 
 PRESETS: dict[str, dict[str, int]] = {  # benchmarks/memory_throughput.py's shapes
@@ -159,10 +178,11 @@ def param_counts(setup: Setup) -> dict[str, int]:
     """Local (this TP rank) element counts: w0 (frozen bases), a (trainable factors), other
     (every other trainable parameter) and w0_bytes (at the base dtype), p (projection
     elements), largest_w0 (elements of the biggest frozen matrix), output (the output
-    layer's weight)."""
+    layer's weight), largest_a / largest_trainable (of one factor A / any trainable
+    tensor)."""
     m, c, tp = setup.cfg.model, setup.cfg.compression, setup.tp
     h = m.hidden_size
-    counts = dict(w0=0, w0_bytes=0, a=0, other=0, p=0, largest_w0=0)
+    counts = dict(w0=0, w0_bytes=0, a=0, other=0, p=0, largest_w0=0, largest_a=0)
     for role, info in roles(setup).items():
         full = info["in"] * info["out"] // tp
         s = info["setting"]
@@ -172,6 +192,7 @@ def param_counts(setup: Setup) -> dict[str, int]:
             counts["w0_bytes"] += full * (2 if c.base_dtype == "bf16" else 4)
             counts["a"] += a
             counts["largest_w0"] = max(counts["largest_w0"], full)
+            counts["largest_a"] = max(counts["largest_a"], a)
         else:
             counts["other"] += full
         if s is not None:
@@ -184,6 +205,7 @@ def param_counts(setup: Setup) -> dict[str, int]:
     counts["other"] += 2 * counts["output"]                   # embedding + output layer
     if not setup.rope:
         counts["other"] += m.seq_length * h                   # learned positions
+    counts["largest_trainable"] = max(counts["largest_a"], counts["output"])
     return counts
 
 
@@ -336,6 +358,10 @@ def predict(setup: Setup) -> dict:
     static = static_bytes(w0_bytes=n["w0_bytes"], w0_elems=n["w0"], a=n["a"], other=n["other"],
                           zero_stage=zero, dp=dp, bf16=setup.bf16)
     trainable = n["a"] + n["other"]
+    accumulation = cfg.gradient_accumulation_steps(dp)
+    host = host_bytes(setup, n)
+    if host:   # ZeRO-Offload: the optimizer's partition lives in host memory
+        static = {**static, "fp32 masters": 0.0, "Adam moments": 0.0}
     data_aware = c.enabled and c.kind.data_aware
     proj = {"P blocks (cached, activation dtype)": e * n["p"]}
     if data_aware:
@@ -354,8 +380,12 @@ def predict(setup: Setup) -> dict:
     a = cfg.activations
     buffers = {}
     if zero >= 2:   # the flat gradient partition and the reduce bucket live across steps
-        buffers["gradient partition (ZeRO-2/3)"] = grads
+        if not host:   # offloaded: the partition is on the host
+            buffers["gradient partition (ZeRO-2/3)"] = grads
         buffers["reduce bucket"] = e * DEEPSPEED_BUCKET
+    if host:   # DeepSpeed's device buffer for one parameter's gradient on its way
+        buffers["offload: gradient staging buffer (largest trainable tensor)"] = (
+            e * n["largest_trainable"])
     if cfg.parallel.sequence_parallel:   # Megatron's global all-gather buffer, [s, b, h]
         buffers["sequence-parallel all-gather buffer"] = e * t * m.hidden_size
     persistent += sum(buffers.values())
@@ -367,6 +397,8 @@ def predict(setup: Setup) -> dict:
     transient["output layer weight gradient"] = e * n["output"]
     if acts["recompute_chunk"]:
         transient["recompute: re-run chunk"] = acts["recompute_chunk"]
+    if zero <= 1 and accumulation > 1:   # summed over the window's micro-batches
+        transient["gradients of the earlier micro-batches (ZeRO-0/1)"] = grads
     if zero == 3:
         # parameters stay gathered across the forward -> backward turn up to
         # stage3_max_reuse_distance / stage3_max_live_parameters (DeepSpeed default 1e9 each);
@@ -381,6 +413,9 @@ def predict(setup: Setup) -> dict:
     if zero <= 1:
         step["gradients"] = grads
         step["flattened gradient partition"] = e * trainable / (dp if zero else 1)
+    if host:   # the step runs on the host; gradients leave one tensor at a time
+        step = ({"gradients": grads} if zero <= 1 else
+                {"offload: one tensor's fp32 gradient": 4 * n["largest_trainable"]})
     merge = {}
     if c.enabled and c.mode == "subspace" and n["largest_w0"]:
         per = 4 + e + (4 if c.base_dtype == "bf16" else 0)   # fp32 sum, A P^T, SR noise
@@ -397,8 +432,43 @@ def predict(setup: Setup) -> dict:
         "merge_transients": merge, "phases": phases,
         "peak_phase": max(phases, key=phases.get),
         "peak_allocated": peak, "peak_reserved": reserved,
+        "host": host, "host_bytes": sum(host.values()),
         "step_time_s": step_time(setup, n),
     }
+
+
+def host_bytes(setup: Setup, counts: Optional[dict] = None) -> dict[str, float]:
+    """Host memory per rank that optimizer offload takes (empty without it): this rank's
+    optimizer partition (trainable elements / dp) as fp32 masters, Adam moments and fp32
+    gradients, DeepSpeed's bf16 staging copy of it (ZeRO-1/2: the step's result on its way
+    to the GPU) and, ZeRO-2 with gradient accumulation, its host accumulation buffer (bf16)."""
+    cfg = setup.cfg
+    if cfg.train.offload_optimizer == "none":
+        return {}
+    counts = counts or param_counts(setup)
+    zero, e = cfg.train.zero_stage, setup.e
+    part = (counts["a"] + counts["other"]) / setup.dp
+    host = {"fp32 masters": 4 * part, "Adam moments": 8 * part,
+            "fp32 gradient partition": 4 * part}
+    if zero <= 2:
+        host["bf16 staging copy of the partition"] = e * part
+    if zero == 2 and cfg.gradient_accumulation_steps(setup.dp) > 1:
+        host["gradient accumulation (bf16)"] = e * part
+    return host
+
+
+def offload_copy_bytes(setup: Setup, counts: dict) -> float:
+    """Bytes over PCIe per optimizer step with optimizer offload (each direction summed):
+    the gradients out (ZeRO-1 once, fp32; ZeRO-2 every micro-batch out and the running sum
+    back in, then fp32; ZeRO-3 every micro-batch out), the updated parameters back in, and
+    the merge's copy of A to its host masters (ZeRO-3: read and zeroed through DeepSpeed's
+    accessors)."""
+    cfg, e = setup.cfg, setup.e
+    zero, ga = cfg.train.zero_stage, cfg.gradient_accumulation_steps(setup.dp)
+    part = (counts["a"] + counts["other"]) / setup.dp
+    grads = {1: 4, 2: (2 * ga - 1) * e + 4, 3: ga * e}[zero] * part
+    merge = 8 * counts["a"] / setup.dp if zero == 3 else e * counts["a"]
+    return grads + e * part + merge
 
 
 def step_time(setup: Setup, counts: Optional[dict] = None) -> float:
@@ -433,7 +503,11 @@ def step_time(setup: Setup, counts: Optional[dict] = None) -> float:
                    ) * tokens / setup.tp * L
     trainable = counts["a"] + counts["other"]
     zero_div = setup.dp if cfg.train.zero_stage else 1
-    seconds += ADAM_BYTES_PER_PARAM * trainable / zero_div / HBM_BYTES_PER_S
+    if cfg.train.offload_optimizer == "none":
+        seconds += ADAM_BYTES_PER_PARAM * trainable / zero_div / HBM_BYTES_PER_S
+    else:   # the step on the host, the copies over PCIe (not overlapped)
+        seconds += trainable / zero_div / HOST_ADAM_ELEMENTS_PER_S
+        seconds += offload_copy_bytes(setup, counts) / PCIE_BYTES_PER_S
     if counts["w0"]:
         seconds += (MERGE_BYTES_PER_W0[cfg.compression.base_dtype] * counts["w0"]
                     / HBM_BYTES_PER_S)
@@ -456,15 +530,16 @@ def setup_from(cfg: TrainConfig, world_size: int, device: str, attention: str,
                  vocab=padded_vocab_size(vocab, cfg.parallel.tensor_model_parallel_size))
 
 
-def _candidates(base: TrainConfig, zeros, ratios, w0s, fp8s, fused_ce, recomputes,
+def _candidates(base: TrainConfig, zeros, offloads, ratios, w0s, fp8s, fused_ce, recomputes,
                 micro_batches):
     """Config trees of every combination; ratio None = compression disabled."""
-    for zero, ratio, w0, fp8, ce, rec, mbs in itertools.product(
-            zeros, ratios, w0s, fp8s, fused_ce, recomputes, micro_batches):
+    for zero, offload, ratio, w0, fp8, ce, rec, mbs in itertools.product(
+            zeros, offloads, ratios, w0s, fp8s, fused_ce, recomputes, micro_batches):
         if ratio is None and w0 != w0s[0]:
             continue                                   # W0 dtype means nothing without CompAct
         tree = base.model_dump()
         tree["train"]["zero_stage"] = zero
+        tree["train"]["offload_optimizer"] = offload
         tree["compression"]["enabled"] = ratio is not None
         if ratio is not None:
             tree["compression"].update(ratio=ratio, rank=None, base_dtype=w0)
@@ -511,6 +586,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--predict", action="store_true",
                    help="print the prediction for the config as one JSON line and exit")
     p.add_argument("--budget-gib", type=float, help="per-GPU memory budget")
+    p.add_argument("--offload", default="none,cpu",
+                   help="train.offload_optimizer values to try (cpu: DeepSpeed's ZeRO-Offload "
+                   "of the fp32 masters, Adam moments and fp32 gradients; needs ZeRO >= 1)")
     p.add_argument("--ratios", default="none,1/2,1/4",
                    help="compression ratios to try; 'none' = compression disabled. The planner "
                    "models memory and time, not quality: 1/8 is left out by default because it "
@@ -564,6 +642,7 @@ def prediction_line(setup: Setup) -> dict:
         "peak_reserved_GiB": round(p["peak_reserved"] / GiB, 3),
         "peak_phase": p["peak_phase"],
         "persistent_GiB": round(p["persistent"] / GiB, 3),
+        "host_GiB": round(p["host_bytes"] / GiB, 3),
         "activations_GiB": round(p["activations"]["total"] / GiB, 3),
         "activations_MiB_per_sequence": round(
             activation_bytes(setup, 1)["total"] / 2 ** 20, 1),
@@ -571,7 +650,9 @@ def prediction_line(setup: Setup) -> dict:
         "phases_GiB": {k: round(v / GiB, 3) for k, v in p["phases"].items()},
         "step_time_s": round(p["step_time_s"], 4),
         "world_size": setup.world_size, "tp": setup.tp, "dp": setup.dp,
-        "zero_stage": cfg.train.zero_stage, "micro_batch": cfg.train.micro_batch_size,
+        "zero_stage": cfg.train.zero_stage, "offload_optimizer": cfg.train.offload_optimizer,
+        "micro_batch": cfg.train.micro_batch_size,
+        "gradient_accumulation": cfg.gradient_accumulation_steps(setup.dp),
         "compression": (cfg.compression.ratio if cfg.compression.enabled else None),
         "base_dtype": cfg.compression.base_dtype, "recompute": cfg.recompute.granularity,
         "fp8_storage": cfg.activations.fp8_storage,
@@ -597,7 +678,8 @@ def plan(args) -> tuple[list[dict], Optional[dict]]:
         mbs = mbs if base.train.micro_batch_size in mbs else mbs + [base.train.micro_batch_size]
     rows, refused = [], {}
     dp = args.world_size // base.parallel.tensor_model_parallel_size
-    for tree in _candidates(base, _zero_stages(args.zero),
+    offloads = [x.strip() for x in args.offload.split(",")]
+    for tree in _candidates(base, _zero_stages(args.zero), offloads,
                             [_ratio(x) for x in args.ratios.split(",")],
                             [x.strip() for x in args.w0.split(",")], _fp8_subsets(args.fp8),
                             [x.strip().lower() == "true" for x in args.fused_ce.split(",")],
@@ -616,6 +698,7 @@ def plan(args) -> tuple[list[dict], Optional[dict]]:
         p = predict(setup)
         rows.append({"cfg": cfg, "tree": tree, "peak": p["peak_allocated"],
                      "reserved": p["peak_reserved"], "time": p["step_time_s"],
+                     "host": p["host_bytes"],
                      "fits": p["peak_reserved"] <= budget, "phase": p["peak_phase"]})
     if not rows:
         why = "; ".join(f"{reason} ({n}x)" for reason, n in refused.items())
@@ -644,7 +727,9 @@ def _without_idle_stages(rows: list[dict]) -> list[dict]:
 
 def _describe(cfg: TrainConfig) -> list[str]:
     c, a = cfg.compression, cfg.activations
-    return [str(cfg.train.zero_stage), f"{c.ratio:g}" if c.enabled else "off",
+    offload = cfg.train.offload_optimizer
+    return [str(cfg.train.zero_stage), "-" if offload == "none" else offload,
+            f"{c.ratio:g}" if c.enabled else "off",
             c.base_dtype if c.enabled else "-",
             "+".join(a.fp8_storage) or "-", "yes" if a.fused_cross_entropy else "no",
             cfg.recompute.granularity, str(cfg.train.micro_batch_size)]
@@ -677,18 +762,20 @@ def main(argv=None) -> None:
     if best is None:
         small = min(rows, key=lambda r: r["reserved"])
         sys.exit(f"compact-plan: no candidate fits {args.budget_gib:g} GiB per GPU; the "
-                 f"smallest ({', '.join(_describe(small['cfg']))}: ZeRO, ratio, W0, fp8, "
+                 f"smallest ({', '.join(_describe(small['cfg']))}: ZeRO, offload, ratio, W0, fp8, "
                  f"fused CE, recompute, micro-batch) is predicted at {_gib(small['reserved'])} GiB "
                  f"reserved ({_gib(small['peak'])} GiB allocated)")
     fitting = [r for r in rows if r["fits"]]
-    head = ["ZeRO", "ratio", "W0", "fp8", "fusedCE", "recompute", "mbs", "peak GiB",
-            "reserved GiB", "step s", "peak in"]
+    head = ["ZeRO", "offload", "ratio", "W0", "fp8", "fusedCE", "recompute", "mbs",
+            "peak GiB", "reserved GiB", "host GiB", "step s", "peak in"]
     print(f"{len(fitting)} of {len(rows)} candidates fit {args.budget_gib:g} GiB per GPU "
           f"(reserved = peak x {1 + FRAGMENTATION:g} + {CUDA_CONTEXT_GIB} GiB context); "
           "step time: FLOP model at 40% of H100 bf16 peak + optimizer/merge memory traffic "
-          "(recompute's extra forward and CompAct's projection FLOPs included)")
+          "(recompute's extra forward and CompAct's projection FLOPs included; offload: the "
+          "host AdamW step and the PCIe copies); host GiB: what offload keeps in host memory "
+          "per rank")
     table = [head] + [_describe(r["cfg"]) + [_gib(r["peak"]), _gib(r["reserved"]),
-                                              f"{r['time']:.3f}", r["phase"]]
+                                              _gib(r["host"]), f"{r['time']:.3f}", r["phase"]]
                       for r in fitting[:args.top]]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:

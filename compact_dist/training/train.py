@@ -370,7 +370,9 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_para
     ds_config = deepspeed_config(
         zero_stage=cfg.train.zero_stage, micro_batch_size=cfg.train.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps(data_parallel_size),
-        data_parallel_size=data_parallel_size, bf16=bf16, grad_clip=cfg.optim.grad_clip)
+        data_parallel_size=data_parallel_size, bf16=bf16, grad_clip=cfg.optim.grad_clip,
+        offload_optimizer=cfg.train.offload_optimizer,
+        offload_pin_memory=cfg.train.offload_pin_memory)
     engine = initialize_engine(model, optimizer, ds_config, lr_scheduler=scheduler)
     return engine, SubspaceStepper(engine.module, cfg.compression)
 

@@ -90,6 +90,11 @@ class OptimConfig(_Section):
 
 
 class TrainLoopConfig(_Section):
+    """offload_optimizer cpu: DeepSpeed's ZeRO-Offload of the optimizer
+    (zero_optimization.offload_optimizer; compact_dist.deepspeed.engine.deepspeed_config);
+    the client torch AdamW steps the host partitions (its fused CPU kernel runs as fast as
+    DeepSpeedCPUAdam, which needs a C++ toolchain to build)."""
+
     micro_batch_size: int = Field(8, ge=1, description="sequences per rank per forward")
     global_batch_size: Optional[int] = Field(None, ge=1, description="sequences per optimizer "
                                              "step; null: micro x data-parallel (gradient "
@@ -105,6 +110,12 @@ class TrainLoopConfig(_Section):
         "deepspeed", description="deepspeed (ZeRO 0-3) or fsdp2 (torch fully_shard over "
         "the data-parallel group, fp32; megatron-core 0.16.1's own DDP and distributed "
         "optimizer need CUDA)")
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="cpu: ZeRO-Offload, the fp32 masters, Adam moments and fp32 "
+        "gradients of this rank's partition in host memory, the AdamW step on the CPU "
+        "(needs zero_stage >= 1)")
+    offload_pin_memory: bool = Field(True, description="page-locked host buffers for the "
+                                     "offloaded optimizer (faster copies)")
     log_interval: int = Field(20, ge=1, description="steps between progress lines")
     eval_interval: int = Field(100, ge=1, description="steps between validations")
     eval_batches: int = Field(8, ge=1, description="micro-batches per validation")
@@ -230,6 +241,10 @@ class TrainConfig(_Section):
         self.compression.check_parallel(tp)
         self._check_ranks()
         self.activations.check_model(m.attention_dropout, self.recompute.granularity)
+        if self.train.offload_optimizer != "none" and self.train.zero_stage == 0:
+            raise ValueError(f"train.offload_optimizer={self.train.offload_optimizer} needs "
+                             "train.zero_stage 1, 2 or 3 (DeepSpeed offloads ZeRO's "
+                             "partitions)")
         return self
 
     def _check_engine(self) -> None:
@@ -254,6 +269,9 @@ class TrainConfig(_Section):
         if t.precision == "bf16":
             raise ValueError("train.engine=fsdp2 trains in fp32: set train.precision=fp32 "
                              "(bf16 mixed precision is not wired for FSDP2)")
+        if t.offload_optimizer != "none":
+            raise ValueError("train.offload_optimizer is DeepSpeed's ZeRO-Offload: it needs "
+                             "train.engine=deepspeed")
 
     def _check_ranks(self) -> None:
         """Each compressed linear's projection rank for the model's shapes (what
