@@ -285,7 +285,7 @@ def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(cluster, tmp_pa
     torchrun mode the requeue's SIGTERM reaches the ranks through torchrun."""
     ckpt = tmp_path / "ckpt"
     out = tmp_path / "job-%j.out"
-    steps = 300
+    steps = 150
     layout, env = _layout(cluster, 2), {}
     if mode == "torchrun":
         layout = [f"--nodes={cluster.nodes}", "--ntasks-per-node=1", "--cpus-per-task=1",
@@ -294,7 +294,7 @@ def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(cluster, tmp_pa
     job = cluster.submit(
         [*layout, f"--output={out}"],
         {"CONFIG": TINY, "CKPT_DIR": str(ckpt), "MASTER_PORT": str(free_port()), **env},
-        quick(cache, steps, "checkpoint.save_interval=50", "train.log_interval=50",
+        quick(cache, steps, "checkpoint.save_interval=25", "train.log_interval=25",
               "checkpoint.keep_last=10"))
     deadline = time.monotonic() + 300
     while not (ckpt / "latest").exists():
@@ -318,7 +318,7 @@ def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(cluster, tmp_pa
     resumed = re.search(r"resumed from step (\d+)", second)
     assert stopped and resumed, (first[-4000:], second[-4000:])
     assert int(resumed.group(1)) == int(stopped.group(1)), (stopped.group(0), resumed.group(0))
-    assert 50 <= int(resumed.group(1)) < steps
+    assert 25 <= int(resumed.group(1)) < steps
     assert f"done: {steps} steps" in second
     assert checkpoint_layout(ckpt)[0] == f"step_{steps:08d}"
 
