@@ -211,7 +211,7 @@ def _complete(root: Path, step: int, cfg) -> Path:
 def _fails_before_training(monkeypatch, overrides, message):
     """run() raises CheckpointError(message) before any process group exists."""
     import compact_dist.training.train as train
-    from compact_dist.deepspeed.checkpoint_dir import CheckpointError
+    from compact_dist.training.checkpoint_dir import CheckpointError
     from compact_dist.training.train_config import load_train_config
 
     def no_group(*args, **kwargs):
@@ -289,7 +289,7 @@ def test_resume_false_next_to_checkpoints_says_what_happens_to_them(tmp_path):
 
 
 def test_latest_that_is_not_text_falls_back(tmp_path):
-    from compact_dist.deepspeed.checkpoint_dir import choose
+    from compact_dist.training.checkpoint_dir import choose
     from compact_dist.training.train_config import load_train_config
 
     cfg = load_train_config(None, small(tmp_path))
@@ -303,7 +303,7 @@ def test_latest_that_is_not_text_falls_back(tmp_path):
 
 
 def test_rotation_deletes_by_step_and_never_latest_nor_later_steps(tmp_path):
-    from compact_dist.deepspeed.checkpoint_dir import rotate
+    from compact_dist.training.checkpoint_dir import rotate
     from compact_dist.training.train_config import load_train_config
 
     cfg = load_train_config(None, small(tmp_path))
@@ -338,7 +338,7 @@ def test_ranks_that_see_different_checkpoints_stop(monkeypatch):
     world of 2 simulated here: rank 1's answer is None)."""
     import torch.distributed as dist
 
-    from compact_dist.deepspeed.checkpoint_dir import CheckpointError
+    from compact_dist.training.checkpoint_dir import CheckpointError
     from compact_dist.training.resume import same_on_every_rank
 
     def all_gather_object(out, obj):
@@ -357,7 +357,7 @@ def test_ranks_that_see_different_checkpoints_stop(monkeypatch):
 def test_a_checkpoint_from_before_the_marker_that_latest_names_is_resumed(tmp_path):
     """compact_dist before the `complete` marker moved `latest` only after every rank wrote
     its files: that checkpoint is resumed; an unmarked newer one (a killed save then) is not."""
-    from compact_dist.deepspeed.checkpoint_dir import CheckpointError, choose
+    from compact_dist.training.checkpoint_dir import CheckpointError, choose
 
     for step in (4, 6):
         (tmp_path / f"step_0000000{step}").mkdir()

@@ -205,7 +205,7 @@ def test_resume_restores_a_bf16_pair_w0(tmp_path):
 
 
 def _killed_save(rank, overrides, out):
-    import compact_dist.deepspeed.checkpoint as ckpt_mod
+    import compact_dist.training.checkpoint as ckpt_mod
     from compact_dist.training.train import run
     from compact_dist.training.train_config import load_train_config
 

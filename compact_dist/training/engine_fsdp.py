@@ -3,7 +3,7 @@
 accumulation, the global gradient norm and clipping over FSDP2 x Megatron TP
 (compact_dist.fsdp.grad_norm), and checkpoints through torch.distributed.checkpoint.
 
-Checkpoint layout in save_dir/tag (inside compact_dist.deepspeed.checkpoint's atomic save):
+Checkpoint layout in save_dir/tag (inside compact_dist.training.checkpoint's atomic save):
     fsdp2_tp{T}/        torch.distributed.checkpoint (DCP) of the model and optimizer state
                         dicts (torch.distributed.checkpoint.state_dict: sharded DTensors by
                         parameter name), one per TP rank T, written by its data-parallel group
@@ -149,7 +149,7 @@ class FSDP2TrainingEngine(TrainingEngine):
             raise ValueError("the FSDP2 engine loads model, optimizer and schedule together")
         root = Path(load_dir) / tag
         if not all(p.exists() for p in (root / ENGINE_FILE, _dcp_dir(root), _extra_file(root))):
-            return None, None  # compact_dist.deepspeed.checkpoint raises CheckpointError
+            return None, None  # compact_dist.training.checkpoint raises CheckpointError
         state, _ = self._state_dicts()
         dcp.load(state, checkpoint_id=str(_dcp_dir(root)),
                  process_group=ps.get_data_parallel_group())

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from compact_dist.deepspeed.checkpoint_dir import CheckpointError
+from compact_dist.training.checkpoint_dir import CheckpointError
 from compact_dist.training.nonfinite import NonFiniteError
 from compact_dist.training.train_config import TrainConfig, load_train_config, world_from_environment
 
@@ -609,7 +609,7 @@ def _validate_if_due(run_: _Run) -> None:
 
 def _save_if_due(run_: _Run, stopping: bool) -> None:
     """A checkpoint at save_interval steps, at the last step and when stopping."""
-    from compact_dist.deepspeed.checkpoint import save_checkpoint
+    from compact_dist.training.checkpoint import save_checkpoint
 
     step, cfg = run_.step, run_.cfg
     interval = cfg.checkpoint.save_interval
