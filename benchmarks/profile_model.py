@@ -30,7 +30,7 @@ from benchmarks.projection_cost import setup, timed  # noqa: E402
 
 
 def build(preset: str, layers: int, micro_batch: int, extra: list[str]):
-    from compact_dist.training.train import build_model
+    from compact_dist.training.model_setup import build_model
     from compact_dist.training.train_config import load_train_config
 
     p = PRESETS[preset]

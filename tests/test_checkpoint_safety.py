@@ -33,6 +33,7 @@ def _scenario(rank, tmp, out):
 
     import compact_dist.training.train as train
     from compact_dist.core.moments import SUBSPACE_GROUP_KEY
+    from compact_dist.training.logger import Logger
     from compact_dist.training.train_config import load_train_config
 
     tmp, results, groups = Path(tmp), {}, []
@@ -43,7 +44,7 @@ def _scenario(rank, tmp, out):
                        bool(g.get(SUBSPACE_GROUP_KEY))) for g in optimizer.param_groups)
 
     register_optimizer_step_pre_hook(record)
-    logger_step = train.Logger.step
+    logger_step = Logger.step
 
     def stage(name, overrides, sigint_at=None, entry="run"):
         def step(logger, s, scalars, line, **kwargs):
@@ -51,7 +52,7 @@ def _scenario(rank, tmp, out):
                 os.kill(os.getpid(), signal.SIGINT)
             return logger_step(logger, s, scalars, line, **kwargs)
 
-        train.Logger.step = step
+        Logger.step = step
         groups.clear()
         printed, result = io.StringIO(), {}
         try:
@@ -147,7 +148,7 @@ def test_resume_uses_the_new_optimizer_settings_and_says_so(runs):
     """The checkpoint was written with lr 2e-3, beta2 0.95, weight decay 0.1 over 4 steps;
     the resumed run's config says 1e-3, 0.99, 0.05 over 6. Every optimizer step after the
     resume uses the config's values and its schedule at the resumed step."""
-    from compact_dist.training.train import lr_lambda
+    from compact_dist.training.engine_setup import lr_lambda
     from compact_dist.training.train_config import load_train_config
 
     tmp, got = runs

@@ -32,13 +32,13 @@ def _train_then_unmerged_step(rank, overrides, ckpt, out):
     from compact_dist.training.train_config import load_train_config
 
     captured = {}
-    build_engine = train.build_engine
+    build_training_engine = train.build_training_engine  # the name train._build calls
 
     def capture(*args, **kwargs):
-        captured["engine"], stepper = build_engine(*args, **kwargs)
+        captured["engine"], stepper = build_training_engine(*args, **kwargs)
         return captured["engine"], stepper
 
-    train.build_engine = capture
+    train.build_training_engine = capture
     history = train.run(load_train_config(None, overrides))
     engine = captured["engine"]
     gen = torch.Generator().manual_seed(0)

@@ -122,7 +122,7 @@ def test_parameter_formula_matches_the_built_model(name, megatron_tp1):
     hold in the CompAct model); compact-train's start-up count agrees and adds A."""
     from compact_dist.megatron.model import build_gpt_model
     from compact_dist.training.startup import parameter_counts
-    from compact_dist.training.train import transformer_config
+    from compact_dist.training.model_setup import transformer_config
 
     cfg = load_train_config(str(ROOT / "configs" / "train" / f"{name}.yaml"),
                             ["compression.enabled=false"])
