@@ -461,7 +461,7 @@ class Bench:
     # -- engine ---------------------------------------------------------------------------
     def build(self, cfg, cpu_init: bool = False, saved_bytes: bool = False,
               vocab: Optional[int] = None) -> dict:
-        """Model + DeepSpeed engine built by compact_dist.training.train's build_model / build_engine,
+        """Model + DeepSpeed engine built by training.model_setup.build_model and engine_setup.build_engine,
         as compact-train builds them (constant learning rate optim.lr)."""
         from compact_dist.training.saved_tensors import saved_activation_bytes
         from compact_dist.training.engine_setup import build_engine

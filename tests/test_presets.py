@@ -26,7 +26,7 @@ LLAMA = {  # preset -> (named size, GPU world sizes it is meant for)
 
 
 def padded_vocab(cfg: TrainConfig) -> int:
-    """The tokenizer's vocabulary padded as compact_dist.training.train does (multiple of 64 x TP)."""
+    """The tokenizer's vocabulary padded as training.model_setup.padded_vocab_size (multiple of 64 x TP)."""
     vocab = 257 if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
     step = 64 * cfg.parallel.tensor_model_parallel_size
     return -(-vocab // step) * step

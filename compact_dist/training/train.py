@@ -8,6 +8,11 @@ Without --config it runs the embedded default: a 4-layer LLaMA-style model on th
 interpreter's standard-library source, BPE tokenizer trained locally, CompAct ratio 1/4.
 `compression.enabled=false` trains the Megatron baseline for comparison. Ranks come from the
 environment (torchrun, the deepspeed launcher or srun), so the same command runs under each.
+
+This module is the training loop; what it drives comes from the modules beside it: the
+processes (distributed.py), the model (model_setup.py), the engine and its schedule
+(engine_setup.py), the checkpoints (checkpoint.py, resume.py) and the output (logger.py,
+progress.py).
 """
 
 from __future__ import annotations
