@@ -293,9 +293,9 @@ class StepTimes:
         self.signal_at_step = signal_at_step
 
     def __enter__(self) -> "StepTimes":
-        import compact_dist.training.train as train
+        from compact_dist.training.logger import Logger
 
-        self._logger, self._original = train.Logger, train.Logger.step
+        self._logger, self._original = Logger, Logger.step
         original, times, stop_at = self._original, self.times, self.signal_at_step
 
         def step(logger, step: int, scalars: dict, line: bool, **kwargs) -> None:
@@ -304,7 +304,7 @@ class StepTimes:
                 os.kill(os.getpid(), signal.SIGTERM)
             return original(logger, step, scalars, line, **kwargs)
 
-        train.Logger.step = step
+        Logger.step = step
         return self
 
     def __exit__(self, *exc) -> None:
@@ -343,7 +343,9 @@ def run_variant(args, timer: Optional[threading.Timer] = None) -> dict:
     return the report. timer: the --time-limit-s timer, cancelled once training returned."""
     import torch
 
-    from compact_dist.training.train import padded_vocab_size, run
+    from compact_dist.training.model_setup import padded_vocab_size
+
+    from compact_dist.training.train import run
     from compact_dist.training.train_config import load_train_config
 
     wall_start = PROCESS_START  # a segment's wall time counts the imports too

@@ -74,7 +74,8 @@ def sync() -> None:
 def measure(preset: str, steps: int, interval: int, extra: list[str]) -> dict:
     import compact_dist.core.basis as basis
     import compact_dist.core.subspace as subspace
-    from compact_dist.training.train import build_engine, build_model
+    from compact_dist.training.engine_setup import build_engine
+    from compact_dist.training.model_setup import build_model
     from compact_dist.training.train_config import load_train_config
 
     s = SHAPES[preset]

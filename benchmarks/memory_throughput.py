@@ -383,7 +383,7 @@ class Bench:
         return p
 
     def padded_vocab(self, shape: dict[str, int]) -> int:
-        from compact_dist.training.train import padded_vocab_size
+        from compact_dist.training.model_setup import padded_vocab_size
 
         return padded_vocab_size(shape["vocab_size"], self.args.tp)
 
@@ -415,7 +415,7 @@ class Bench:
     def init(self) -> None:
         from megatron.core import parallel_state as ps
 
-        from compact_dist.training.train import init_distributed
+        from compact_dist.training.distributed import init_distributed
         from compact_dist.training.train_config import world_from_environment
 
         rank, _, world = world_from_environment()
@@ -461,10 +461,11 @@ class Bench:
     # -- engine ---------------------------------------------------------------------------
     def build(self, cfg, cpu_init: bool = False, saved_bytes: bool = False,
               vocab: Optional[int] = None) -> dict:
-        """Model + DeepSpeed engine built by compact_dist.training.train's build_model / build_engine,
+        """Model + DeepSpeed engine built by training.model_setup.build_model and engine_setup.build_engine,
         as compact-train builds them (constant learning rate optim.lr)."""
         from compact_dist.training.saved_tensors import saved_activation_bytes
-        from compact_dist.training.train import build_engine, build_model
+        from compact_dist.training.engine_setup import build_engine
+        from compact_dist.training.model_setup import build_model
 
         vocab = vocab or self.shape["vocab_size"]
         model = build_model(cfg, self.device, self.bf16, vocab, cpu_init=cpu_init)

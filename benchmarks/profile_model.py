@@ -5,7 +5,7 @@
         --out benchmarks/results/profile_1.3b.json
 
 Each variant is `name=override[;override...]` (TrainConfig `section.key=value`; the preset's
-shape comes first, as in memory_throughput.py). The model is built by compact_dist.training.train's
+shape comes first, as in memory_throughput.py). The model is built by compact_dist.training.model_setup's
 build_model (no optimizer, TP=1, one process) with `--layers` layers of the preset; after
 warm-up, CUDA events time `--repeats` forward+backward passes (median), then torch.profiler
 records one more and the top kernels by CUDA time are printed and written to the JSON
@@ -30,7 +30,7 @@ from benchmarks.projection_cost import setup, timed  # noqa: E402
 
 
 def build(preset: str, layers: int, micro_batch: int, extra: list[str]):
-    from compact_dist.training.train import build_model
+    from compact_dist.training.model_setup import build_model
     from compact_dist.training.train_config import load_train_config
 
     p = PRESETS[preset]

@@ -94,7 +94,7 @@ def test_single_process_picks_a_free_master_port(tmp_path):
     """Two one-process runs on one host: the second finds 29500 taken (held here) and still
     starts its process group, on a port of its own; a launcher's MASTER_PORT is kept."""
     code = ("import os, torch\n"
-            "from compact_dist.training.train import init_distributed\n"
+            "from compact_dist.training.distributed import init_distributed\n"
             "from compact_dist.training.train_config import load_train_config\n"
             "init_distributed(load_train_config(None))\n"
             "print('port', os.environ['MASTER_PORT'], torch.distributed.get_world_size())\n")
@@ -116,7 +116,7 @@ def test_single_process_picks_a_free_master_port(tmp_path):
 
 
 def test_rendezvous_address_of_a_launcher_or_several_processes_is_kept(monkeypatch):
-    from compact_dist.training.train import set_rendezvous_address
+    from compact_dist.training.distributed import set_rendezvous_address
 
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)

@@ -33,6 +33,7 @@ def _scenario(rank, tmp, out):
 
     import compact_dist.training.train as train
     from compact_dist.core.moments import SUBSPACE_GROUP_KEY
+    from compact_dist.training.logger import Logger
     from compact_dist.training.train_config import load_train_config
 
     tmp, results, groups = Path(tmp), {}, []
@@ -43,7 +44,7 @@ def _scenario(rank, tmp, out):
                        bool(g.get(SUBSPACE_GROUP_KEY))) for g in optimizer.param_groups)
 
     register_optimizer_step_pre_hook(record)
-    logger_step = train.Logger.step
+    logger_step = Logger.step
 
     def stage(name, overrides, sigint_at=None, entry="run"):
         def step(logger, s, scalars, line, **kwargs):
@@ -51,7 +52,7 @@ def _scenario(rank, tmp, out):
                 os.kill(os.getpid(), signal.SIGINT)
             return logger_step(logger, s, scalars, line, **kwargs)
 
-        train.Logger.step = step
+        Logger.step = step
         groups.clear()
         printed, result = io.StringIO(), {}
         try:
@@ -147,7 +148,7 @@ def test_resume_uses_the_new_optimizer_settings_and_says_so(runs):
     """The checkpoint was written with lr 2e-3, beta2 0.95, weight decay 0.1 over 4 steps;
     the resumed run's config says 1e-3, 0.99, 0.05 over 6. Every optimizer step after the
     resume uses the config's values and its schedule at the resumed step."""
-    from compact_dist.training.train import lr_lambda
+    from compact_dist.training.engine_setup import lr_lambda
     from compact_dist.training.train_config import load_train_config
 
     tmp, got = runs
@@ -211,7 +212,7 @@ def _complete(root: Path, step: int, cfg) -> Path:
 def _fails_before_training(monkeypatch, overrides, message):
     """run() raises CheckpointError(message) before any process group exists."""
     import compact_dist.training.train as train
-    from compact_dist.deepspeed.checkpoint_dir import CheckpointError
+    from compact_dist.training.checkpoint_dir import CheckpointError
     from compact_dist.training.train_config import load_train_config
 
     def no_group(*args, **kwargs):
@@ -289,7 +290,7 @@ def test_resume_false_next_to_checkpoints_says_what_happens_to_them(tmp_path):
 
 
 def test_latest_that_is_not_text_falls_back(tmp_path):
-    from compact_dist.deepspeed.checkpoint_dir import choose
+    from compact_dist.training.checkpoint_dir import choose
     from compact_dist.training.train_config import load_train_config
 
     cfg = load_train_config(None, small(tmp_path))
@@ -303,7 +304,7 @@ def test_latest_that_is_not_text_falls_back(tmp_path):
 
 
 def test_rotation_deletes_by_step_and_never_latest_nor_later_steps(tmp_path):
-    from compact_dist.deepspeed.checkpoint_dir import rotate
+    from compact_dist.training.checkpoint_dir import rotate
     from compact_dist.training.train_config import load_train_config
 
     cfg = load_train_config(None, small(tmp_path))
@@ -338,7 +339,7 @@ def test_ranks_that_see_different_checkpoints_stop(monkeypatch):
     world of 2 simulated here: rank 1's answer is None)."""
     import torch.distributed as dist
 
-    from compact_dist.deepspeed.checkpoint_dir import CheckpointError
+    from compact_dist.training.checkpoint_dir import CheckpointError
     from compact_dist.training.resume import same_on_every_rank
 
     def all_gather_object(out, obj):
@@ -357,7 +358,7 @@ def test_ranks_that_see_different_checkpoints_stop(monkeypatch):
 def test_a_checkpoint_from_before_the_marker_that_latest_names_is_resumed(tmp_path):
     """compact_dist before the `complete` marker moved `latest` only after every rank wrote
     its files: that checkpoint is resumed; an unmarked newer one (a killed save then) is not."""
-    from compact_dist.deepspeed.checkpoint_dir import CheckpointError, choose
+    from compact_dist.training.checkpoint_dir import CheckpointError, choose
 
     for step in (4, 6):
         (tmp_path / f"step_0000000{step}").mkdir()

@@ -28,17 +28,17 @@ def _train_then_unmerged_step(rank, overrides, ckpt, out):
     from megatron.core import parallel_state as ps
 
     import compact_dist.training.train as train
-    from compact_dist.deepspeed.checkpoint import latest_tag, save_checkpoint
+    from compact_dist.training.checkpoint import latest_tag, save_checkpoint
     from compact_dist.training.train_config import load_train_config
 
     captured = {}
-    build_engine = train.build_engine
+    build_training_engine = train.build_training_engine  # the name train._build calls
 
     def capture(*args, **kwargs):
-        captured["engine"], stepper = build_engine(*args, **kwargs)
+        captured["engine"], stepper = build_training_engine(*args, **kwargs)
         return captured["engine"], stepper
 
-    train.build_engine = capture
+    train.build_training_engine = capture
     history = train.run(load_train_config(None, overrides))
     engine = captured["engine"]
     gen = torch.Generator().manual_seed(0)
@@ -153,7 +153,7 @@ def test_export_weight_is_the_layers_effective_weight(megatron_tp1, data_aware, 
     for a seeded Gaussian P (non-zero epoch) and for a data-aware basis."""
     from gpt_utils import tiny_gpt
 
-    from compact_dist.deepspeed.checkpoint import _rank_state
+    from compact_dist.training.checkpoint import _rank_state
     from compact_dist.core.config import CompressionConfig
     from compact_dist.tools.checkpoint_shards import effective_weight
     from compact_dist.core.subspace import compact_layers

@@ -35,7 +35,7 @@ VOCAB = 512
 
 
 def _measure(cfg, attention: str = "flash"):
-    from compact_dist.training.train import build_model
+    from compact_dist.training.model_setup import build_model
 
     model = build_model(cfg, torch.device("cpu"), False, VOCAB)
     s, b = cfg.model.seq_length, cfg.train.micro_batch_size
@@ -105,7 +105,7 @@ def test_profiler_attributes_sources_and_layers(megatron_tp1):
 
 
 def test_static_breakdown_is_the_parameter_bytes(megatron_tp1):
-    from compact_dist.training.train import build_model
+    from compact_dist.training.model_setup import build_model
 
     for ratio_args in (["compression.ratio=0.25"], ["compression.ratio=0.25",
                                                     "compression.base_dtype=bf16"],
@@ -318,7 +318,7 @@ def test_compact_memory_cli_json(tmp_path):
                                    ["compression.enabled=false", "activations.fused_swiglu=true"]])
 def test_gpu_activation_prediction_matches_profiler(megatron_tp1, extra):
     """bf16, rope, fused RMSNorm, flash SDPA: the GPU rows of the formula table."""
-    from compact_dist.training.train import build_model
+    from compact_dist.training.model_setup import build_model
 
     cfg = load_train_config(None, ["model.num_layers=2", "model.hidden_size=256",
                                    "model.num_attention_heads=4", "model.seq_length=256",

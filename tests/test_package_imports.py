@@ -129,6 +129,30 @@ def test_upward_imports_are_found():
                                      "compact_dist.training.data -> compact_dist.tools.preprocess"]
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """The modules `start` imports, directly or through others."""
+    seen, stack = set(), [start]
+    while stack:
+        for target in graph.get(stack.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                stack.append(target)
+    return seen
+
+
+def test_checkpoints_and_the_fsdp2_engine_reach_no_deepspeed_module():
+    """The atomic checkpoint directory serves every training engine: it, resume and the FSDP2
+    engine reach compact_dist.deepspeed through no import (the engine's own save / load are
+    behind compact_dist.training.engine_base.TrainingEngine)."""
+    graph = import_graph()
+    assert "compact_dist.deepspeed.engine" in reachable(graph, "compact_dist.training.engine_setup")
+    for start in ("compact_dist.training.checkpoint", "compact_dist.training.checkpoint_dir",
+                  "compact_dist.training.resume", "compact_dist.training.engine_fsdp"):
+        found = sorted(m for m in reachable(graph, start) | {start}
+                       if _in(m, "compact_dist.deepspeed"))
+        assert not found, f"{start} -> {found}"
+
+
 def test_every_module_imports():
     for name in _modules():
         importlib.import_module(name)

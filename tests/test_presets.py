@@ -26,7 +26,7 @@ LLAMA = {  # preset -> (named size, GPU world sizes it is meant for)
 
 
 def padded_vocab(cfg: TrainConfig) -> int:
-    """The tokenizer's vocabulary padded as compact_dist.training.train does (multiple of 64 x TP)."""
+    """The tokenizer's vocabulary padded as training.model_setup.padded_vocab_size (multiple of 64 x TP)."""
     vocab = 257 if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
     step = 64 * cfg.parallel.tensor_model_parallel_size
     return -(-vocab // step) * step
@@ -122,7 +122,7 @@ def test_parameter_formula_matches_the_built_model(name, megatron_tp1):
     hold in the CompAct model); compact-train's start-up count agrees and adds A."""
     from compact_dist.megatron.model import build_gpt_model
     from compact_dist.training.startup import parameter_counts
-    from compact_dist.training.train import transformer_config
+    from compact_dist.training.model_setup import transformer_config
 
     cfg = load_train_config(str(ROOT / "configs" / "train" / f"{name}.yaml"),
                             ["compression.enabled=false"])

@@ -91,7 +91,10 @@ def _ddp_reference(rank, overrides, out):
     from compact_dist.megatron.model import build_gpt_model
     from compact_dist.megatron.rope import install_host_rotary
     from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
-    from compact_dist.training.train import init_distributed, lr_lambda, probe_loss, transformer_config
+    from compact_dist.training.distributed import init_distributed
+    from compact_dist.training.engine_setup import lr_lambda
+    from compact_dist.training.model_setup import transformer_config
+    from compact_dist.training.train import probe_loss
     from compact_dist.training.train_config import load_train_config
 
     cfg = load_train_config(None, overrides)
@@ -205,7 +208,7 @@ def test_resume_restores_a_bf16_pair_w0(tmp_path):
 
 
 def _killed_save(rank, overrides, out):
-    import compact_dist.deepspeed.checkpoint as ckpt_mod
+    import compact_dist.training.checkpoint as ckpt_mod
     from compact_dist.training.train import run
     from compact_dist.training.train_config import load_train_config
 
@@ -242,9 +245,10 @@ def _stopped_by_signal(rank, overrides, out, stop_rank, stop_step):
     import signal
 
     import compact_dist.training.train as train_mod
+    from compact_dist.training.logger import Logger
     from compact_dist.training.train_config import load_train_config
 
-    original = train_mod.Logger.step
+    original = Logger.step
 
     def step(logger, step, scalars, line, **kwargs):
         if rank == stop_rank and step == stop_step:
@@ -254,7 +258,7 @@ def _stopped_by_signal(rank, overrides, out, stop_rank, stop_step):
     def mine(*args):
         pass
 
-    train_mod.Logger.step = step
+    Logger.step = step
     signal.signal(signal.SIGUSR1, mine)  # run() must put this one back
     history = train_mod.run(load_train_config(None, overrides))
     restored = signal.getsignal(signal.SIGUSR1) is mine

@@ -1,7 +1,7 @@
 """A compact-train checkpoint read back on the CPU, TP shard by TP shard, without a process
 group, a GPU or a Megatron model (compact-export's input, compact_dist/tools/export.py).
 
-What is read (one checkpoint tag, `compact_dist.deepspeed.checkpoint` layout):
+What is read (one checkpoint tag, `compact_dist.training.checkpoint` layout):
 - per TP rank t, DeepSpeed's files `*mp_rank_{t:02d}_*`. The module state holds every tensor
   at ZeRO 0-2 (trainable ones in the training dtype) and the layers' extra state (projection
   epoch, data-aware basis P) at every stage. Where ZeRO optimizer files exist (ZeRO 1-3), the
@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 import torch
 
-from compact_dist.deepspeed.checkpoint_dir import LATEST
+from compact_dist.training.checkpoint_dir import LATEST
 from compact_dist.training.run_files import RUN_FILE
 
 

@@ -522,7 +522,7 @@ def setup_from(cfg: TrainConfig, world_size: int, device: str, attention: str,
     data.vocab_size for bpe, 257 for byte, a path tokenizer's size), padded as compact-train
     pads it."""
     from compact_dist.training.tokenizer import model_vocab_size
-    from compact_dist.training.train import padded_vocab_size
+    from compact_dist.training.model_setup import padded_vocab_size
 
     if vocab is None:
         vocab = model_vocab_size(cfg.data)

@@ -136,7 +136,7 @@ def format_report(report: dict) -> str:
 
 def profile(cfg, device: torch.device, bf16: bool, vocab_size: int, dp: int) -> dict:
     """Build cfg's model on `device` (needs Megatron's parallel state) and measure (a), (b)."""
-    from compact_dist.training.train import build_model
+    from compact_dist.training.model_setup import build_model
 
     model = build_model(cfg, device, bf16, vocab_size)
     model.train()
@@ -178,7 +178,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise ValueError(f"world size {world} is not divisible by the TP size")
     except ValueError as err:
         sys.exit(f"compact-memory: invalid configuration: {err}")
-    from compact_dist.training.train import init_distributed, padded_vocab_size
+    from compact_dist.training.distributed import init_distributed
+    from compact_dist.training.model_setup import padded_vocab_size
 
     device = init_distributed(cfg)  # a lone process without MASTER_PORT takes a free port
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto"

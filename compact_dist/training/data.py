@@ -134,7 +134,7 @@ class DataConfig(BaseModel):
         corpus files, the tokenizer (loads, has an end-of-document token), and for indexed
         input the prefixes, weights, token ids and splits (`indexed.check_indexed`); and that
         cache_dir is a writable directory (created if missing)."""
-        from compact_dist.deepspeed.checkpoint_dir import check_writable
+        from compact_dist.training.checkpoint_dir import check_writable
 
         check_writable(Path(os.path.expanduser(self.cache_dir)), "data.cache_dir", ValueError)
         if self.source != "indexed":

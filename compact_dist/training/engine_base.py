@@ -10,7 +10,7 @@ parallel backend is given: compact_dist.core.backend_registry.backend_for).
 
 Checkpoints: `save_checkpoint` / `load_checkpoint` write and read the engine's own state
 (module, optimizer, learning-rate schedule, the client state dict) under `directory/tag`,
-with DeepSpeed's signatures, so compact_dist.deepspeed.checkpoint's atomic save (the
+with DeepSpeed's signatures, so compact_dist.training.checkpoint's atomic save (the
 `.partial` directory, the marker, `latest`) wraps any engine.
 """
 

@@ -13,7 +13,7 @@ from compact_dist.training.engine_base import TrainingEngine
 
 
 class DeepSpeedTrainingEngine(TrainingEngine):
-    """Wraps `engine` (deepspeed.initialize's, built by compact_dist.training.train.
+    """Wraps `engine` (deepspeed.initialize's, built by compact_dist.training.engine_setup.
     build_engine)."""
 
     name = "deepspeed"

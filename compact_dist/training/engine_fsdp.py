@@ -3,7 +3,7 @@
 accumulation, the global gradient norm and clipping over FSDP2 x Megatron TP
 (compact_dist.fsdp.grad_norm), and checkpoints through torch.distributed.checkpoint.
 
-Checkpoint layout in save_dir/tag (inside compact_dist.deepspeed.checkpoint's atomic save):
+Checkpoint layout in save_dir/tag (inside compact_dist.training.checkpoint's atomic save):
     fsdp2_tp{T}/        torch.distributed.checkpoint (DCP) of the model and optimizer state
                         dicts (torch.distributed.checkpoint.state_dict: sharded DTensors by
                         parameter name), one per TP rank T, written by its data-parallel group
@@ -156,7 +156,7 @@ class FSDP2TrainingEngine(TrainingEngine):
         agreed = torch.tensor(float(found), device=self.device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # no rank left alone in dcp.load
         if not agreed.item():
-            return None, None  # compact_dist.deepspeed.checkpoint raises CheckpointError
+            return None, None  # compact_dist.training.checkpoint raises CheckpointError
         state, _ = self._state_dicts()
         dcp.load(state, checkpoint_id=str(_dcp_dir(root)),
                  process_group=ps.get_data_parallel_group())

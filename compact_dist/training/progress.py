@@ -1,7 +1,8 @@
 """Training-speed and memory accounting for the progress line: throughput over the last log
 interval (not the average since start, which reads as a speed-up while start-up costs fade),
 step time, TFLOP/s and model FLOPs utilisation per GPU, ETA, the peak memory as the maximum
-over ranks, and the totals of a run.
+over ranks, and the totals of a run; `progress_line` words them as the log step's line and
+`throughput_meter` builds the meter of a TrainConfig.
 
 MFU = model FLOPs per token x tokens/s / (GPUs x peak dense bf16 FLOP/s of one GPU), with
 model FLOPs per token = 6 N_matmul + 6 L h s (causal attention; N_matmul counts the
@@ -14,6 +15,9 @@ import time
 from typing import Callable, Optional
 
 import torch
+
+from compact_dist.training.model_setup import padded_vocab_size
+from compact_dist.training.train_config import TrainConfig
 
 # dense (no sparsity) bf16 tensor-core FLOP/s of one GPU, by a substring of
 # torch.cuda.get_device_name(); the longest matching key wins ("H100 PCIe" before "H100").
@@ -132,3 +136,53 @@ class ThroughputMeter:
         steps = step - self.start_step
         return {"steps": steps, "tokens": steps * self.tokens_per_step, "seconds": seconds,
                 "tokens_per_s": steps * self.tokens_per_step / seconds}
+
+
+def progress_line(step: int, total_steps: int, s: dict[str, float]) -> str:
+    """One log line of a log step, fields as Megatron-LM words them where it has them:
+    'iteration 20/400 | consumed tokens 163,840 | loss 5.1234 | lr 1.90E-03 | grad norm
+    0.812 | skipped 0 | nan 0 | 123.4 ms/step | tokens/s/GPU 1,234 | tokens/s 2,468 |
+    TFLOP/s/GPU 12.3 | MFU 4.0% | mem allocated 1.23 GiB (rank 1) reserved 1.50 GiB
+    (rank 1) | ETA 00:12:34' (MFU only with a known peak; memory: the maximum over ranks)."""
+    width = len(str(total_steps))
+    norm = s.get("train/grad_norm")
+    parts = [
+        f"iteration {step:{width}d}/{total_steps}",
+        f"consumed tokens {int(s['train/consumed_tokens']):,}",
+        f"loss {s['train/loss']:.4f}",
+        f"lr {s['train/lr']:.3E}",
+        f"grad norm {'n/a' if norm is None else f'{norm:.3f}'}",
+        f"skipped {int(s['train/skipped_steps_interval'])}",
+        f"nan {int(s['train/nonfinite_steps_interval'])}",
+        f"{s['perf/step_time_s'] * 1e3:,.1f} ms/step",
+        f"tokens/s/GPU {s['perf/tokens_per_s_per_gpu']:,.0f}",
+        f"tokens/s {s['perf/tokens_per_s']:,.0f}",
+        f"TFLOP/s/GPU {s['perf/tflops_per_gpu']:.3g}",
+    ]
+    if "perf/mfu" in s:
+        parts.append(f"MFU {100 * s['perf/mfu']:.1f}%")
+    parts.append(f"mem allocated {s['perf/memory_allocated_GiB']:.2f} GiB (rank "
+                 f"{int(s['perf/memory_allocated_rank'])}) reserved "
+                 f"{s['perf/memory_reserved_GiB']:.2f} GiB (rank "
+                 f"{int(s['perf/memory_reserved_rank'])})")
+    parts.append(f"ETA {format_eta(s['perf/eta_s'])}")
+    return " | ".join(parts)
+
+
+def throughput_meter(cfg: TrainConfig, tokens_per_step: int, bf16: bool, device: torch.device,
+                     start_step: int, vocab_size: int):
+    """The ThroughputMeter of a run: model FLOPs of cfg's GPT, the peak FLOP/s of one GPU
+    (logging.peak_tflops, else the table for bf16 on a known GPU; None: no MFU), every rank's
+    GPU sharing the tokens, ETA to train.train_steps."""
+    import torch.distributed as dist
+
+    m = cfg.model
+    kv = (m.num_query_groups or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)
+    flops = model_flops(m.num_layers, m.hidden_size, m.ffn, m.seq_length,
+                        padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size), kv)
+    peak = (peak_flops(torch.cuda.get_device_name(device))
+            if bf16 and device.type == "cuda" else None)
+    if cfg.logging.peak_tflops is not None:
+        peak = cfg.logging.peak_tflops * 1e12
+    return ThroughputMeter(tokens_per_step, flops["per_token"], peak, dist.get_world_size(),
+                           start_step, total_steps=cfg.train.train_steps)

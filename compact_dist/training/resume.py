@@ -3,7 +3,7 @@ optimizer settings the run then uses.
 
 `plan` runs on every rank before any process group exists (files only): checkpoint.dir must
 be writable (created, a probe file written and removed), the checkpoint to resume is chosen
-(compact_dist.deepspeed.checkpoint_dir.choose: load_step's, else `latest`'s, else the newest
+(compact_dist.training.checkpoint_dir.choose: load_step's, else `latest`'s, else the newest
 complete one with a warning), and its compact_run.json must agree with the config on every
 setting that fixes the checkpoint's tensors (`LAYOUT`, the compression settings): otherwise
 one CheckpointError line lists each difference. Optimizer settings (`OPTIMIZER`) may change:
@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from compact_dist.deepspeed.checkpoint_dir import CheckpointError, check_writable, choose
-from compact_dist.deepspeed.checkpoint_dir import complete_steps, tag_of
+from compact_dist.training.checkpoint_dir import CheckpointError, check_writable, choose
+from compact_dist.training.checkpoint_dir import complete_steps, tag_of
 from compact_dist.training.run_files import RUN_FILE
 
 LAYOUT = ("model.num_layers", "model.hidden_size", "model.num_attention_heads",
@@ -130,15 +130,15 @@ def same_on_every_rank(tag: Optional[str]) -> None:
 
 
 def load_with_run_settings(engine, directory: str, tag: str) -> dict:
-    """compact_dist.deepspeed.checkpoint.load_checkpoint of a training engine
-    (compact_dist.training.engine_base.TrainingEngine, or DeepSpeed's own), keeping this run's optimizer
+    """compact_dist.training.checkpoint.load_checkpoint of a training engine
+    (compact_dist.training.engine_base.TrainingEngine), keeping this run's optimizer
     hyperparameters: torch's Optimizer.load_state_dict brings back the checkpoint's param-group
     values (lr, betas, weight decay, ...) and LambdaLR's load_state_dict its base rates. Both
     are put back to the values the engine was built with, and each group's rate to the run's
     schedule at the checkpoint's scheduler step. Returns the client state."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    from compact_dist.deepspeed.checkpoint import load_checkpoint
+    from compact_dist.training.checkpoint import load_checkpoint
 
     groups = engine.optimizer.param_groups
     settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]

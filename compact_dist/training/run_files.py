@@ -4,7 +4,7 @@ norm epsilon, padded vocabulary, maximum sequence length, tied embeddings; the t
 kind, size and end-of-document id) and the tokenizer itself (tokenizer.json for BPE and
 tokenizer.json path tokenizers, or a SentencePiece .model copied as tokenizer.model).
 
-compact-train writes them (rank 0, through compact_dist.deepspeed.checkpoint.save_checkpoint's
+compact-train writes them (rank 0, through compact_dist.training.checkpoint.save_checkpoint's
 `write_run_files`, before `latest` moves); resume (compact_dist/training/resume.py) compares
 the saved config with the new one; compact-export (compact_dist/tools/export.py) rebuilds the
 model's shapes and tokenizer from them without building the model.
@@ -28,7 +28,7 @@ RUN_FORMAT = 1
 def write_run_files(directory: Path, cfg, tokenizer, model: torch.nn.Module) -> None:
     """compact_run.json (+ tokenizer.json for BPE and tokenizer.json path tokenizers, or the
     SentencePiece .model as tokenizer.model) in a checkpoint tag directory (rank 0, from
-    compact_dist.deepspeed.checkpoint.save_checkpoint). `model`: the Megatron GPTModel being
+    compact_dist.training.checkpoint.save_checkpoint). `model`: the Megatron GPTModel being
     trained."""
     directory = Path(directory)
     run = {

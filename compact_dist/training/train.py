@@ -8,6 +8,11 @@ Without --config it runs the embedded default: a 4-layer LLaMA-style model on th
 interpreter's standard-library source, BPE tokenizer trained locally, CompAct ratio 1/4.
 `compression.enabled=false` trains the Megatron baseline for comparison. Ranks come from the
 environment (torchrun, the deepspeed launcher or srun), so the same command runs under each.
+
+This module is the training loop; what it drives comes from the modules beside it: the
+processes (distributed.py), the model (model_setup.py), the engine and its schedule
+(engine_setup.py), the checkpoints (checkpoint.py, resume.py) and the output (logger.py,
+progress.py).
 """
 
 from __future__ import annotations
@@ -26,8 +31,13 @@ from typing import Optional
 
 import torch
 
-from compact_dist.deepspeed.checkpoint_dir import CheckpointError
+from compact_dist.training.checkpoint_dir import CheckpointError
+from compact_dist.training.distributed import init_distributed
+from compact_dist.training.engine_setup import build_training_engine
+from compact_dist.training.logger import Logger
+from compact_dist.training.model_setup import build_model
 from compact_dist.training.nonfinite import NonFiniteError
+from compact_dist.training.progress import throughput_meter
 from compact_dist.training.train_config import TrainConfig, load_train_config, world_from_environment
 
 
@@ -48,74 +58,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help=argparse.SUPPRESS)  # passed by the deepspeed launcher; env wins
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser.parse_args(argv)
-
-
-def init_distributed(cfg: TrainConfig) -> torch.device:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from compact_dist.core.rng import model_parallel_manual_seed
-
-    rank, local_rank, world = world_from_environment()
-    set_rendezvous_address(world)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm over the same group
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size
-    )
-    model_parallel_manual_seed(cfg.train.seed)
-    return device
-
-
-def transformer_config(cfg: TrainConfig, bf16: bool):
-    import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    m, r = cfg.model, cfg.recompute
-    fused = cfg.activations.swiglu_fusion(torch.cuda.is_available())
-    recompute = {}
-    if r.granularity == "full":
-        recompute = dict(recompute_granularity="full", recompute_method="uniform",
-                         recompute_num_layers=r.num_layers)
-    elif r.granularity == "selective":
-        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
-    return TransformerConfig(
-        num_layers=m.num_layers, hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-        ffn_hidden_size=m.ffn, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, hidden_dropout=m.hidden_dropout,
-        attention_dropout=m.attention_dropout, bias_dropout_fusion=fused,
-        bias_activation_fusion=fused,
-        init_method_std=m.init_std,
-        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        **recompute,
-    )
-
-
-def lr_lambda(cfg: TrainConfig):
-    o, steps = cfg.optim, cfg.train.train_steps
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / (o.warmup_steps + 1)
-        progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return (o.min_lr + (o.lr - o.min_lr) * cosine) / o.lr
-
-    return factor
 
 
 class GracefulStop:
@@ -172,170 +114,6 @@ class GracefulStop:
         return flag.item() > 0
 
 
-class Logger:
-    """Rank-0 output: a tqdm bar on a terminal, timestamped log lines that Megatron-LM users
-    grep for (`progress_line`) and the same scalars in TensorBoard (logging.tensorboard_dir)
-    and Weights & Biases (logging.wandb_project, when wandb is installed)."""
-
-    def __init__(self, cfg: TrainConfig, rank: int, start_step: int):
-        self.active = rank == 0
-        self.bar = self.writer = self.wandb = None
-        self.total_steps = cfg.train.train_steps
-        self.postfix = ""  # the bar's rates and memory of the last log line
-        if not self.active:
-            return
-        if cfg.logging.progress:
-            from tqdm import tqdm
-
-            # disable=None: no bar when stdout is not a terminal (logs keep the step lines)
-            self.bar = tqdm(total=cfg.train.train_steps, initial=start_step, unit="step",
-                            dynamic_ncols=True, file=sys.stdout, disable=None)
-        if cfg.logging.tensorboard_dir:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
-        if cfg.logging.wandb_project:
-            import wandb  # checked importable at config load (TrainConfig.check_environment)
-
-            self.wandb = wandb.init(project=cfg.logging.wandb_project,
-                                    config=cfg.model_dump(mode="json"), resume="allow")
-
-    def print(self, text: str) -> None:
-        """A timestamped line on rank 0 (above the bar on a terminal)."""
-        if not self.active:
-            return
-        line = f"[{timestamp()}] {text}"
-        if self.bar:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
-
-    def scalars(self, step: int, scalars: dict[str, float]) -> None:
-        if not self.active:
-            return
-        if self.writer:
-            for key, value in scalars.items():
-                self.writer.add_scalar(key, value, step)
-        if self.wandb:
-            self.wandb.log(scalars, step=step)
-
-    def step(self, step: int, scalars: dict[str, float], line: bool, fields: str = "") -> None:
-        """scalars: train/loss, train/lr every step; on `line` steps also train/grad_norm,
-        the skipped and non-finite step counts, the ThroughputMeter's rates over the steps
-        since the previous line, the memory maximum over ranks (progress.memory_over_ranks),
-        and on steps that measured the kept energy its scalars (compact_dist.training.quality)
-        and `fields` for the line."""
-        if not self.active:
-            return
-        self.scalars(step, scalars)
-        if line:
-            self.postfix = (f"{scalars['perf/tokens_per_s']:,.0f} tok/s "
-                            f"mem {scalars['perf/memory_allocated_GiB']:.2f} GiB")
-        if self.bar:
-            self.bar.update(1)
-            self.bar.set_postfix_str(f"loss {scalars['train/loss']:.3f} {self.postfix}",
-                                     refresh=False)
-        if line:
-            self.print(progress_line(step, self.total_steps, scalars)
-                       + (f" | {fields}" if fields else ""))
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.close()
-        if self.writer:
-            self.writer.close()
-        if self.wandb:
-            self.wandb.finish()
-
-
-def timestamp() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def progress_line(step: int, total_steps: int, s: dict[str, float]) -> str:
-    """One log line of a log step, fields as Megatron-LM words them where it has them:
-    'iteration 20/400 | consumed tokens 163,840 | loss 5.1234 | lr 1.90E-03 | grad norm
-    0.812 | skipped 0 | nan 0 | 123.4 ms/step | tokens/s/GPU 1,234 | tokens/s 2,468 |
-    TFLOP/s/GPU 12.3 | MFU 4.0% | mem allocated 1.23 GiB (rank 1) reserved 1.50 GiB
-    (rank 1) | ETA 00:12:34' (MFU only with a known peak; memory: the maximum over ranks)."""
-    from compact_dist.training.progress import format_eta
-
-    width = len(str(total_steps))
-    norm = s.get("train/grad_norm")
-    parts = [
-        f"iteration {step:{width}d}/{total_steps}",
-        f"consumed tokens {int(s['train/consumed_tokens']):,}",
-        f"loss {s['train/loss']:.4f}",
-        f"lr {s['train/lr']:.3E}",
-        f"grad norm {'n/a' if norm is None else f'{norm:.3f}'}",
-        f"skipped {int(s['train/skipped_steps_interval'])}",
-        f"nan {int(s['train/nonfinite_steps_interval'])}",
-        f"{s['perf/step_time_s'] * 1e3:,.1f} ms/step",
-        f"tokens/s/GPU {s['perf/tokens_per_s_per_gpu']:,.0f}",
-        f"tokens/s {s['perf/tokens_per_s']:,.0f}",
-        f"TFLOP/s/GPU {s['perf/tflops_per_gpu']:.3g}",
-    ]
-    if "perf/mfu" in s:
-        parts.append(f"MFU {100 * s['perf/mfu']:.1f}%")
-    parts.append(f"mem allocated {s['perf/memory_allocated_GiB']:.2f} GiB (rank "
-                 f"{int(s['perf/memory_allocated_rank'])}) reserved "
-                 f"{s['perf/memory_reserved_GiB']:.2f} GiB (rank "
-                 f"{int(s['perf/memory_reserved_rank'])})")
-    parts.append(f"ETA {format_eta(s['perf/eta_s'])}")
-    return " | ".join(parts)
-
-
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
-    """Megatron-style padding: a multiple of 64 x TP, so every TP shard is 64-aligned."""
-    multiple = 64 * tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
-
-
-def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, vocab_size: int,
-                cpu_init: bool = False):
-    """The GPT of `cfg` (compact layers per cfg.compression) on `device`, vocabulary padded,
-    with the TP all-reduce hooks of sequence-parallel gradients. Needs the parallel state.
-    cpu_init: Megatron initialises each full matrix on CPU and slices it (the same weights at
-    any TP size)."""
-    from compact_dist.deepspeed.engine import allreduce_sequence_parallel_grads
-    from compact_dist.megatron.model import build_gpt_model
-    from compact_dist.megatron.rope import install_host_rotary
-
-    mcfg = transformer_config(cfg, bf16)
-    if cpu_init:
-        mcfg.use_cpu_initialization = True
-    position = None if cfg.model.position_embedding == "auto" else cfg.model.position_embedding
-    torch.manual_seed(cfg.train.seed)
-    vocab = padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size)
-    model = build_gpt_model(mcfg, cfg.compression, vocab, cfg.model.seq_length, position,
-                            cfg.activations)
-    install_host_rotary(model)  # RoPE on CPU-only hosts (megatron-core 0.16.1 assumes CUDA)
-    model.to(device)
-    allreduce_sequence_parallel_grads(model)
-    return model
-
-
-def throughput_meter(cfg: TrainConfig, tokens_per_step: int, bf16: bool, device: torch.device,
-                     start_step: int, vocab_size: int):
-    """The ThroughputMeter of a run: model FLOPs of cfg's GPT, the peak FLOP/s of one GPU
-    (logging.peak_tflops, else the table for bf16 on a known GPU; None: no MFU), every rank's
-    GPU sharing the tokens, ETA to train.train_steps."""
-    import torch.distributed as dist
-
-    from compact_dist.training.progress import ThroughputMeter, model_flops, peak_flops
-
-    m = cfg.model
-    kv = (m.num_query_groups or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)
-    flops = model_flops(m.num_layers, m.hidden_size, m.ffn, m.seq_length,
-                        padded_vocab_size(vocab_size, cfg.parallel.tensor_model_parallel_size), kv)
-    peak = (peak_flops(torch.cuda.get_device_name(device))
-            if bf16 and device.type == "cuda" else None)
-    if cfg.logging.peak_tflops is not None:
-        peak = cfg.logging.peak_tflops * 1e12
-    return ThroughputMeter(tokens_per_step, flops["per_token"], peak, dist.get_world_size(),
-                           start_step, total_steps=cfg.train.train_steps)
-
-
 def probe_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Loss of the first half (at least one) of a micro-batch's sequences: the probe that
     projection='gradient' runs at each resample and the kept-energy telemetry before it. Half
@@ -351,65 +129,6 @@ def probe_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
                      labels=batch["labels"][:half]).float().mean()
     finally:
         hook.remove()
-
-
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_parallel_size: int,
-                 schedule: bool):
-    """DeepSpeed engine (AdamW over Megatron's groups + the subspace group, ZeRO per cfg) and
-    the SubspaceStepper that merges after each step. schedule: warm-up + cosine learning
-    rate (else constant optim.lr)."""
-    from compact_dist.deepspeed.engine import deepspeed_config, initialize_engine
-    from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
-
-    optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        **({"fused": True} if next(model.parameters()).is_cuda else {}))
-    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-                 if schedule else None)
-    ds_config = deepspeed_config(
-        zero_stage=cfg.train.zero_stage, micro_batch_size=cfg.train.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps(data_parallel_size),
-        data_parallel_size=data_parallel_size, bf16=bf16, grad_clip=cfg.optim.grad_clip,
-        offload_optimizer=cfg.train.offload_optimizer,
-        offload_pin_memory=cfg.train.offload_pin_memory)
-    engine = initialize_engine(model, optimizer, ds_config, lr_scheduler=scheduler)
-    return engine, SubspaceStepper(engine.module, cfg.compression)
-
-
-def build_fsdp2_engine(cfg: TrainConfig, model: torch.nn.Module, device: torch.device,
-                       data_parallel_size: int, schedule: bool):
-    """torch FSDP2 engine (compact_dist.fsdp: fully_shard per transformer layer over
-    Megatron's data-parallel group; AdamW over the sharded parameters in Megatron's groups +
-    the subspace group) and the SubspaceStepper; as build_engine, fp32."""
-    from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
-    from compact_dist.fsdp.shard import shard_model, tensor_parallel_duplicates
-    from compact_dist.training.engine_fsdp import FSDP2TrainingEngine
-
-    duplicates = tensor_parallel_duplicates(model)
-    shard_model(model, device, reshard_after_forward=cfg.train.zero_stage == 3)
-    optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2))
-    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-                 if schedule else None)
-    engine = FSDP2TrainingEngine(model, optimizer, scheduler,
-                                 cfg.gradient_accumulation_steps(data_parallel_size),
-                                 cfg.optim.grad_clip, device, duplicates)
-    return engine, SubspaceStepper(model, cfg.compression)
-
-
-def build_training_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool,
-                          device: torch.device, data_parallel_size: int):
-    """The engine of train.engine behind the training-engine interface
-    (compact_dist.training.engine_base), with the warm-up + cosine schedule, and its
-    SubspaceStepper."""
-    if cfg.train.engine == "fsdp2":
-        return build_fsdp2_engine(cfg, model, device, data_parallel_size, schedule=True)
-    from compact_dist.training.engine_deepspeed import DeepSpeedTrainingEngine
-
-    engine, stepper = build_engine(cfg, model, bf16, data_parallel_size, schedule=True)
-    return DeepSpeedTrainingEngine(engine), stepper
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -611,7 +330,7 @@ def _validate_if_due(run_: _Run) -> None:
 
 def _save_if_due(run_: _Run, stopping: bool) -> None:
     """A checkpoint at save_interval steps, at the last step and when stopping."""
-    from compact_dist.deepspeed.checkpoint import save_checkpoint
+    from compact_dist.training.checkpoint import save_checkpoint
 
     step, cfg = run_.step, run_.cfg
     interval = cfg.checkpoint.save_interval
@@ -687,25 +406,6 @@ def _train(cfg: TrainConfig, stop: GracefulStop) -> dict:
     _summary(run_)
     run_.log.close()
     return run_.history
-
-
-def set_rendezvous_address(world_size: int) -> None:
-    """MASTER_ADDR / MASTER_PORT of the env:// rendezvous, where the launcher set none.
-
-    A single process listens on a port the OS reports free, so two one-process runs on one
-    host do not both take 29500; several processes must agree on the port without talking,
-    so they keep the fixed 29500 (every launcher here sets its own)."""
-    import socket
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" in os.environ:
-        return
-    if world_size > 1:
-        os.environ["MASTER_PORT"] = "29500"
-        return
-    with socket.socket() as s:
-        s.bind(("", 0))
-        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
 INVALID_CONFIGURATION_EXIT = 2  # like a usage error (argparse, the launch scripts' die)

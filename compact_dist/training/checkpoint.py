@@ -1,18 +1,22 @@
-"""Atomic, resumable training checkpoints on top of a training engine's own checkpoints
-(DeepSpeed's engine, or any with its save_checkpoint / load_checkpoint signatures:
-compact_dist.training.engine_base; the FSDP2 engine's files: training/engine_fsdp.py).
+"""Atomic, resumable training checkpoints around a training engine's own checkpoint files,
+for every engine behind compact_dist.training.engine_base.TrainingEngine (DeepSpeed's:
+training/engine_deepspeed.py; FSDP2's: training/engine_fsdp.py, which documents its files).
+Only the engine's `save_checkpoint` / `load_checkpoint` know the engine; the rest is torch and
+the directory rules of compact_dist.training.checkpoint_dir.
 
 Layout under `dir` (names and the choice of the checkpoint to resume: checkpoint_dir):
-    step_00000100/          DeepSpeed engine checkpoint (module, ZeRO optimizer, scheduler,
-                            client state: step, data position, subspace stepper)
+    step_00000100/          the engine's checkpoint (module, optimizer, scheduler, client
+                            state: step, data position, subspace stepper); DeepSpeed's
+                            engine: module, ZeRO optimizer partitions
     step_00000100/compact_rank{R}.pt
-                            per-rank state DeepSpeed does not keep: RNG states (CPU, CUDA,
+                            per-rank state the engine does not keep: RNG states (CPU, CUDA,
                             Megatron tracker), the rank's TP / DP rank, per compact layer its
                             module name, projection (seeds, shape, blocks), mode, update
                             scale, epoch and whether A was merged (zero). The frozen W0
-                            bases, which merges change, are DeepSpeed's: the module state at
-                            ZeRO 0-1, and at ZeRO 2-3 the frozen-parameter fragments every
-                            rank saves and restores (ZeRO-3: its partitions)
+                            bases, which merges change, are the engine's: DeepSpeed's module
+                            state at ZeRO 0-1, and at ZeRO 2-3 the frozen-parameter fragments
+                            every rank saves and restores (ZeRO-3: its partitions); FSDP2's
+                            sharded model state dict
     step_00000100/compact_run.json, tokenizer.json
                             the resolved run config and the tokenizer (compact-train writes
                             them; compact_dist.tools.export reads them)
@@ -35,9 +39,10 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import random as mpu_random
 
-from compact_dist.core.subspace import compact_layers
-from compact_dist.deepspeed import checkpoint_dir
 from compact_dist.core.backend_registry import backend_for
+from compact_dist.core.subspace import compact_layers
+from compact_dist.training import checkpoint_dir
+from compact_dist.training.engine_base import TrainingEngine
 
 LATEST = checkpoint_dir.LATEST
 
@@ -79,16 +84,17 @@ def _restore_rank_state(model: torch.nn.Module, state: dict[str, Any]) -> None:
             continue
         if entry.get("factor_zero"):
             # back to the state the merge before the save left: every module copy of A zero
-            # (a bf16 run's fp32 masters keep only the rounding residual, restored by
-            # DeepSpeed). DeepSpeed writes A on load through `.data`, which the layer cannot
-            # see; A was zero at the save, so this makes sure it is, and lets forward skip
-            # the A P^T term again
+            # (a bf16 run's fp32 masters keep only the rounding residual, restored by the
+            # engine). The engine writes A on load behind the layer's back (DeepSpeed through
+            # `.data`); A was zero at the save, so this makes sure it is, and lets forward
+            # skip the A P^T term again
             backend_for(None, [layer.subspace_factor]).zero_factor(layer)
         else:
             layer.mark_factor_written()
 
 
-def save_checkpoint(engine, directory: str, step: int, client_state: dict, keep_last: int,
+def save_checkpoint(engine: TrainingEngine, directory: str, step: int, client_state: dict,
+                    keep_last: int,
                     write_run_files: Optional[Callable[[Path], None]] = None) -> str:
     """Collective: every rank calls. Returns the tag written. Every rank writes into
     `step_N.partial/`; rank 0 then writes the marker, renames it `step_N/` (replacing an
@@ -131,7 +137,7 @@ def latest_tag(directory: str) -> Optional[str]:
     return checkpoint_dir.read_latest(Path(directory))[0]
 
 
-def load_checkpoint(engine, directory: str, tag: str) -> dict:
+def load_checkpoint(engine: TrainingEngine, directory: str, tag: str) -> dict:
     """Collective. Loads checkpoint `tag` (checkpoint_dir.choose picks it); returns its client
     state. Raises CheckpointError when the engine finds no checkpoint of its own there."""
     _, client_state = engine.load_checkpoint(
@@ -139,8 +145,8 @@ def load_checkpoint(engine, directory: str, tag: str) -> dict:
     )
     if client_state is None:
         raise checkpoint_dir.CheckpointError(
-            f"{Path(directory) / tag}: the {getattr(engine, 'name', 'DeepSpeed')} engine found "
-            "no checkpoint of its own to load")
+            f"{Path(directory) / tag}: the {engine.name} engine found no checkpoint of its "
+            "own to load")
     state = torch.load(
         Path(directory) / tag / f"compact_rank{dist.get_rank()}.pt", weights_only=False
     )
