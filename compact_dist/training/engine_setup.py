@@ -28,20 +28,31 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
+def _adamw_and_schedule(cfg: TrainConfig, model: torch.nn.Module, schedule: bool,
+                        fused: bool):
+    """AdamW over Megatron's parameter groups + the subspace group
+    (compact_dist.core.subspace.optimizer_param_groups) and, with `schedule`, the warm-up +
+    cosine LambdaLR (else None: constant optim.lr). fused: torch's fused AdamW kernel."""
+    from compact_dist.core.subspace import optimizer_param_groups
+
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2), **({"fused": True} if fused else {}))
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+                 if schedule else None)
+    return optimizer, scheduler
+
+
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, bf16: bool, data_parallel_size: int,
                  schedule: bool):
     """DeepSpeed engine (AdamW over Megatron's groups + the subspace group, ZeRO per cfg) and
     the SubspaceStepper that merges after each step. schedule: warm-up + cosine learning
     rate (else constant optim.lr)."""
     from compact_dist.deepspeed.engine import deepspeed_config, initialize_engine
-    from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
+    from compact_dist.core.subspace import SubspaceStepper
 
-    optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        **({"fused": True} if next(model.parameters()).is_cuda else {}))
-    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-                 if schedule else None)
+    optimizer, scheduler = _adamw_and_schedule(
+        cfg, model, schedule, fused=next(model.parameters()).is_cuda)
     ds_config = deepspeed_config(
         zero_stage=cfg.train.zero_stage, micro_batch_size=cfg.train.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps(data_parallel_size),
@@ -57,17 +68,13 @@ def build_fsdp2_engine(cfg: TrainConfig, model: torch.nn.Module, device: torch.d
     """torch FSDP2 engine (compact_dist.fsdp: fully_shard per transformer layer over
     Megatron's data-parallel group; AdamW over the sharded parameters in Megatron's groups +
     the subspace group) and the SubspaceStepper; as build_engine, fp32."""
-    from compact_dist.core.subspace import SubspaceStepper, optimizer_param_groups
+    from compact_dist.core.subspace import SubspaceStepper
     from compact_dist.fsdp.shard import shard_model, tensor_parallel_duplicates
     from compact_dist.training.engine_fsdp import FSDP2TrainingEngine
 
     duplicates = tensor_parallel_duplicates(model)
     shard_model(model, device, reshard_after_forward=cfg.train.zero_stage == 3)
-    optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2))
-    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-                 if schedule else None)
+    optimizer, scheduler = _adamw_and_schedule(cfg, model, schedule, fused=False)
     engine = FSDP2TrainingEngine(model, optimizer, scheduler,
                                  cfg.gradient_accumulation_steps(data_parallel_size),
                                  cfg.optim.grad_clip, device, duplicates)
