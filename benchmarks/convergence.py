@@ -89,6 +89,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                           "compression.base_dtype": "bf16_pair"},
     "pca_r1/4_bf16W0": {"compression.ratio": 0.25, **_PCA, "compression.base_dtype": "bf16"},
     "pca_r1/4_seed2": {"compression.ratio": 0.25, **_PCA, "_train_seed_offset": 1},
+    # the defaults with the optimizer offloaded to the host (DeepSpeed ZeRO-Offload, issue 28)
+    "pca_r1/4_offload": {"compression.ratio": 0.25, **_PCA, "train.offload_optimizer": "cpu"},
+    "pca_r1/4_offload_seed2": {"compression.ratio": 0.25, **_PCA,
+                               "train.offload_optimizer": "cpu", "_train_seed_offset": 1},
     # lean activations (fused CE exact; FP8 storage lossy: its convergence cost is measured)
     "pca_r1/4_lean": {"compression.ratio": 0.25, **_PCA, "activations.fused_cross_entropy": True,
                       "activations.fp8_storage": ["swiglu", "attention", "norm"]},

