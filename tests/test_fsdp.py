@@ -241,3 +241,24 @@ def test_fsdp2_checkpoint_reads_back_for_compact_export(tmp_path):
     assert info["compact_layers"] and info["max_abs_factor"] == 0  # merged at step 2: A = 0
     assert torch.equal(hf["model.layers.1.mlp.down_proj.weight"],
                        model["tensors"]["decoder.layers.1.mlp.linear_fc2.weight"])
+
+
+def test_fsdp2_run_imports_no_deepspeed(tmp_path):
+    """compact-train with train.engine=fsdp2 (recompute on, checkpoint saved) in a process
+    where `import deepspeed` fails: the FSDP2 path needs no DeepSpeed (process set-up, model
+    hooks, recompute, checkpoints)."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ckpt"
+    overrides = small(tmp_path, "train.engine=fsdp2", "train.zero_stage=3",
+                      "train.train_steps=2", "recompute.granularity=full",
+                      f"checkpoint.dir={ckpt}")
+    code = ("import sys; sys.modules['deepspeed'] = None\n"  # any import of it raises
+            "from compact_dist.training.train import main\n"
+            "main(sys.argv[1:])\n")
+    proc = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: 2 steps" in proc.stdout + proc.stderr
+    assert (ckpt / "step_00000002").is_dir()

@@ -2,7 +2,7 @@
 layers and sequence-parallel norms trained at TP=2 x DP=2 matches TP=1 x DP=2.
 
 The norms' weights and biases and the row-parallel bias see only their TP rank's slice of the
-sequence; compact_dist.deepspeed.engine.allreduce_sequence_parallel_grads sums their gradients over the
+sequence; compact_dist.megatron.sequence_parallel.allreduce_sequence_parallel_grads sums their gradients over the
 TP group in tensor hooks, which run before the gradient is accumulated, hence before ZeRO-3's
 post-accumulation hooks reduce-scatter it over the data-parallel group. (A tiny GPT with
 sequence parallelism needs CUDA in megatron-core 0.16.1, hence the layer stack.)
@@ -101,7 +101,8 @@ def _train(tp_group, grad_clip):
     from megatron.core import parallel_state as ps
 
     from compact_dist import CompressionConfig, SubspaceStepper, optimizer_param_groups
-    from compact_dist.deepspeed.engine import allreduce_sequence_parallel_grads, deepspeed_config
+    from compact_dist.deepspeed.engine import deepspeed_config
+    from compact_dist.megatron.sequence_parallel import allreduce_sequence_parallel_grads
     from compact_dist.deepspeed.zero3_factor import keep_factors_out_of_fetch
     from layer_utils import layer_config
 

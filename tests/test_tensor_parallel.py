@@ -123,7 +123,7 @@ def _sp_norm_grads(rank, tp):
     import torch.distributed as dist
 
     from compact_dist.core.config import LayerCompression
-    from compact_dist.deepspeed.engine import allreduce_sequence_parallel_grads
+    from compact_dist.megatron.sequence_parallel import allreduce_sequence_parallel_grads
     from compact_dist.megatron.norm import SequenceParallelTorchNorm
     from layer_utils import build, layer_config
 

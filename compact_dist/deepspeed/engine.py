@@ -39,34 +39,6 @@ class MegatronMPU:
         return torch.distributed.get_world_size(group=ps.get_model_parallel_group())
 
 
-def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> int:
-    """Sum the gradients of sequence-parallel parameters over the tensor-parallel group.
-
-    With sequence parallelism each TP rank sees only its slice of the sequence, so parameters
-    applied to sequence-sharded activations (norm weights, row-parallel biases; Megatron marks
-    them `sequence_parallel=True`) get partial gradients. Megatron's own DDP all-reduces them in
-    finalize_model_grads; DeepSpeed does not know about them. This registers a tensor hook on
-    each such parameter that all-reduces its gradient over the TP group *before* it is
-    accumulated, so DeepSpeed (any ZeRO stage's post-accumulation hooks) and clipping see the
-    full gradient. Returns the number of hooked parameters (0 without sequence parallelism).
-    """
-    if ps.get_tensor_model_parallel_world_size() == 1:
-        return 0
-    group = ps.get_tensor_model_parallel_group()
-
-    def summed(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=group)
-        return grad
-
-    hooked = 0
-    for param in model.parameters():
-        if param.requires_grad and getattr(param, "sequence_parallel", False):
-            param.register_hook(summed)
-            hooked += 1
-    return hooked
-
-
 def initialize_engine(model: torch.nn.Module, optimizer, config: dict[str, Any],
                       lr_scheduler=None):
     """`deepspeed.initialize` for a Megatron model with compact layers; returns the engine.

@@ -1,5 +1,6 @@
 """The process set-up of compact-train: the env:// rendezvous address, the world process group
-(NCCL on a GPU host, else gloo), DeepSpeed's communication over the same group, Megatron's
+(NCCL on a GPU host, else gloo), DeepSpeed's communication over the same group (with
+train.engine=deepspeed only: the FSDP2 path imports no DeepSpeed), Megatron's
 tensor- and data-parallel groups and its RNG tracker. Ranks come from the environment
 (torchrun, the deepspeed launcher or srun: train_config.world_from_environment)."""
 
@@ -14,7 +15,7 @@ from compact_dist.training.train_config import TrainConfig, world_from_environme
 
 def init_distributed(cfg: TrainConfig) -> torch.device:
     """Collective over every rank of the environment's world: the world group, DeepSpeed's
-    comm on it, Megatron's groups (TP per cfg.parallel, the rest data-parallel) and the
+    comm on it (train.engine=deepspeed), Megatron's groups (TP per cfg.parallel, the rest data-parallel) and the
     seeded RNG tracker. Returns this rank's device (cuda:LOCAL_RANK, else the CPU)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -32,9 +33,10 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world)
-    import deepspeed
+    if cfg.train.engine == "deepspeed":
+        import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm over the same group
+        deepspeed.init_distributed(dist_backend=backend)  # DeepSpeed's comm over the same group
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size
     )

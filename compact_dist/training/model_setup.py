@@ -49,7 +49,7 @@ def build_model(cfg: TrainConfig, device: torch.device, bf16: bool, vocab_size: 
     with the TP all-reduce hooks of sequence-parallel gradients. Needs the parallel state.
     cpu_init: Megatron initialises each full matrix on CPU and slices it (the same weights at
     any TP size)."""
-    from compact_dist.deepspeed.engine import allreduce_sequence_parallel_grads
+    from compact_dist.megatron.sequence_parallel import allreduce_sequence_parallel_grads
     from compact_dist.megatron.model import build_gpt_model
     from compact_dist.megatron.rope import install_host_rotary
 

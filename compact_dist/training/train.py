@@ -154,7 +154,6 @@ class _Run:
 
         from compact_dist.training import resume
         from compact_dist.training.data import build_data
-        from compact_dist.deepspeed.engine import use_deepspeed_checkpointing
 
         rank, _, world = world_from_environment()
         cfg.check_environment(world, torch.cuda.is_available())
@@ -167,7 +166,9 @@ class _Run:
         self.world, self.rank = world, rank
         self.dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.grad_accum = cfg.gradient_accumulation_steps(self.dp)
-        if cfg.recompute.deepspeed_checkpointing:
+        if cfg.recompute.deepspeed_checkpointing:  # train.engine=deepspeed (checked at load)
+            from compact_dist.deepspeed.engine import use_deepspeed_checkpointing
+
             use_deepspeed_checkpointing(cfg.train.seed)
         micro = cfg.train.micro_batch_size
         self.tokenizer, self.train_iter, self.valid_batches = build_data(
