@@ -46,7 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: this global batch
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (the first step is left out of the time)")
+    return args
 
 
 def overrides_for(args, global_batch: int, corpus: str) -> list[str]:
@@ -78,7 +81,8 @@ def one_depth(args) -> None:
     else:
         device, total = torch.device("cpu"), 0
     cfg = load_train_config(args.config, overrides_for(args, args.one, args.corpus))
-    predicted = prediction_line(setup_from(cfg, 1, device.type, "flash"))
+    predicted = prediction_line(setup_from(cfg, 1, device.type,
+                                           "flash" if device.type == "cuda" else "math"))
     start = time.perf_counter()
     history = run(cfg)
     allocated, reserved = local_memory_gib(device)
@@ -120,9 +124,9 @@ def markdown(result: dict) -> str:
             f"{r['host_peak_rss_GiB']:.1f} ({p['host_GiB']:.1f}) | {r['step_time_s']:.2f} | "
             f"{r['tokens_per_s']:,.0f} | {mfu} | "
             + " ".join(f"{x:.3f}" for x in r["losses"]) + " |")
+    cap = f"under a {result['cap_GiB']:g} GiB cap" if result["cap_GiB"] else "uncapped"
     return "\n".join([
-        f"# {result['config']} under a {result['cap_GiB']:g} GiB cap on one "
-        f"{result['device']}", "",
+        f"# {result['config']} {cap} on one {result['device']}", "",
         "torch.cuda.set_per_process_memory_fraction enforces the cap; step time, tokens/s and "
         "MFU are medians over the steps after the first; peaks include every step. Predicted: "
         "compact-plan for the same config.", "", *rows, "",
@@ -133,6 +137,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from kept_energy import host_corpus
 
+    if args.one is None:  # a bad config or override: one line here, not a traceback per depth
+        from compact_dist.training.train_config import load_train_config
+
+        try:
+            load_train_config(args.config, overrides_for(args, 1, "corpus.jsonl"))
+        except ValueError as err:
+            sys.exit(f"capped_train.py: invalid configuration: {err}")
     args.corpus = host_corpus(args)
     if args.one is not None:
         return one_depth(args)

@@ -329,8 +329,10 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
       [ "$DRY" = 1 ] || mkdir -p "$RES/convergence110m_offload"
       for run in baseline baseline_seed2 pca_r1-4 pca_r1-4_seed2; do  # same order, on the GPU
         src=$RES/convergence110m_lr2/convergence110m_lr2_$run.json
-        [ "$DRY" = 0 ] && [ -e "$src" ] &&
-          cp "$src" "$RES/convergence110m_offload/convergence110m_offload_$run.json"
+        [ "$DRY" = 1 ] && continue
+        if [ -e "$src" ]; then cp "$src" "$RES/convergence110m_offload/convergence110m_offload_$run.json"
+        else log "convergence110m_offload: no $src (the reference runs): the table will lack them"; rc=1
+        fi
       done
       x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
         --prefix convergence110m_offload --results-dir "$RES" --per-gpu 2 --data-dir "$CVDATA" \

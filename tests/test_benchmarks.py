@@ -665,6 +665,11 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
                 names.add(a.name)
             elif name == "convergence.py":
                 cv.parse_args(opts)
+            elif name == "capped_train.py":
+                import capped_train
+
+                a = capped_train.parse_args(opts)  # options and overrides intermixed
+                assert a.out_dir and a.name and all("=" in o for o in a.overrides), (job, opts)
             elif name == "step_time.py":
                 with mock.patch.dict(os.environ, {"RANK": "0", "WORLD_SIZE": str(nproc)}):
                     a = st.parse_args(opts)  # argparse, variants and the option checks
@@ -744,3 +749,18 @@ def test_merge_cost_times_both_paths_at_every_tp(tmp_path):
         assert x["linears"] == 4 * r["layers"]
         for path in ("per_layer", "grouped"):
             assert 0 < x[path]["host_ms"] <= x[path]["total_ms"]
+
+
+def test_capped_train_job_parses_its_gpu_and_tiny_commands():
+    """offload_7b_24gb's command, as the suite writes it for the GPU and for --tiny, parses
+    (overrides before and after the options), and the tiny one runs uncapped on the CPU."""
+    import capped_train
+
+    for extra in ((), ("--tiny",)):
+        commands, _ = _suite_commands(*extra, "--gpus", "1", "offload_7b_24gb")
+        (argv,) = commands["offload_7b_24gb"]
+        a = capped_train.parse_args(argv[2:])
+        assert "train.eval_batches=1" in a.overrides
+        assert a.cap_gib == (0 if extra else 24) and a.steps >= 2
+    with pytest.raises(SystemExit):
+        capped_train.parse_args(["--steps", "1"])

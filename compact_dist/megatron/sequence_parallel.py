@@ -2,8 +2,9 @@
 
 Megatron-core marks parameters applied to sequence-sharded activations (norm weights,
 row-parallel biases) `sequence_parallel=True` and sums their gradients over the tensor-parallel
-group in its own DDP (finalize_model_grads); compact-train's engines (DeepSpeed ZeRO, torch
-FSDP2) do not, so the model gets gradient hooks that do it.
+group in its own DDP (finalize_model_grads); DeepSpeed ZeRO does not, so the model gets gradient
+hooks that do it. (compact-train refuses sequence parallelism with train.engine=fsdp2: FSDP2
+replaces the parameters these hooks sit on.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> int:
     With sequence parallelism each TP rank sees only its slice of the sequence, so parameters
     applied to sequence-sharded activations (norm weights, row-parallel biases; Megatron marks
     them `sequence_parallel=True`) get partial gradients. Megatron's own DDP all-reduces them in
-    finalize_model_grads; DeepSpeed and torch FSDP2 do not know about them. This registers a tensor hook on
+    finalize_model_grads; DeepSpeed does not know about them. This registers a tensor hook on
     each such parameter that all-reduces its gradient over the TP group *before* it is
     accumulated, so the engine (DeepSpeed's post-accumulation hooks at any ZeRO stage) and
     clipping see the full gradient; the gradients live on the tensor-parallel group's ranks. Returns the number of hooked parameters (0 without sequence parallelism).

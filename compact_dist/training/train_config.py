@@ -161,10 +161,11 @@ class LoggingConfig(_Section):
     the progress line, TensorBoard quality/kept_energy/<layer> and the summary show it).
     kept_energy_warn_below: a warning line when the mean over the layers falls below it (not
     at the first measurement). 0.5: healthy runs of the pca default keep more from their
-    second measurement on, and some not much more: the embedded default job 0.545 at step 400
-    (validation perplexity 30.9), the 110M runs 0.61-0.64 at step 400 and 0.70-0.81 later
-    (benchmarks/results/convergence110m_lr2.md, convergence110m_offload.md), all ending at or
-    below the baseline; a Gaussian P keeps about the ratio (0.25 at r = n/4)."""
+    second measurement on, some not much more: the embedded default job printed 0.545 at its
+    step 400 (validation perplexity 30.9; README's quick start on CPU, stop 33), the 110M pca
+    runs at lr 1e-3 to 4e-3 0.61-0.69 at step 400 and 0.70-0.84 later
+    (benchmarks/results/convergence110m_offload.md, convergence110m_lr2.md), ending at or below
+    the baseline; a Gaussian P keeps about the ratio (0.25 at r = n/4)."""
 
     tensorboard_dir: Optional[str] = Field(None, description="write TensorBoard scalars "
                                            "here (the progress line's, validation, kept "
