@@ -1,0 +1,286 @@
+"""Megatron-LM's own training loop (its `pretrain_gpt.py`) as a client of compact_dist.
+
+    COMPACT_DIST_CONFIG=my_run.yaml torchrun --nproc-per-node 8 \\
+        -m compact_dist.megatron.megatron_lm pretrain_gpt.py \\
+        --spec compact_dist.megatron.megatron_lm compact_gpt_layer_spec \\
+        --transformer-impl local ... (the run's Megatron-LM arguments)
+
+or, instead of `-m compact_dist.megatron.megatron_lm`, the one line
+`import compact_dist.megatron.megatron_lm as compact; compact.install()` in pretrain_gpt.py
+before its `pretrain(...)` call.
+
+Two pieces, matching Megatron-LM at the release of megatron-core 0.16.1 (tag core_v0.16.1):
+- `compact_gpt_layer_spec`: a ModuleSpec object. `--spec MODULE NAME` hands the named object
+  to GPTModel as it is, never calling it (megatron/core/transformer/spec_utils.py
+  import_module), so the spec is built when this module is imported, from the `compression`
+  and `activations` sections of the compact-train YAML that COMPACT_DIST_CONFIG names (unset:
+  the defaults, pca r = n/4). Both norms are compact_dist's SequenceParallelTorchNorm
+  (LayerNorm or RMSNorm per --normalization; apex's fused norm is not used).
+- `install()`: the merge after every optimizer step. Megatron-LM has no post-step hook; its
+  train() calls the module global megatron.training.training.train_step every iteration, so
+  install() wraps it: after a step that updated the parameters (skipped_iter == 0) the
+  SubspaceStepper of each model chunk merges A into W0 (and re-estimates P when due), with
+  the learning rate and weight decay of A's param group for that step. It also registers
+  MegatronLMBackend, through which the merge reads and writes A's master copy and Adam
+  moments in Megatron's optimizer.
+
+What the backend supports: FP32Optimizer (no --bf16: the optimizer steps A itself) and
+Float16OptimizerWithFloat16Params (--bf16 / --fp16: A's fp32 master is `A.main_param`),
+inside Megatron's ChainedOptimizer. Refused with a clear error: --use-distributed-optimizer
+(A's master is a flat shard of this rank), resuming from a checkpoint (the projection bases
+and the stepper's step count are not in Megatron-LM's checkpoint yet),
+compression.projection=gradient (needs a probe before each step) and
+moments_on_resample=reset. Megatron builds its own param groups, in which A is decayed like
+any matrix: A is zero after every merge, so AdamW's decay of A only touches the residual
+the bf16 rounding left in its master; W0 is decayed by the merge with the group's rate.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from compact_dist.core.backend import MasterSlice, ParallelBackend
+from compact_dist.core.config import CompressionConfig
+from compact_dist.megatron.activations import ActivationConfig
+
+CONFIG_ENV = "COMPACT_DIST_CONFIG"
+
+
+def settings_from_environment() -> tuple[CompressionConfig, ActivationConfig]:
+    """The `compression` and `activations` sections of the YAML that COMPACT_DIST_CONFIG
+    names (other sections ignored), validated; unset: the defaults."""
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        return CompressionConfig(), ActivationConfig()
+    import yaml
+
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{CONFIG_ENV}={path}: {err}") from None
+    if not isinstance(tree, dict):
+        raise ValueError(f"{CONFIG_ENV}={path}: not a mapping of sections")
+    return (CompressionConfig.model_validate(tree.get("compression") or {}),
+            ActivationConfig.model_validate(tree.get("activations") or {}))
+
+
+def build_layer_spec(compression: CompressionConfig, activations: ActivationConfig):
+    """compact_dist's GPT layer spec with SequenceParallelTorchNorm for both norms."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from compact_dist.megatron.norm import SequenceParallelTorchNorm
+    from compact_dist.megatron.spec import get_compact_gpt_layer_spec
+
+    spec = get_compact_gpt_layer_spec(compression, activations=activations)
+    fp8_norm = "norm" in activations.fp8_storage
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        setattr(spec.submodules, name, ModuleSpec(
+            module=SequenceParallelTorchNorm, params={"fp8_storage": True})
+            if fp8_norm else SequenceParallelTorchNorm)
+    return spec
+
+
+COMPRESSION, ACTIVATIONS = settings_from_environment()
+compact_gpt_layer_spec = build_layer_spec(COMPRESSION, ACTIVATIONS)
+
+
+# ------------------------------------------------------------------------------- the backend
+class MegatronLMBackend(ParallelBackend):
+    """A's master and moments in megatron-core's optimizers (FP32Optimizer,
+    Float16OptimizerWithFloat16Params, in a ChainedOptimizer). A is whole on every
+    data-parallel rank (no distributed optimizer), W0 is whole, the merge needs no
+    communication. The factors are those of the models install() merges (`track`)."""
+
+    name = "megatron-lm"
+
+    def __init__(self) -> None:
+        self.factors: list[torch.Tensor] = []
+
+    def track(self, factors: Sequence[torch.Tensor]) -> None:
+        known = {id(f) for f in self.factors}
+        self.factors += [f for f in factors if id(f) not in known]
+
+    def claims(self, optimizer, factors: Sequence[torch.Tensor]) -> bool:
+        from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+        return isinstance(optimizer, MegatronOptimizer)
+
+    @staticmethod
+    def _inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+        for part in parts:
+            if isinstance(part, DistributedOptimizer):
+                raise ValueError("compact_dist with Megatron-LM: --use-distributed-optimizer "
+                                 "is not supported yet (A's master is a flat shard there); "
+                                 "run without it")
+        return [part.optimizer for part in parts if part.optimizer is not None]
+
+    def stepped(self, optimizer, factor: torch.Tensor):
+        """(the torch optimizer, A's param group, the tensor it steps for A: A.main_param
+        under mixed precision, else A)."""
+        main = getattr(factor, "main_param", None)
+        target = factor if main is None else main
+        if main is not None and main.shape != factor.shape:
+            raise ValueError(f"A {tuple(factor.shape)}: its master {tuple(main.shape)} is not "
+                             "a whole copy (a distributed optimizer's shard?)")
+        for inner in self._inner_optimizers(optimizer):
+            for group in inner.param_groups:
+                if any(p is target for p in group["params"]):
+                    return inner, group, target
+        raise ValueError(f"{type(optimizer).__name__} steps neither the subspace factor A "
+                         f"{tuple(factor.shape)} nor its main_param")
+
+    def master_slices(self, optimizer,
+                      factors: Sequence[torch.Tensor]) -> list[Optional[MasterSlice]]:
+        out = []
+        for factor in factors:
+            _, _, target = self.stepped(optimizer, factor)
+            out.append(None if target is factor
+                       else MasterSlice(target.view(-1), 0, factor.numel()))
+        return out
+
+    @torch.no_grad()
+    def zero_factor(self, layer) -> None:
+        layer.subspace_factor.zero_()
+        layer.mark_factor_zero()
+
+    def inner_optimizer(self, optimizer) -> torch.optim.Optimizer:
+        inners = self._inner_optimizers(optimizer)
+        if len(inners) != 1:
+            raise ValueError(f"{len(inners)} torch optimizers in {type(optimizer).__name__}: "
+                             "name the one of a factor (stepped)")
+        return inners[0]
+
+    def factor_states(self, optimizer):
+        if not self.factors:
+            raise RuntimeError("MegatronLMBackend: no subspace factors tracked (install() "
+                               "tracks them at the first training step)")
+        for factor in self.factors:
+            inner, _, target = self.stepped(optimizer, factor)
+            yield inner.state.get(target) or None
+
+    def read_moment(self, optimizer, factor: torch.Tensor, key: str) -> Optional[torch.Tensor]:
+        inner, _, target = self.stepped(optimizer, factor)
+        return inner.state.get(target, {}).get(key)
+
+    def write_moment(self, optimizer, factor: torch.Tensor, key: str,
+                     value: torch.Tensor) -> None:
+        state = self.read_moment(optimizer, factor, key)
+        if state is None:
+            raise RuntimeError(f"no {key} in the optimizer state of A {tuple(factor.shape)}")
+        state.copy_(value)
+
+    def prepare_moments(self, optimizer, factors: Sequence[torch.Tensor]) -> None:
+        self.master_slices(optimizer, factors)  # raises for an A the optimizer does not step
+
+
+MEGATRON_LM_BACKEND = MegatronLMBackend()
+
+
+# ------------------------------------------------------------------------------ the merge
+def _unwrapped(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The module under Megatron's DDP / Float16Module wrappers (their `.module`)."""
+    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
+        chunk = chunk.module
+    return chunk
+
+
+class MegatronLMMerge:
+    """The SubspaceSteppers of a Megatron-LM model (one per model chunk) and what they need
+    from the training step."""
+
+    def __init__(self, model: Sequence[torch.nn.Module], compression: CompressionConfig,
+                 iteration: Optional[int]) -> None:
+        from compact_dist.core.subspace import SubspaceStepper, compact_layers
+
+        if compression.kind.needs_probe:
+            raise ValueError("compact_dist with Megatron-LM: compression.projection="
+                             f"{compression.projection!r} needs a probe before each step; "
+                             "use pca or gaussian")
+        if compression.moments_on_resample == "reset":
+            raise ValueError("compact_dist with Megatron-LM: moments_on_resample=reset is not "
+                             "supported; use transport or keep")
+        if iteration:
+            raise ValueError(f"compact_dist with Megatron-LM: the run starts at iteration "
+                             f"{iteration} (a resumed checkpoint); resuming is not supported "
+                             "yet (the projection bases are not in Megatron-LM's checkpoint)")
+        modules = [_unwrapped(chunk) for chunk in model]
+        self.layers = [layer for m in modules for layer in compact_layers(m)]
+        if not self.layers:
+            raise ValueError("compact_dist with Megatron-LM: the model has no compact layer "
+                             "(pass --spec compact_dist.megatron.megatron_lm "
+                             "compact_gpt_layer_spec)")
+        self.steppers = [SubspaceStepper(m, compression) for m in modules if compact_layers(m)]
+        MEGATRON_LM_BACKEND.track([layer.subspace_factor for layer in self.layers])
+
+    def step_hyperparameters(self, optimizer) -> tuple[float, float]:
+        """(lr, weight decay) of A's param group now, before the step: W0's decay rate."""
+        _, group, _ = MEGATRON_LM_BACKEND.stepped(optimizer, self.layers[0].subspace_factor)
+        return float(group["lr"]), float(group["weight_decay"])
+
+    def after_step(self, lr: float, weight_decay: float, optimizer) -> None:
+        for stepper in self.steppers:
+            stepper.after_step(lr, weight_decay, optimizer)
+
+
+_MERGE: Optional[MegatronLMMerge] = None
+
+
+def install(compression: Optional[CompressionConfig] = None) -> None:
+    """Wrap megatron.training.training.train_step with the merge after each step that
+    updated the parameters, and register MegatronLMBackend. compression: the settings the
+    spec was built with (default: this module's, from COMPACT_DIST_CONFIG). Idempotent."""
+    import megatron.training.training as training
+
+    from compact_dist.core.backend_registry import register_backend
+
+    register_backend(MEGATRON_LM_BACKEND)
+    if getattr(training.train_step, "compact_dist_merge", False):
+        return
+    settings = compression or COMPRESSION
+    original = training.train_step
+
+    def train_step(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler,
+                   config, forward_backward_func, *args, **kwargs):
+        global _MERGE
+        if _MERGE is None:
+            _MERGE = MegatronLMMerge(model, settings, kwargs.get("iteration",
+                                                                 args[0] if args else None))
+        lr, weight_decay = _MERGE.step_hyperparameters(optimizer)
+        out = original(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler,
+                       config, forward_backward_func, *args, **kwargs)
+        if not out[1]:  # skipped_iter: no update, nothing to merge
+            _MERGE.after_step(lr, weight_decay, optimizer)
+        return out
+
+    train_step.compact_dist_merge = True
+    training.train_step = train_step
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`python -m compact_dist.megatron.megatron_lm SCRIPT [ARGS]`: install(), then run
+    SCRIPT (e.g. Megatron-LM's pretrain_gpt.py) as __main__ with ARGS."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or not argv[0].endswith(".py"):
+        sys.exit("usage: python -m compact_dist.megatron.megatron_lm pretrain_gpt.py "
+                 "[Megatron-LM arguments]")
+    import importlib
+
+    script = os.path.abspath(argv[0])
+    sys.path.insert(0, os.path.dirname(script))  # as `python pretrain_gpt.py` would
+    # the module --spec imports, not this __main__ copy of it: one backend, one merge
+    importlib.import_module("compact_dist.megatron.megatron_lm").install()
+    sys.argv = [script, *argv[1:]]
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

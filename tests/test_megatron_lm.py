@@ -1,0 +1,186 @@
+"""Megatron-LM's training loop as a client (compact_dist.megatron.megatron_lm), on CPU: the
+spec object `--spec` hands to GPTModel, the settings read from COMPACT_DIST_CONFIG, and the
+merge install() adds after megatron.training.training.train_step, through megatron-core's
+optimizer classes (ChainedOptimizer around FP32Optimizer), against a plain torch loop.
+
+Megatron-LM itself (megatron.training) is not a dependency and needs a GPU (its initialize
+asserts CUDA; the mixed-precision optimizers accept CUDA tensors only): the tests stand in a
+module for megatron.training.training whose train_step does what Megatron-LM's does around
+the optimizer (forward/backward, optimizer.step, skipped_iter in the returned tuple). The
+run of Megatron-LM's own pretrain_gpt.py is a GPU job (issue 26 item 6).
+"""
+
+import sys
+import types
+
+import pytest
+import torch
+
+from test_zero import LR, WD
+
+STEPS = 6
+
+
+def _compression():
+    from compact_dist import CompressionConfig
+
+    return CompressionConfig(ratio=0.5, resample_interval=2, moments_on_resample="transport",
+                             projection="pca")
+
+
+def test_spec_object_through_megatrons_import_module_builds_compact_layers(megatron_tp1):
+    """`--spec compact_dist.megatron.megatron_lm compact_gpt_layer_spec`: Megatron's
+    import_module returns the object itself (no call), and GPTModel builds compact linears
+    and compact_dist's norms from it."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.spec_utils import ModuleSpec, import_module
+
+    from compact_dist.core.layers import CompactColumnParallelLinear, CompactRowParallelLinear
+    from gpt_utils import SEQ, VOCAB, tiny_config
+
+    spec = import_module(["compact_dist.megatron.megatron_lm", "compact_gpt_layer_spec"])
+    assert isinstance(spec, ModuleSpec)
+    model = GPTModel(config=tiny_config(), transformer_layer_spec=spec, vocab_size=VOCAB,
+                     max_sequence_length=SEQ, position_embedding_type="learned_absolute")
+    layer = model.decoder.layers[0]
+    assert isinstance(layer.self_attention.linear_qkv, CompactColumnParallelLinear)
+    assert isinstance(layer.mlp.linear_fc2, CompactRowParallelLinear)
+    # SequenceParallelTorchNorm's norm: torch's RMSNorm, parameters tagged for the TP sum
+    assert isinstance(layer.input_layernorm, torch.nn.RMSNorm)
+    assert hasattr(layer.pre_mlp_layernorm.weight, "sequence_parallel")
+
+
+def test_settings_come_from_the_yaml_compact_dist_config_names(tmp_path, monkeypatch):
+    from compact_dist.megatron.megatron_lm import CONFIG_ENV, settings_from_environment
+
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert settings_from_environment()[0].ratio == 0.25  # the defaults
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {num_layers: 2}\ncompression: {ratio: 0.125, projection: gaussian}"
+                    "\nactivations: {fused_cross_entropy: true}\n")
+    monkeypatch.setenv(CONFIG_ENV, str(path))
+    compression, activations = settings_from_environment()
+    assert (compression.ratio, compression.projection) == (0.125, "gaussian")
+    assert activations.fused_cross_entropy
+    path.write_text("compression: {ratio: 0.125, no_such_key: 1}\n")
+    with pytest.raises(ValueError, match="no_such_key"):
+        settings_from_environment()
+
+
+def _megatron_groups(model):
+    """Megatron's param groups (optimizer/__init__.py _get_param_groups): matrices decayed,
+    1-D parameters not, frozen parameters (W0) left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() > 1], "weight_decay": WD},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+
+
+def _reference(skip_at=None):
+    """Plain torch loop: AdamW over Megatron's groups, the merge after each update."""
+    from compact_dist import SubspaceStepper
+    from gpt_utils import loss_of, text_batch, tiny_gpt
+
+    model = tiny_gpt(_compression())
+    opt = torch.optim.AdamW(_megatron_groups(model), lr=LR)
+    stepper = SubspaceStepper(model, _compression())
+    losses = []
+    for step in range(STEPS):
+        loss = loss_of(model, text_batch(batch=4, seed=step))
+        opt.zero_grad()
+        loss.backward()
+        if step != skip_at:
+            opt.step()
+            stepper.after_step(LR, WD, opt)
+        losses.append(loss.item())
+    return losses, model
+
+
+class _Wrapper(torch.nn.Module):
+    """Megatron's DDP / Float16Module: the model under `.module`."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def _megatron_lm_run(monkeypatch, skip_at=None):
+    """The same steps through install(): a stand-in megatron.training.training whose
+    train_step runs forward/backward and steps megatron-core's ChainedOptimizer(FP32Optimizer)
+    (constructed without its CUDA loss-scale tensor), returning skipped_iter at index 1."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import (
+        ChainedOptimizer,
+        FP32Optimizer,
+        MegatronOptimizer,
+    )
+
+    import compact_dist.megatron.megatron_lm as client
+    from gpt_utils import loss_of, text_batch, tiny_gpt
+
+    model = tiny_gpt(_compression())
+    fp32 = FP32Optimizer.__new__(FP32Optimizer)
+    MegatronOptimizer.__init__(fp32, torch.optim.AdamW(_megatron_groups(model), lr=LR),
+                               OptimizerConfig(lr=LR, weight_decay=WD))
+    optimizer = ChainedOptimizer([fp32])
+    losses = []
+
+    def train_step(forward_step_func, data_iterator, model_chunks, opt, scheduler, config,
+                   forward_backward_func, iteration=None):
+        loss = loss_of(model_chunks[0].module, next(data_iterator))
+        opt.chained_optimizers[0].optimizer.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        skipped = int(iteration == skip_at)
+        if not skipped:
+            opt.chained_optimizers[0].optimizer.step()
+        return {}, skipped, False, False, 0, None, None, 0
+
+    fake = types.ModuleType("megatron.training.training")
+    fake.train_step = train_step
+    monkeypatch.setitem(sys.modules, "megatron.training", types.ModuleType("megatron.training"))
+    monkeypatch.setitem(sys.modules, "megatron.training.training", fake)
+    monkeypatch.setattr(client, "_MERGE", None)
+    client.install(_compression())
+    wrapped = fake.train_step
+    assert wrapped is not train_step
+    client.install(_compression())  # idempotent: wrapped once
+    assert fake.train_step is wrapped
+    data = iter([text_batch(batch=4, seed=step) for step in range(STEPS)])
+    for step in range(STEPS):
+        fake.train_step(None, data, [_Wrapper(model)], optimizer, None, None, None,
+                        iteration=step)
+    return losses, model
+
+
+@pytest.mark.parametrize("skip_at", [None, 3])
+def test_megatron_lm_train_step_merges_as_the_plain_loop(megatron_tp1, monkeypatch, skip_at):
+    """Losses and every parameter (W0 after the merges, the bases P) of the install()ed
+    loop equal the plain loop's, resamples with moment transport included; a skipped
+    iteration (no update) merges nothing."""
+    from compact_dist import compact_layers
+
+    ref_losses, ref = _reference(skip_at)
+    losses, model = _megatron_lm_run(monkeypatch, skip_at)
+    assert losses == pytest.approx(ref_losses, rel=1e-6, abs=1e-6)
+    for (name, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items()):
+        if torch.is_tensor(a):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    assert all(not layer.subspace_factor.any() for layer in compact_layers(model))  # merged
+
+
+def test_distributed_optimizer_and_resume_are_refused(megatron_tp1, monkeypatch):
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
+
+    import compact_dist.megatron.megatron_lm as client
+    from gpt_utils import tiny_gpt
+
+    model = tiny_gpt(_compression())
+    factor = next(layer.subspace_factor for layer in client.MegatronLMMerge(
+        [model], _compression(), None).layers)
+    distributed = DistributedOptimizer.__new__(DistributedOptimizer)
+    distributed.optimizer = torch.optim.AdamW([factor])
+    with pytest.raises(ValueError, match="--use-distributed-optimizer is not supported"):
+        client.MEGATRON_LM_BACKEND.master_slices(ChainedOptimizer([distributed]), [factor])
+    with pytest.raises(ValueError, match="resuming is not supported"):
+        client.MegatronLMMerge([model], _compression(), 100)
