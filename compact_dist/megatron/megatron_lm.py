@@ -14,8 +14,11 @@ Two pieces, matching Megatron-LM at the release of megatron-core 0.16.1 (tag cor
   to GPTModel as it is, never calling it (megatron/core/transformer/spec_utils.py
   import_module), so the spec is built when this module is imported, from the `compression`
   and `activations` sections of the compact-train YAML that COMPACT_DIST_CONFIG names (unset:
-  the defaults, pca r = n/4). Both norms are compact_dist's SequenceParallelTorchNorm
-  (LayerNorm or RMSNorm per --normalization; apex's fused norm is not used).
+  the defaults, pca r = n/4). Every norm is compact_dist's SequenceParallelTorchNorm (LayerNorm
+  or RMSNorm per --normalization; apex's fused norm is not used): the two of each layer from
+  the spec, the final one because install() points megatron-core's LayerNormImpl at it
+  (Megatron builds the final norm from LayerNormImpl, whose torch fallback refuses sequence
+  parallelism). Only `activations.fp8_storage` applies on this path.
 - `install()`: the merge after every optimizer step. Megatron-LM has no post-step hook; its
   train() calls the module global megatron.training.training.train_step every iteration, so
   install() wraps it: after a step that updated the parameters (skipped_iter == 0) the
@@ -24,12 +27,15 @@ Two pieces, matching Megatron-LM at the release of megatron-core 0.16.1 (tag cor
   MegatronLMBackend, through which the merge reads and writes A's master copy and Adam
   moments in Megatron's optimizer.
 
-What the backend supports: FP32Optimizer (no --bf16: the optimizer steps A itself) and
-Float16OptimizerWithFloat16Params (--bf16 / --fp16: A's fp32 master is `A.main_param`),
-inside Megatron's ChainedOptimizer. Refused with a clear error: --use-distributed-optimizer
-(A's master is a flat shard of this rank), resuming from a checkpoint (the projection bases
-and the stepper's step count are not in Megatron-LM's checkpoint yet),
-compression.projection=gradient (needs a probe before each step) and
+What the backend supports: Adam / AdamW in FP32Optimizer (no --bf16: the optimizer steps A
+itself) and in Float16OptimizerWithFloat16Params (--bf16: A's fp32 master is `A.main_param`),
+inside Megatron's ChainedOptimizer. Refused at the first training step with one error:
+--use-distributed-optimizer (A's master is a flat shard of this rank), --fp16 (the sketch of
+P overflows fp16), other optimizers (A's Adam moments are transported), model options the
+spec object does not build (--qk-layernorm, MoE, multi-latent attention, context
+parallelism), A's in param groups of different lr / weight decay, resuming from a checkpoint
+(the projection bases and the stepper's step count are not in Megatron-LM's checkpoint
+yet), compression.projection=gradient (needs a probe before each step) and
 moments_on_resample=reset. Megatron builds its own param groups, in which A is decayed like
 any matrix: A is zero after every merge, so AdamW's decay of A only touches the residual
 the bf16 rounding left in its master; W0 is decayed by the merge with the group's rate.
@@ -66,8 +72,12 @@ def settings_from_environment() -> tuple[CompressionConfig, ActivationConfig]:
         raise ValueError(f"{CONFIG_ENV}={path}: {err}") from None
     if not isinstance(tree, dict):
         raise ValueError(f"{CONFIG_ENV}={path}: not a mapping of sections")
-    return (CompressionConfig.model_validate(tree.get("compression") or {}),
-            ActivationConfig.model_validate(tree.get("activations") or {}))
+    activations = ActivationConfig.model_validate(tree.get("activations") or {})
+    ignored = sorted(activations.model_fields_set - {"fp8_storage"})
+    if ignored:
+        raise ValueError(f"{CONFIG_ENV}={path}: activations.{ignored[0]} has no effect with "
+                         "Megatron-LM's loop (only activations.fp8_storage applies)")
+    return CompressionConfig.model_validate(tree.get("compression") or {}), activations
 
 
 def build_layer_spec(compression: CompressionConfig, activations: ActivationConfig):
@@ -221,10 +231,37 @@ class MegatronLMMerge:
         self.steppers = [SubspaceStepper(m, compression) for m in modules if compact_layers(m)]
         MEGATRON_LM_BACKEND.track([layer.subspace_factor for layer in self.layers])
 
+    def check(self, config, optimizer) -> None:
+        """Refuse what this path does not support (module docstring), once, at the first
+        step: config is Megatron's TransformerConfig of the model."""
+        unsupported = {"qk_layernorm": "--qk-layernorm", "num_moe_experts": "MoE",
+                       "multi_latent_attention": "--multi-latent-attention",
+                       "fp16": "--fp16 (the sketch of P overflows fp16; use --bf16)"}
+        for attr, what in unsupported.items():
+            if getattr(config, attr, None):
+                raise ValueError(f"compact_dist with Megatron-LM: {what} is not supported")
+        if (getattr(config, "context_parallel_size", 1) or 1) > 1:
+            raise ValueError("compact_dist with Megatron-LM: context parallelism is not supported")
+        for layer in self.layers:
+            inner, _, _ = MEGATRON_LM_BACKEND.stepped(optimizer, layer.subspace_factor)
+            if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+                raise ValueError(f"compact_dist with Megatron-LM: {type(inner).__name__} steps "
+                                 "A; only Adam / AdamW (A's moments are transported at each "
+                                 "new P)")
+        self.step_hyperparameters(optimizer)
+
     def step_hyperparameters(self, optimizer) -> tuple[float, float]:
-        """(lr, weight decay) of A's param group now, before the step: W0's decay rate."""
-        _, group, _ = MEGATRON_LM_BACKEND.stepped(optimizer, self.layers[0].subspace_factor)
-        return float(group["lr"]), float(group["weight_decay"])
+        """(lr, weight decay) of the A's param group now, before the step (Megatron's
+        scheduler sets the next step's after it): W0's decay rate. Raises when A's sit in
+        groups of different lr or weight decay."""
+        values = set()
+        for layer in self.layers:
+            _, group, _ = MEGATRON_LM_BACKEND.stepped(optimizer, layer.subspace_factor)
+            values.add((float(group["lr"]), float(group["weight_decay"])))
+        if len(values) != 1:
+            raise ValueError(f"compact_dist with Megatron-LM: the subspace factors A sit in param "
+                             f"groups of different (lr, weight decay): {sorted(values)}")
+        return values.pop()
 
     def after_step(self, lr: float, weight_decay: float, optimizer) -> None:
         for stepper in self.steppers:
@@ -236,13 +273,18 @@ _MERGE: Optional[MegatronLMMerge] = None
 
 def install(compression: Optional[CompressionConfig] = None) -> None:
     """Wrap megatron.training.training.train_step with the merge after each step that
-    updated the parameters, and register MegatronLMBackend. compression: the settings the
+    updated the parameters, register MegatronLMBackend and build the final norm as
+    compact_dist's (megatron-core's LayerNormImpl). Call before the model is built. compression: the settings the
     spec was built with (default: this module's, from COMPACT_DIST_CONFIG). Idempotent."""
+    import megatron.core.transformer.transformer_block as transformer_block
     import megatron.training.training as training
 
     from compact_dist.core.backend_registry import register_backend
+    from compact_dist.megatron.norm import SequenceParallelTorchNorm
 
     register_backend(MEGATRON_LM_BACKEND)
+    # the final norm: Megatron builds it from LayerNormImpl when --spec names a layer spec
+    transformer_block.LayerNormImpl = SequenceParallelTorchNorm
     if getattr(training.train_step, "compact_dist_merge", False):
         return
     settings = compression or COMPRESSION
@@ -252,8 +294,10 @@ def install(compression: Optional[CompressionConfig] = None) -> None:
                    config, forward_backward_func, *args, **kwargs):
         global _MERGE
         if _MERGE is None:
-            _MERGE = MegatronLMMerge(model, settings, kwargs.get("iteration",
-                                                                 args[0] if args else None))
+            merge = MegatronLMMerge(model, settings, kwargs.get("iteration",
+                                                                args[0] if args else None))
+            merge.check(config, optimizer)
+            _MERGE = merge
         lr, weight_decay = _MERGE.step_hyperparameters(optimizer)
         out = original(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler,
                        config, forward_backward_func, *args, **kwargs)
