@@ -51,7 +51,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from compact_dist.core.backend import MasterSlice, ParallelBackend
+from compact_dist.core.backend import MasterSlice
+from compact_dist.core.torch_backend import TorchBackend
 from compact_dist.core.config import CompressionConfig
 from compact_dist.megatron.activations import ActivationConfig
 
@@ -101,11 +102,12 @@ compact_gpt_layer_spec = build_layer_spec(COMPRESSION, ACTIVATIONS)
 
 
 # ------------------------------------------------------------------------------- the backend
-class MegatronLMBackend(ParallelBackend):
+class MegatronLMBackend(TorchBackend):
     """A's master and moments in megatron-core's optimizers (FP32Optimizer,
     Float16OptimizerWithFloat16Params, in a ChainedOptimizer). A is whole on every
     data-parallel rank (no distributed optimizer), W0 is whole, the merge needs no
-    communication. The factors are those of the models install() merges (`track`)."""
+    communication: as the torch backend, except where A's master and state live. The
+    factors are those of the models install() merges (`track`)."""
 
     name = "megatron-lm"
 
@@ -157,11 +159,6 @@ class MegatronLMBackend(ParallelBackend):
                        else MasterSlice(target.view(-1), 0, factor.numel()))
         return out
 
-    @torch.no_grad()
-    def zero_factor(self, layer) -> None:
-        layer.subspace_factor.zero_()
-        layer.mark_factor_zero()
-
     def inner_optimizer(self, optimizer) -> torch.optim.Optimizer:
         inners = self._inner_optimizers(optimizer)
         if len(inners) != 1:
@@ -180,16 +177,6 @@ class MegatronLMBackend(ParallelBackend):
     def read_moment(self, optimizer, factor: torch.Tensor, key: str) -> Optional[torch.Tensor]:
         inner, _, target = self.stepped(optimizer, factor)
         return inner.state.get(target, {}).get(key)
-
-    def write_moment(self, optimizer, factor: torch.Tensor, key: str,
-                     value: torch.Tensor) -> None:
-        state = self.read_moment(optimizer, factor, key)
-        if state is None:
-            raise RuntimeError(f"no {key} in the optimizer state of A {tuple(factor.shape)}")
-        state.copy_(value)
-
-    def prepare_moments(self, optimizer, factors: Sequence[torch.Tensor]) -> None:
-        self.master_slices(optimizer, factors)  # raises for an A the optimizer does not step
 
 
 MEGATRON_LM_BACKEND = MegatronLMBackend()
