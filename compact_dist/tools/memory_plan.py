@@ -89,11 +89,14 @@ MERGE_BYTES_PER_W0 = {"fp32": 12, "bf16": 30, "bf16_pair": 34}
 FP8_STEP_S_PER_TOKEN_LAYER = {"attention": 4.1e-8, "swiglu": 4.4e-8, "norm": 2.9e-8}
 LAYER_LAUNCH_S = 2e-4       # fixed cost per layer per micro-batch (kernel launches, small GEMMs)
 DEEPSPEED_BUCKET = 50_000_000        # reduce / all-gather bucket (elements), engine config
-# optimizer offload (not yet calibrated on a GPU): host AdamW elements per second (torch's
-# fused CPU AdamW ran 1.0e9/s on 2 cores of this build machine, DeepSpeedCPUAdam 0.9e9/s; a
-# GPU host's 16+ cores are bounded by its memory bandwidth, ~28 bytes per element) and the
-# pinned host <-> GPU copy rate (PCIe Gen5 x16 moves ~50 GB/s per direction at best)
-HOST_ADAM_ELEMENTS_PER_S = 4e9
+# optimizer offload: host AdamW elements per second and the pinned host <-> GPU copy rate
+# (PCIe Gen5 x16 moves ~50 GB/s per direction at best). Calibrated on one H200 host
+# (benchmarks/results/offload_7b_24gb.json, 7B ZeRO-1 offload at 64 and 256 micro-batches
+# per step): the step times fit 0.233 s per sequence + 3.46 s per step (2.0-4.9 s from single
+# steps), where 4e9/s predicted 1.1 s; torch's fused CPU AdamW at 1.0e9/s (its rate on 2
+# cores of the build machine) puts the fixed part at 2.8 s. Which of the host step and the
+# copies is slower is not measured.
+HOST_ADAM_ELEMENTS_PER_S = 1e9
 PCIE_BYTES_PER_S = 25e9
 ZERO3_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
 
