@@ -618,23 +618,15 @@ def test_gpu_suite_dry_run_uses_existing_scripts_and_options():
     commands, out = _suite_commands("--gpus", "4", "all")
     assert set(commands) == SUITE_JOBS
     assert "NCCL_NVLS_ENABLE=0" in SUITE.read_text()
-    usage = {"projection_cost.py": run([sys.executable, "benchmarks/projection_cost.py",
-                                        "--help"]).stdout,
-             "profile_model.py": run([sys.executable, "benchmarks/profile_model.py",
-                                      "--help"]).stdout,
-             "estimate_cost.py": run([sys.executable, "benchmarks/estimate_cost.py",
-                                      "--help"]).stdout,
-             "eigh_cost.py": run([sys.executable, "benchmarks/eigh_cost.py", "--help"]).stdout,
-             "merge_cost.py": run([sys.executable, "benchmarks/merge_cost.py", "--help"]).stdout,
-             "kept_energy.py": run([sys.executable, "benchmarks/kept_energy.py",
-                                    "--help"]).stdout,
-             "megatron_lm_client.py": run([sys.executable, "benchmarks/megatron_lm_client.py",
-                                           "--help"]).stdout,
-             "capped_train.py": run([sys.executable, "benchmarks/capped_train.py",
-                                     "--help"]).stdout,
-             "zero_stages.py": run([sys.executable, "benchmarks/zero_stages.py",
-                                    "--help"]).stdout,
-             "convergence_gpu.sh": (BENCH / "convergence_gpu.sh").read_text().split("set -u")[0]}
+    scripts = ("projection_cost.py", "profile_model.py", "estimate_cost.py", "eigh_cost.py",
+               "merge_cost.py", "kept_energy.py", "megatron_lm_client.py", "capped_train.py",
+               "zero_stages.py")
+    helps = {name: subprocess.Popen([sys.executable, f"benchmarks/{name}", "--help"],
+                                    stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+             for name in scripts}  # at once: most of each is importing torch
+    usage = {name: proc.communicate(timeout=240)[0] for name, proc in helps.items()}
+    assert all(proc.returncode == 0 and usage[name] for name, proc in helps.items()), usage
+    usage["convergence_gpu.sh"] = (BENCH / "convergence_gpu.sh").read_text().split("set -u")[0]
     names, steptime_names = set(), set()
     for job, argvs in commands.items():
         for argv in argvs:
