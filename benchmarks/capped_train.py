@@ -65,10 +65,9 @@ def one_depth(args) -> None:
     import torch
 
     from compact_dist.tools.memory_plan import prediction_line, setup_from
+    from compact_dist.training.progress import local_memory_gib
     from compact_dist.training.train import run
     from compact_dist.training.train_config import load_train_config
-
-    from compact_dist.training.progress import local_memory_gib
 
     if torch.cuda.is_available():
         device = torch.device("cuda", 0)
@@ -80,7 +79,8 @@ def one_depth(args) -> None:
         raise SystemExit("capped_train.py: no GPU to cap; --cap-gib 0 runs uncapped on the CPU")
     else:
         device, total = torch.device("cpu"), 0
-    cfg = load_train_config(args.config, overrides_for(args, args.one, args.corpus))
+    overrides = overrides_for(args, args.one, args.corpus)
+    cfg = load_train_config(args.config, overrides)
     predicted = prediction_line(setup_from(cfg, 1, device.type,
                                            "flash" if device.type == "cuda" else "math"))
     start = time.perf_counter()
@@ -102,7 +102,7 @@ def one_depth(args) -> None:
         "losses": history["losses"], "lines": history["lines"],
         "predicted": predicted, "seconds": time.perf_counter() - start,
         "device": torch.cuda.get_device_name(device) if total else "cpu",
-        "overrides": overrides_for(args, args.one, args.corpus),
+        "overrides": overrides,
     }
     Path(args.child_out).write_text(json.dumps(result, indent=1))
 

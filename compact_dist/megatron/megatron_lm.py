@@ -209,13 +209,13 @@ class MegatronLMMerge:
             raise ValueError(f"compact_dist with Megatron-LM: the run starts at iteration "
                              f"{iteration} (a resumed checkpoint); resuming is not supported "
                              "yet (the projection bases are not in Megatron-LM's checkpoint)")
-        modules = [_unwrapped(chunk) for chunk in model]
-        self.layers = [layer for m in modules for layer in compact_layers(m)]
+        chunks = [(m, compact_layers(m)) for m in map(_unwrapped, model)]
+        self.layers = [layer for _, layers in chunks for layer in layers]
         if not self.layers:
             raise ValueError("compact_dist with Megatron-LM: the model has no compact layer "
                              "(pass --spec compact_dist.megatron.megatron_lm "
                              "compact_gpt_layer_spec)")
-        self.steppers = [SubspaceStepper(m, compression) for m in modules if compact_layers(m)]
+        self.steppers = [SubspaceStepper(m, compression) for m, layers in chunks if layers]
         MEGATRON_LM_BACKEND.track([layer.subspace_factor for layer in self.layers])
 
     def check(self, config, optimizer) -> None:
@@ -261,8 +261,9 @@ _MERGE: Optional[MegatronLMMerge] = None
 def install(compression: Optional[CompressionConfig] = None) -> None:
     """Wrap megatron.training.training.train_step with the merge after each step that
     updated the parameters, register MegatronLMBackend and build the final norm as
-    compact_dist's (megatron-core's LayerNormImpl). Call before the model is built. compression: the settings the
-    spec was built with (default: this module's, from COMPACT_DIST_CONFIG). Idempotent."""
+    compact_dist's (megatron-core's LayerNormImpl). Call before the model is built.
+    compression: the settings the spec was built with (default: this module's, from
+    COMPACT_DIST_CONFIG). Idempotent."""
     import megatron.core.transformer.transformer_block as transformer_block
     import megatron.training.training as training
 

@@ -4,8 +4,9 @@ Megatron-core's fallback norm without apex or transformer-engine (`WrappedTorchN
 `sequence_parallel=True`. Under sequence parallelism a norm sees only its TP rank's slice of
 the sequence, so its weight gradient is partial; like Megatron's FusedLayerNorm, this norm tags
 its parameters `sequence_parallel=True` so that the gradient is summed over the TP group
-(`compact_dist.megatron.sequence_parallel.allreduce_sequence_parallel_grads` under DeepSpeed,
-Megatron's finalize_model_grads under Megatron's DDP). Input [s(/tp), b, h] -> output of the same shape.
+(megatron/sequence_parallel.py's allreduce_sequence_parallel_grads under DeepSpeed,
+Megatron's finalize_model_grads under Megatron's DDP). Input [s(/tp), b, h] -> output of the
+same shape.
 
 With fp8_storage=True (`activations.fp8_storage: [norm]`) the factory builds Fp8RMSNorm /
 Fp8LayerNorm: subclasses of torch's norms (same parameters, state-dict keys and forward

@@ -22,7 +22,8 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module) -> int:
     finalize_model_grads; DeepSpeed does not know about them. This registers a tensor hook on
     each such parameter that all-reduces its gradient over the TP group *before* it is
     accumulated, so the engine (DeepSpeed's post-accumulation hooks at any ZeRO stage) and
-    clipping see the full gradient; the gradients live on the tensor-parallel group's ranks. Returns the number of hooked parameters (0 without sequence parallelism).
+    clipping see the full gradient; the gradients live on the tensor-parallel group's ranks.
+    Returns the number of hooked parameters (0 without sequence parallelism).
     """
     if ps.get_tensor_model_parallel_world_size() == 1:
         return 0

@@ -15,8 +15,9 @@ from compact_dist.training.train_config import TrainConfig, world_from_environme
 
 def init_distributed(cfg: TrainConfig) -> torch.device:
     """Collective over every rank of the environment's world: the world group, DeepSpeed's
-    comm on it (train.engine=deepspeed), Megatron's groups (TP per cfg.parallel, the rest data-parallel) and the
-    seeded RNG tracker. Returns this rank's device (cuda:LOCAL_RANK, else the CPU)."""
+    comm on it (train.engine=deepspeed), Megatron's groups (TP per cfg.parallel, the rest
+    data-parallel) and the seeded RNG tracker. Returns this rank's device (cuda:LOCAL_RANK,
+    else the CPU)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
