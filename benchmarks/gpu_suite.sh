@@ -54,7 +54,7 @@ convergence350m|1|0|150|2 x 9|convergence350m.{json,md}, convergence350m_ppl.png
 kept_energy_7b|1|300|200|5|kept_energy_7b.{json,md}|kept_energy.py at 7B on one GPU (the compact-plan config for world size 1: TP 1, ZeRO-1, fp32 W0, micro-batch 2, no recompute), 80 steps, P re-estimated every 20
 offload_7b_24gb|1|560|420|9|offload_7b_24gb.{json,md}|capped_train.py: the 7B preset configs/train/llama_7b_24gb.yaml (ZeRO-1 + optimizer offload, bf16 W0, full recompute, micro-batch 1) under a 24 GiB cap (set_per_process_memory_fraction) at global batch 64 and 256, 3 optimizer steps each: peak allocated / reserved, host RSS, step time, tokens/s, MFU beside compact-plan
 convergence110m_offload|1|0|150|6|convergence110m_offload.{json,md}, convergence110m_offload_ppl.png, convergence110m_offload/|the pca r1/4 default with the optimizer offloaded to the host (ZeRO-1 + DeepSpeed offload, issue 28), two seeds sharing one GPU, in the data order of convergence110m_lr2, beside its baseline and on-GPU pca seeds (copied); resumable
-megatron_lm_client|1|420|200|7|megatron_lm_client.{json,md}|megatron_lm_client.py: Megatron-LM own pretrain_gpt.py (core_v0.16.1 checkout in .mlm, or MLM=dir) on mock data, tiny GPT, 100 iterations, with the compact_dist spec and merge and with the Megatron local spec, fp32 and bf16 (issue 26 item 6)
+megatron_lm_client|1|560|300|9|megatron_lm_client.{json,md}|megatron_lm_client.py: Megatron-LM own pretrain_gpt.py (core_v0.16.1 checkout in .mlm, or MLM=dir) with the compact_dist spec and merge, beside compact-train with the same settings on the same indexed data (compact-train stdlib corpus, vocabulary 4096), tiny GPT, 200 iterations: fp32 two seeds each, bf16, and the Megatron local-spec baseline (issue 26 item 6)
 kept_energy_1.3b|1|480|300|8|kept_energy_1.3b.{json,md}|kept_energy.py: what P of the pca r1/4 default keeps of the weight gradient of every layer at 1.3B, micro-batch 8, host corpus, 300 steps from scratch, measured before each re-estimate (every 25 steps)
 estimate_cost|1|200|90|2|estimate_cost.json|estimate_cost.py: what a data-aware re-estimate of P costs per step, 110M and 1.3B
 eigh_cost|1|90|30|1|eigh_cost.json|eigh_cost.py: the k x k eigendecompositions of a 1.3B estimate, cusolver vs host thread pools
@@ -305,7 +305,7 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
       keep offload_7b_24gb.json offload_7b_24gb.md ;;
     megatron_lm_client)
       x "$JT" "$PY" "$B"/megatron_lm_client.py --megatron-lm "${MLM:-.mlm}" \
-        --timeout-s "$(( JT / 4 - 10 ))" --out-dir "$JW" --name megatron_lm_client || rc=$?
+        --timeout-s "$(( JT / 8 ))" --out-dir "$JW" --name megatron_lm_client || rc=$?
       keep megatron_lm_client.json megatron_lm_client.md ;;
     kept_energy_7b)
       x "$JT" "$PY" "$B"/kept_energy.py "${KE7[@]}" --out-dir "$JW" --name kept_energy_7b \

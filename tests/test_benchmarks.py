@@ -760,22 +760,48 @@ def test_capped_train_job_parses_its_gpu_and_tiny_commands():
         capped_train.parse_args(["--steps", "1"])
 
 
-def test_megatron_lm_client_commands_and_log_parsing():
-    """megatron_lm_client.py: the compact variants run pretrain_gpt.py through compact_dist's
-    launcher with the spec object, the baselines plainly; Megatron-LM's log lines give the
-    loss per iteration."""
+def test_megatron_lm_client_commands_and_log_parsing(tmp_path):
+    """megatron_lm_client.py: the Megatron-LM variants run pretrain_gpt.py (compact through
+    compact_dist's launcher and spec object) and compact-train on the same indexed prefix with
+    the same seed, sample count and settings; both logs give the loss per iteration, and the
+    comparisons pair client with compact-train and seed with seed."""
     import megatron_lm_client as client
 
     args = client.parse_args(["--megatron-lm", "/m", "--iterations", "7"])
-    compact, base = client.command(args, "compact_bf16"), client.command(args, "baseline_fp32")
+    corpus, work = tmp_path / "corpus", tmp_path / "work"
+    compact = client.command(args, "mlm_compact_bf16_s3", corpus, work)
+    base = client.command(args, "mlm_baseline_fp32_s3", corpus, work)
+    train = client.command(args, "train_compact_fp32_s3", corpus, work)
     at = compact.index("-m", 3)
     assert compact[at:at + 3] == ["-m", "compact_dist.megatron.megatron_lm", "/m/pretrain_gpt.py"]
     assert compact[-4:] == ["--spec", "compact_dist.megatron.megatron_lm",
                             "compact_gpt_layer_spec", "--bf16"]
     assert "--spec" not in base and "--bf16" not in base and "/m/pretrain_gpt.py" in base
-    assert base[base.index("--train-iters") + 1] == "7"
+    assert base[base.index("/m/pretrain_gpt.py") - 1].endswith("megatron_lm_plain.py")
+    for cmd in (compact, base):  # seed (also Megatron's data seed), samples, data
+        assert cmd[cmd.index("--train-iters") + 1] == "7" and cmd[cmd.index("--seed") + 1] == "3"
+        assert cmd[cmd.index("--train-data-path") + 1] == str(corpus / "train")
+        assert cmd[cmd.index("--vocab-size") + 1] == str(client.VOCAB - 1)
+        assert cmd[cmd.index("--lr-warmup-iters") + 1] == "0"
+    assert {"train.train_steps=7", "train.seed=3", "data.seed=3", "optim.warmup_steps=0",
+            f"data.paths={corpus / 'train'}", "train.precision=fp32",
+            "optim.beta2=0.95"} <= set(train)
+    assert base[base.index("--adam-beta2") + 1] == "0.95"
+    with pytest.raises(SystemExit):
+        client.parse_args(["--megatron-lm", "/m", "--variants", "train_baseline_fp32_s1"])
     log = (" [2026-12-03 10:00:00] iteration        1/     100 | consumed samples:            8 "
            "| learning rate: 1.0E-04 | lm loss: 8.318130E+00 | loss scale: 1.0 |\n"
            " [2026-12-03 10:00:01] iteration        2/     100 | consumed samples:           16 "
            "| lm loss: 8.101000E+00 | loss scale: 1.0 |\n")
     assert client.losses_of(log) == {1: 8.31813, 2: 8.101}
+    ours = ("[2026-12-03 18:03:48] iteration 1/4 | consumed tokens 2,048 | loss 8.3343 | lr "
+            "1.000E-03 | grad norm 4.563 | skipped 0\n[x] iteration 2/4 | consumed tokens 4,096 "
+            "| loss 8.1120 | lr 8.682E-04 |\n")
+    assert client.losses_of(ours, "train") == {1: 8.3343, 2: 8.112}
+    runs = {"mlm_compact_fp32_s1": {"losses": {1: 8.0, 2: 7.0}},
+            "train_compact_fp32_s1": {"losses": {1: 8.0, 2: 7.5}},
+            "mlm_compact_fp32_s2": {"losses": {1: 9.0, 2: 7.0}}}
+    got = {(c["a"], c["b"]): c for c in client.comparisons(runs)}
+    assert got[("mlm_compact_fp32_s1", "train_compact_fp32_s1")]["max_abs_diff_all"] == 0.5
+    assert got[("mlm_compact_fp32_s1", "mlm_compact_fp32_s2")]["max_abs_diff_first10"] == 1.0
+    assert len(got) == 2

@@ -271,6 +271,7 @@ def install(compression: Optional[CompressionConfig] = None) -> None:
     from compact_dist.megatron.norm import SequenceParallelTorchNorm
 
     register_backend(MEGATRON_LM_BACKEND)
+    _use_packaged_dataset_helpers()
     # the final norm: Megatron builds it from LayerNormImpl when --spec names a layer spec
     transformer_block.LayerNormImpl = SequenceParallelTorchNorm
     if getattr(training.train_step, "compact_dist_merge", False):
@@ -295,6 +296,23 @@ def install(compression: Optional[CompressionConfig] = None) -> None:
 
     train_step.compact_dist_merge = True
     training.train_step = train_step
+
+
+def _use_packaged_dataset_helpers() -> None:
+    """Megatron-LM's initialize runs megatron-core's `compile_helpers()` (`make` in
+    megatron/core/datasets). The megatron-core wheel ships those helpers compiled
+    (`helpers_cpp`) but no Makefile, so with a pip-installed megatron-core the make fails and
+    Megatron-LM exits. Where the Makefile is absent, compile_helpers becomes an import of the
+    packaged module (ImportError if the wheel has none); a source checkout keeps Megatron's."""
+    import megatron.core.datasets.utils as dataset_utils
+
+    if (Path(dataset_utils.__file__).parent / "Makefile").exists():
+        return
+
+    def compile_helpers() -> None:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+
+    dataset_utils.compile_helpers = compile_helpers
 
 
 def main(argv: Optional[list[str]] = None) -> None:
