@@ -385,3 +385,28 @@ def test_plan_finds_the_24gb_preset_only_with_offload(tmp_path, capsys):
     assert preset.model.seq_length == 2048 and preset.compression.ratio == 0.25
     with pytest.raises(SystemExit, match="no candidate fits 24 GiB"):
         plan_main(argv + ["--offload", "none"])
+
+
+def test_sketch_and_basis_prediction_is_what_the_layers_hold(megatron_tp1):
+    """pca: the planner's fp32 basis and estimating-step sketch bytes are what the compact
+    layers hold (row-parallel layers in 2 blocks): a warm-started sketch owns S and Q0's extra
+    columns only (its first columns are the basis); the first one, from the Gaussian P, owns
+    all of Q0 and there is no basis yet: the same total."""
+    from compact_dist.core.subspace import compact_layers
+    from compact_dist.training.model_setup import build_model
+
+    cfg = load_train_config(None, TINY + ["compression.ratio=0.25", "compression.projection=pca",
+                                          "compression.row_parallel_blocks=2"])
+    model = build_model(cfg, torch.device("cpu"), False, VOCAB)
+    layers = compact_layers(model)
+    predicted = predict(setup_from(cfg, 1, "cpu", "flash"))["projection"]
+    first = sum(layer.start_sketch("pca").stored_bytes() for layer in layers)
+    for layer in layers:  # as after an estimate: an orthonormal basis of the same shape
+        layer.resample_projection(torch.linalg.qr(layer.projection_blocks())[0])
+    basis = sum(layer.basis.untyped_storage().nbytes() for layer in layers)
+    sketches = [layer.start_sketch("pca") for layer in layers]
+    assert all(sk.kept is layer.basis for sk, layer in zip(sketches, layers))
+    warm = sum(sk.stored_bytes() for sk in sketches)
+    assert predicted["P basis (fp32, data-aware)"] == basis
+    assert predicted["sketch S, Q0 extra columns (fp32, estimating steps)"] == warm
+    assert first == warm + basis

@@ -23,7 +23,9 @@ from input columns j only, so TP = 1, 2, 4 estimate the same P for a fixed block
 
 Repeated every resample, the warm start makes this a subspace iteration over training: each
 resample is one more power step on a slowly moving C. No tensor bigger than [blocks, n/blocks,
-k] is kept per layer; the sums C Q0 never form C.
+k] is kept per layer; the sums C Q0 never form C. A warm-started Q0's first r_b columns are
+the previous P itself: the sketch references the layer's fp32 P and stores only the other
+columns (SubspaceSketch.kept / new_columns).
 
 Shapes: x [..., kb * b] (this rank's input columns), g [m, kb * b] (this rank's gradient
 shard), blocks [kb, b, r_b] (P's diagonal blocks of this TP rank), sums [kb, b, k].
@@ -61,6 +63,15 @@ class SubspaceSketch:
     kind: a data-aware ProjectionKind or its name (compact_dist.core.projection_kinds):
         fed in forward (add_input, kind.sketch_in_forward: 'pca') or in a probe's backward
         (add_gradient: 'gradient'), which `fed_in_backward` tells the layers.
+
+    Q0 = [kept | new_columns] (fp32; `test_columns` puts blocks of it together): an
+    orthonormal fp32 `previous` (every data-aware P after the first estimate) is Q0's first
+    r_b columns as it is, so `kept` is that tensor itself, not a copy (the layer's basis,
+    whose memory the layer holds anyway), and `new_columns` holds only the p extra columns
+    [kb, b, p]. The owner must not change `previous` in place while the sketch lives (a
+    layer replaces its basis at a resample, never writes into it): every use checks the
+    tensor's version counter and raises if it moved. A Gaussian `previous` (the first
+    estimate) is no part of Q0: then `kept` is None and `new_columns` is all of Q0 [kb, b, k].
     """
 
     def __init__(self, previous: torch.Tensor, kind: Union[str, ProjectionKind], seed: int,
@@ -74,9 +85,20 @@ class SubspaceSketch:
             gen.manual_seed(block_seed(seed, layer_id, _SKETCH_EPOCH_OFFSET + epoch,
                                        first_block + i))
             torch.randn(b, extra, generator=gen, device=previous.device, out=omega[i])
-        self.test_basis = _orthonormal_extension(previous.double(), omega.double(),
-                                                 orthonormal).float()
-        self.sums = torch.zeros_like(self.test_basis)  # C Q0
+        if orthonormal is None:
+            orthonormal = _is_orthonormal(previous.double())
+        if orthonormal:  # Q0 = [previous, E]: keep a reference to previous, store E
+            self.kept: Optional[torch.Tensor] = (
+                previous if previous.dtype == torch.float32 else previous.float())
+            self.new_columns = _orthonormal_complement(previous.double(),
+                                                       omega.double()).float()
+        else:
+            self.kept = None
+            self.new_columns = torch.linalg.qr(
+                torch.cat([previous.double(), omega.double()], dim=-1))[0].float()
+        self._kept_version = None if self.kept is None else self.kept._version
+        self.sums = torch.zeros((kb, b, rb + extra), dtype=torch.float32,
+                                device=previous.device)  # C Q0
         self.kind = projection_kind(kind)
         if not self.kind.data_aware:
             raise ValueError(f"a {self.kind} projection is not estimated from a sketch")
@@ -86,22 +108,48 @@ class SubspaceSketch:
 
     @property
     def num_blocks(self) -> int:
-        return self.test_basis.shape[0]
+        return self.new_columns.shape[0]
+
+    def test_columns(self, part: slice = slice(None),
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Q0 of blocks `part` in `dtype`: [len, b, k]; [kept | new_columns] put together (a
+        copy of these blocks) or, without `kept`, `new_columns` (a view in fp32)."""
+        if self.kept is None:
+            return self.new_columns[part].to(dtype)
+        if self.kept._version != self._kept_version:
+            raise RuntimeError("the P a sketch was started from changed in place while the "
+                               "sketch was open: its test basis Q0 = [P | E] is no longer "
+                               "the one S = C Q0 was accumulated with")
+        return torch.cat([self.kept[part].to(dtype), self.new_columns[part].to(dtype)],
+                         dim=-1)
+
+    @property
+    def test_basis(self) -> torch.Tensor:
+        """All of Q0 [kb, b, k] fp32 (a copy where `kept` is shared: for inspection; the
+        estimate itself takes blocks of it through `test_columns`)."""
+        return self.test_columns()
+
+    def stored_bytes(self) -> int:
+        """Bytes this sketch holds itself: S and Q0's columns it owns (not `kept`, the
+        caller's P)."""
+        return sum(t.numel() * t.element_size() for t in (self.sums, self.new_columns))
 
     @torch.no_grad()
     def add_input(self, x: torch.Tensor) -> None:
-        """S += X^T (X Q0) per block, X = the tokens of x [..., kb * b] (in x's dtype)."""
-        kb, b, _ = self.test_basis.shape
+        """S += X^T (X Q0) per block, X = the tokens of x [..., kb * b] (in x's dtype). X Q0
+        is one product with all k columns (X P alone, as forward computes it, rounds
+        differently: GEMM kernels differ by shape)."""
+        kb, b = self.sums.shape[:2]
         xb = x.detach().reshape(-1, kb, b).transpose(0, 1)  # [kb, T, b]
-        xq = torch.bmm(xb, self.test_basis.to(x.dtype))  # [kb, T, k]
+        xq = torch.bmm(xb, self.test_columns(dtype=x.dtype))  # [kb, T, k]
         self.sums += torch.bmm(xb.transpose(1, 2), xq).float()
 
     @torch.no_grad()
     def add_gradient(self, g: torch.Tensor) -> None:
         """S += G^T (G Q0) per block, G [m, kb * b] (fp32)."""
-        kb, b, _ = self.test_basis.shape
+        kb, b = self.sums.shape[:2]
         gb = g.detach().float().reshape(g.shape[0], kb, b).transpose(0, 1)  # [kb, m, b]
-        self.sums += torch.bmm(gb.transpose(1, 2), torch.bmm(gb, self.test_basis))
+        self.sums += torch.bmm(gb.transpose(1, 2), torch.bmm(gb, self.test_columns()))
 
     def top(self) -> Optional[torch.Tensor]:
         """Orthonormal top-r_b eigenvector estimates of C per block, [kb, b, r_b] fp32, in
@@ -142,7 +190,8 @@ def nystrom_factors(sketches: list[SubspaceSketch]) -> list[NystromGroup]:
     """Step 1 of `top_eigenvectors` (on the sketches' stream, chunked): which sketches saw
     data (one host sync), then per shape Y, Q0^T Y and Y^T Y in fp64 (the only tall products;
     the rest is k x k), the latter two copied to host memory (asynchronously with CUDA: wait
-    for the stream before reading them). Sketches that saw nothing are in no group."""
+    for the stream before reading them). Sketches that saw nothing are in no group. Q0 and S
+    are put together one chunk of blocks at a time (`_blocks_of`)."""
     groups: dict[tuple, list[int]] = {}
     if not sketches:
         return []
@@ -154,23 +203,37 @@ def nystrom_factors(sketches: list[SubspaceSketch]) -> list[NystromGroup]:
             groups.setdefault(key, []).append(i)
     out = []
     for (shape, rank, device), members in groups.items():
-        sums = torch.cat([sketches[i].sums for i in members])
-        basis = torch.cat([sketches[i].test_basis for i in members])
-        n, (b, k) = sums.shape[0], shape
+        group_sketches = [sketches[i] for i in members]
+        n, (b, k) = sum(sk.num_blocks for sk in group_sketches), shape
         cuda = device.type == "cuda"
         group = NystromGroup(
-            members, [sketches[i].num_blocks for i in members], rank,
+            members, [sk.num_blocks for sk in group_sketches], rank,
             torch.empty((n, b, k), dtype=torch.float64, device=device),
             torch.empty((n, k, k), dtype=torch.float64, pin_memory=cuda),
             torch.empty((n, k, k), dtype=torch.float64, pin_memory=cuda))
         for part in _chunks(n, b * k):
-            s, q0 = sums[part].double(), basis[part].double()
+            s, q0 = _blocks_of(group_sketches, part)
             y = group.y[part]
             torch.add(s, 1e-10 * torch.linalg.matrix_norm(s, keepdim=True) * q0, out=y)
             group.gram_b[part].copy_(_symmetric(q0.transpose(1, 2) @ y), non_blocking=cuda)
             group.gram_y[part].copy_(_symmetric(y.transpose(1, 2) @ y), non_blocking=cuda)
         out.append(group)
     return out
+
+
+def _blocks_of(sketches: list[SubspaceSketch], part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """S and Q0 (fp64 [len, b, k] each) of the blocks `part` of the sketches' blocks laid end
+    to end: only these blocks are put together (no copy of a whole group's Q0 or S)."""
+    sums, bases, start = [], [], 0
+    for sk in sketches:
+        stop = start + sk.num_blocks
+        lo, hi = max(part.start, start), min(part.stop, stop)
+        if lo < hi:
+            own = slice(lo - start, hi - start)
+            sums.append(sk.sums[own])
+            bases.append(sk.test_columns(own))
+        start = stop
+    return torch.cat(sums).double(), torch.cat(bases).double()
 
 
 def solver_threads() -> int:
@@ -293,28 +356,27 @@ def _symmetric(a: torch.Tensor) -> torch.Tensor:
     return 0.5 * (a + a.transpose(-1, -2))
 
 
-def _orthonormal_extension(previous: torch.Tensor, extra: torch.Tensor,
-                           orthonormal: Optional[bool] = None) -> torch.Tensor:
-    """Q0 [kb, b, r_b + p]: orthonormal, spanning [previous, extra]. An orthonormal previous
-    P (data-aware) is kept as the first columns and only the extra columns are
-    orthogonalised: Gram-Schmidt against P twice, then Cholesky-QR twice on the b x p block
-    (batched GEMMs and p x p Cholesky factors, no host sync: the Gaussian block is
-    well-conditioned, b >= p + r_b). A Gaussian one goes through one QR of b x k."""
-    if orthonormal is None:
-        gram = previous.transpose(1, 2) @ previous
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        orthonormal = torch.allclose(gram, eye.expand_as(gram), atol=1e-6)
-    if not orthonormal:
-        return torch.linalg.qr(torch.cat([previous, extra], dim=-1))[0]
-    if extra.shape[-1] == 0:
-        return previous
+def _is_orthonormal(p: torch.Tensor) -> bool:
+    """Whether every block of p [kb, b, r] has orthonormal columns (to 1e-6; one host sync)."""
+    gram = p.transpose(1, 2) @ p
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return torch.allclose(gram, eye.expand_as(gram), atol=1e-6)
+
+
+def _orthonormal_complement(previous: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """E [kb, b, p]: orthonormal, orthogonal to the orthonormal `previous` [kb, b, r_b], with
+    [previous, E] spanning [previous, extra]: Gram-Schmidt against previous twice, then
+    Cholesky-QR twice on the b x p block (batched GEMMs and p x p Cholesky factors, no host
+    sync: the Gaussian block is well-conditioned, b >= p + r_b)."""
     for _ in range(2):  # classical Gram-Schmidt, twice is enough
         extra = extra - previous @ (previous.transpose(1, 2) @ extra)
+    if extra.shape[-1] == 0:
+        return extra
     for _ in range(2):  # Cholesky-QR2: E <- E L^{-T} with L L^T = E^T E
         chol, _ = torch.linalg.cholesky_ex(extra.transpose(1, 2) @ extra)
         extra = torch.linalg.solve_triangular(chol, extra.transpose(1, 2),
                                               upper=False).transpose(1, 2)
-    return torch.cat([previous, extra], dim=-1)
+    return extra
 
 
 def transport_map(old: torch.Tensor, new: torch.Tensor,

@@ -253,7 +253,11 @@ class CompactLinearMixin:
     # ---------------------------------------------------------------- data-aware P
     def start_sketch(self, kind) -> SubspaceSketch:
         """Begin estimating the next data-aware P from the current one (warm start); kind: a
-        data-aware compact_dist.core.projection_kinds.ProjectionKind or its name."""
+        data-aware compact_dist.core.projection_kinds.ProjectionKind or its name. A data-aware
+        P is handed over as the fp32 basis tensor itself (projection_blocks(fp32) is `basis`
+        on its device), which the sketch references as Q0's first columns instead of copying:
+        the basis is only ever replaced (resample_projection, a checkpoint load), never
+        written in place, and the sketch raises if it was."""
         p = self.projection
         self.sketch = SubspaceSketch(
             self.projection_blocks(torch.float32), kind, self.compression.seed, self.layer_id,

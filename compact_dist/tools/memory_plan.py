@@ -63,6 +63,7 @@ from typing import Optional
 
 import yaml
 
+from compact_dist.core.basis import oversampling
 from compact_dist.core.config import ALL_ROLES, COLUMN_ROLES
 from compact_dist.core.config_loading import validate
 from compact_dist.tools.memory_report import static_bytes
@@ -156,7 +157,10 @@ class Setup:
 def roles(setup: Setup) -> dict[str, dict]:
     """Per linear role: global in / out features, parallel kind, and when compressed the
     rank r, the local width of Z ([s, b, r] column-parallel, [s, b, r/tp] row-parallel) and
-    the local A shape. `exact`: the role keeps its exact input (compression.exact_input)."""
+    the local A shape. `exact`: the role keeps its exact input (compression.exact_input).
+    p_elems: this rank's P blocks; sketch_elems: what a warm-started estimate's sketch
+    stores (compact_dist.core.basis.SubspaceSketch): S [blocks, b, r_b + p] and Q0's extra
+    columns [blocks, b, p] (Q0's first r_b columns are the layer's basis itself)."""
     m, c, tp = setup.cfg.model, setup.cfg.compression, setup.tp
     shapes = {role: (n, mo) for role, (_, n, mo) in m.linear_shapes().items()}
     exact = set(getattr(c, "exact_input", []) or [])
@@ -169,9 +173,13 @@ def roles(setup: Setup) -> dict[str, dict]:
         if s is not None:
             blocks = 1 if column else c.row_parallel_blocks
             r = s.rank_for(n, blocks)
+            local_blocks = 1 if column else blocks // tp
+            b, rb = n // blocks, r // blocks
+            extra = oversampling(b, rb)
             info.update(rank=r, z_width=r if column else r // tp,
                         a_shape=(mo // tp, r) if column else (mo, r // tp),
                         p_elems=(n * r) if column else (n * r // blocks // tp),
+                        sketch_elems=local_blocks * b * (rb + 2 * extra),
                         saves_z=role not in exact)
         out[role] = info
     return out
@@ -180,12 +188,12 @@ def roles(setup: Setup) -> dict[str, dict]:
 def param_counts(setup: Setup) -> dict[str, int]:
     """Local (this TP rank) element counts: w0 (frozen bases), a (trainable factors), other
     (every other trainable parameter) and w0_bytes (at the base dtype), p (projection
-    elements), largest_w0 (elements of the biggest frozen matrix), output (the output
-    layer's weight), largest_a / largest_trainable (of one factor A / any trainable
-    tensor)."""
+    elements), sketch (the elements an estimating step's sketches store, `roles`),
+    largest_w0 (elements of the biggest frozen matrix), output (the output layer's weight),
+    largest_a / largest_trainable (of one factor A / any trainable tensor)."""
     m, c, tp = setup.cfg.model, setup.cfg.compression, setup.tp
     h = m.hidden_size
-    counts = dict(w0=0, w0_bytes=0, a=0, other=0, p=0, largest_w0=0, largest_a=0)
+    counts = dict(w0=0, w0_bytes=0, a=0, other=0, p=0, sketch=0, largest_w0=0, largest_a=0)
     for role, info in roles(setup).items():
         full = info["in"] * info["out"] // tp
         s = info["setting"]
@@ -200,8 +208,9 @@ def param_counts(setup: Setup) -> dict[str, int]:
             counts["other"] += full
         if s is not None:
             counts["p"] += info["p_elems"]
+            counts["sketch"] += info["sketch_elems"]
     L = m.num_layers
-    for key in ("w0", "w0_bytes", "a", "other", "p"):
+    for key in ("w0", "w0_bytes", "a", "other", "p", "sketch"):
         counts[key] *= L
     counts["other"] += 2 * h * L + h                          # norms, final norm
     counts["output"] = setup.vocab // tp * h
@@ -369,8 +378,10 @@ def predict(setup: Setup) -> dict:
     proj = {"P blocks (cached, activation dtype)": e * n["p"]}
     if data_aware:
         proj["P basis (fp32, data-aware)"] = 4 * n["p"]
-        # estimating steps: Q0 and S, fp32 [blocks, n_b, k], k ~ r_b + max(8, r_b / 4)
-        proj["sketch Q0, S (fp32, estimating steps)"] = 2 * 4 * n["p"] * 1.25
+        # estimating steps: S [blocks, n_b, k] and Q0's extra columns [blocks, n_b, k - r_b]
+        # (fp32, k = r_b + oversampling); Q0's first r_b columns are the basis above. The
+        # first estimate (from the Gaussian P, no basis yet) stores all of Q0: the same bytes
+        proj["sketch S, Q0 extra columns (fp32, estimating steps)"] = 4 * n["sketch"]
     persistent = (static["W0 (frozen bases)"] + static["A (trainable factors)"]
                   + static["other trainable params"] + static["fp32 masters"]
                   + static["Adam moments"] + sum(proj.values()))
