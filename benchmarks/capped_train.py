@@ -10,7 +10,8 @@ Each depth runs in its own process (fresh CUDA peak counters) with
 out-of-memory as it would on the smaller card. Data: the host corpus (benchmarks/host_corpus.py,
 built under --cache-dir unless --corpus names one); no evaluation, no checkpoint; the first step
 (allocator warm-up, first offload copies) is left out of the time, not out of the peak.
-Writes <name>.json and <name>.md.
+Writes <name>.json and <name>.md, and each depth's compact-train output to <name>.gb<N>.log
+(a failed depth's last 40 lines also in the JSON).
 """
 
 from __future__ import annotations
@@ -156,12 +157,17 @@ def main(argv=None) -> None:
                "--config", args.config, "--cap-gib", str(args.cap_gib), "--steps",
                str(args.steps), "--corpus", args.corpus, "--cache-dir", args.cache_dir,
                *args.overrides]
-        rc = subprocess.run(cmd).returncode
+        log = out / f"{args.name}.gb{gb}.log"  # the child's whole output, kept
+        with log.open("w") as sink:
+            rc = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT).returncode
+        lines = log.read_text(errors="replace").splitlines()
+        print("\n".join(lines[-15:]), flush=True)
         if rc == 0:
             depths.append(json.loads(child_out.read_text()))
             child_out.unlink()
-        else:
-            depths.append({"global_batch": gb, "error": f"exit status {rc}"})
+        else:  # e.g. where an out-of-memory error struck
+            depths.append({"global_batch": gb, "error": f"exit status {rc}",
+                           "log_tail": lines[-40:]})
         result = {"config": os.path.relpath(args.config, ROOT), "cap_GiB": args.cap_gib,
                   "device": next((d["device"] for d in depths if "device" in d), "?"),
                   "overrides": args.overrides, "depths": depths}

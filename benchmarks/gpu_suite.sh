@@ -53,6 +53,8 @@ convergence110m_lr2|1|0|150|4 calls of 9|convergence110m_lr2.{json,md}, converge
 convergence350m|1|0|150|2 x 9|convergence350m.{json,md}, convergence350m_ppl.png, convergence350m/|350M, baseline and the pca r1/4 default, two seeds each (four runs sharing one GPU), 8M tokens of the host corpus of the 110M preset, with the kept-energy telemetry of the pca runs; resumable
 kept_energy_7b|1|300|200|5|kept_energy_7b.{json,md}|kept_energy.py at 7B on one GPU (the compact-plan config for world size 1: TP 1, ZeRO-1, fp32 W0, micro-batch 2, no recompute), 80 steps, P re-estimated every 20
 offload_7b_24gb|1|560|420|9|offload_7b_24gb.{json,md}|capped_train.py: the 7B preset configs/train/llama_7b_24gb.yaml (ZeRO-1 + optimizer offload, bf16 W0, full recompute, micro-batch 1) under a 24 GiB cap (set_per_process_memory_fraction) at global batch 64 and 256, 3 optimizer steps each: peak allocated / reserved, host RSS, step time, tokens/s, MFU beside compact-plan
+offload_7b_24gb_ga512|1|580|460|8|offload_7b_24gb_ga512.{json,md}|capped_train.py: the preset at global batch 512 (its default), the same cap, 3 optimizer steps: MFU where the host AdamW step amortises
+offload_7b_24gb_pca|1|300|150|3|offload_7b_24gb_pca.{json,md}|capped_train.py: the pca default in the leanest pca plan of compact-plan for 24 GiB (the preset with compression.projection=pca, ZeRO-2, P re-estimated every step so that steps 1-2 use the warm-started sketch) under the 24 GiB cap, global batch 64
 convergence110m_offload|1|0|150|6|convergence110m_offload.{json,md}, convergence110m_offload_ppl.png, convergence110m_offload/|the pca r1/4 default with the optimizer offloaded to the host (ZeRO-1 + DeepSpeed offload, issue 28), two seeds sharing one GPU, in the data order of convergence110m_lr2, beside its baseline and on-GPU pca seeds (copied); resumable
 megatron_lm_client|1|560|300|9|megatron_lm_client.{json,md}|megatron_lm_client.py: Megatron-LM own pretrain_gpt.py (core_v0.16.1 checkout in .mlm, or MLM=dir) with the compact_dist spec and merge, beside compact-train with the same settings on the same indexed data (compact-train stdlib corpus, vocabulary 4096), tiny GPT, 200 iterations: fp32 two seeds each, bf16, and the Megatron local-spec baseline (issue 26 item 6)
 kept_energy_1.3b|1|480|300|8|kept_energy_1.3b.{json,md}|kept_energy.py: what P of the pca r1/4 default keeps of the weight gradient of every layer at 1.3B, micro-batch 8, host corpus, 300 steps from scratch, measured before each re-estimate (every 25 steps)
@@ -129,6 +131,7 @@ if [ "$TINY" = 1 ]; then
   KE7=("${KE[@]}") CVDATA=$WORK/host110m
   CAP=(--config configs/train/tiny.yaml --cap-gib 0 --global-batch "2,4" --steps 2
        --corpus-max-bytes 2000000 train.offload_pin_memory=false)
+  CAP512=("${CAP[@]}" --global-batch 8) CAPPCA=("${CAP[@]}" --global-batch 2)
   CV33_STATE=$WORK/convergence33m
 else
   P350=350m P13=1.3b P7=7b PINV=350m CVX=() RES=${RES:-$B/results}
@@ -138,6 +141,7 @@ else
        parallel.tensor_model_parallel_size=1 train.zero_stage=1 train.micro_batch_size=2
        compression.ratio=0.25 compression.base_dtype=fp32 recompute.granularity=none)
   CAP=(--global-batch "64,256" --steps 3)
+  CAP512=(--global-batch 512 --steps 3) CAPPCA=(--global-batch 64 --steps 3)
   CVDATA=.cache/host110m   # one host corpus + tokenized dataset for the 110M and 350M jobs
   CV33_STATE=.cache/gpu_suite/convergence33m
 fi
@@ -303,6 +307,15 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
       x "$JT" "$PY" "$B"/capped_train.py "${CAP[@]}" --out-dir "$JW" --name offload_7b_24gb \
         --cache-dir "$WORK/kept_energy" train.eval_batches=1 || rc=$?
       keep offload_7b_24gb.json offload_7b_24gb.md ;;
+    offload_7b_24gb_ga512)
+      x "$JT" "$PY" "$B"/capped_train.py "${CAP512[@]}" --out-dir "$JW" \
+        --name offload_7b_24gb_ga512 --cache-dir "$WORK/kept_energy" train.eval_batches=1 || rc=$?
+      keep offload_7b_24gb_ga512.json offload_7b_24gb_ga512.md ;;
+    offload_7b_24gb_pca)
+      x "$JT" "$PY" "$B"/capped_train.py "${CAPPCA[@]}" --out-dir "$JW" \
+        --name offload_7b_24gb_pca --cache-dir "$WORK/kept_energy" train.eval_batches=1 \
+        compression.projection=pca train.zero_stage=2 compression.resample_interval=1 || rc=$?
+      keep offload_7b_24gb_pca.json offload_7b_24gb_pca.md ;;
     megatron_lm_client)
       x "$JT" "$PY" "$B"/megatron_lm_client.py --megatron-lm "${MLM:-.mlm}" \
         --timeout-s "$(( JT / 8 ))" --out-dir "$JW" --name megatron_lm_client || rc=$?

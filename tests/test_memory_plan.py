@@ -363,14 +363,14 @@ def test_plan_finds_the_24gb_preset_only_with_offload(tmp_path, capsys):
     """The preset configs/train/llama_7b_24gb.yaml is what compact-plan writes for one
     24 GiB GPU (its header's command; levers here narrowed to a set that holds the winner),
     predicted under 22 GiB allocated with the host memory offload takes, at a global batch
-    of 256 sequences of 2048; without offload nothing fits."""
+    of 512 sequences of 2048; without offload nothing fits."""
     from compact_dist.tools.memory_plan import prediction_line
 
     out = tmp_path / "plan.yaml"
     argv = ["--config", LLAMA_7B, "--tp", "1", "--budget-gib", "24", "--ratios", "1/4",
             "--zero", "1,2", "--w0", "bf16", "--fp8", "none,swiglu+attention+norm",
             "--recompute", "none,full", "--micro-batches", "1,2", "--out", str(out),
-            "train.global_batch_size=256", "compression.projection=gaussian"]
+            "train.global_batch_size=512", "compression.projection=gaussian"]
     plan_main(argv)
     capsys.readouterr()
     written = load_train_config(str(out)).model_dump()
