@@ -45,9 +45,10 @@ def train(world: int, overrides: list[str], tmp: Path, name: str) -> dict:
 def _one_after_another(rank, runs, out):
     """Each (name, overrides[, rewind]) of `runs` in turn in the same processes (one start-up
     for all): name "ddp*" is _ddp_losses's DDP run, any other name compact-train's run().
-    rewind = (checkpoint dir, step directory name): before the run, rank 0 points `latest` at
-    that step, as if the job had died there (what `latest` said is kept as
-    "<name>.latest_before"). Each run sets the model-parallel state up itself and this tears
+    rewind = (checkpoint dir, step directory name[, aside]): before the run, rank 0 points
+    `latest` at that step, as if the job had died there (what `latest` said is kept as
+    "<name>.latest_before"; with `aside`, the checkpoint it named is moved there first, so the
+    run writes that step anew). Each run sets the model-parallel state up itself and this tears
     it down after it; the world group stays. Rank 0 writes {name: the run's history (DDP:
     {"losses": [...]})}."""
     from megatron.core import parallel_state
@@ -58,9 +59,11 @@ def _one_after_another(rank, runs, out):
     got = {}
     for name, overrides, *rewind in runs:
         if rewind:
-            ckpt, step = rewind[0]
+            ckpt, step, *aside = rewind[0]
             if rank == 0:
-                got[f"{name}.latest_before"] = (Path(ckpt) / "latest").read_text()
+                got[f"{name}.latest_before"] = before = (Path(ckpt) / "latest").read_text()
+                if aside:
+                    (Path(ckpt) / before).rename(aside[0])
                 (Path(ckpt) / "latest").write_text(step)
             torch.distributed.barrier()
         if name.startswith("ddp"):
