@@ -33,3 +33,17 @@ def megatron_tp1():
         parallel_state.initialize_model_parallel(1)
     model_parallel_manual_seed(1234)
     yield parallel_state
+
+
+@pytest.fixture(scope="session")
+def dp2_runs(tmp_path_factory):
+    """test_train.small's 4-step job at DP=2 (TP=1), run once for the session in one launch
+    of 2 processes: torch DDP's reference ("ddp") and compact-train at ZeRO-1, 2, 3 ("z1",
+    "z2", "z3"; z1 is the default job). {name: history}; test_train and test_fsdp compare
+    against it."""
+    from test_train import small, train_many
+
+    tmp = tmp_path_factory.mktemp("dp2_runs")
+    overrides = small(tmp)
+    return train_many(2, [("ddp", overrides)] + [
+        (f"z{stage}", overrides + [f"train.zero_stage={stage}"]) for stage in (1, 2, 3)], tmp)

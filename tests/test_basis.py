@@ -367,19 +367,21 @@ def test_checkpoint_restores_data_aware_p_bit_exactly_and_resume_reproduces_loss
     """compact-train with pca + transport, checkpoint mid-run, resumed: the next losses and
     the final P equal the uninterrupted run's (T=2: estimates in steps 1, 2, 4, 6, resumed
     after 3)."""
-    from test_train import small, train
+    from test_train import small, train_many
 
     ckpt = tmp_path / "ckpt"
     common = small(tmp_path, f"train.train_steps={total}", "compression.projection=pca",
                    f"train.zero_stage={stage}", "compression.moments_on_resample=transport",
                    f"checkpoint.dir={ckpt}", f"checkpoint.save_interval={resume_at}",
                    "checkpoint.keep_last=5", *extra)
-    full = train(2, common, tmp_path, "full")["losses"]
-    final = _saved_bases(ckpt / f"step_{total:08d}")
-    (ckpt / "latest").write_text(f"step_{resume_at:08d}")  # as if the job died there
+    final_dir = tmp_path / "final"  # the full run's last checkpoint, moved aside
+    runs = train_many(2, [("full", common), (  # one launch; resumed as if the job died there
+        "resumed", common, (str(ckpt), f"step_{resume_at:08d}", str(final_dir)))], tmp_path)
+    assert runs["resumed.latest_before"] == f"step_{total:08d}"
+    full, resumed = runs["full"]["losses"], runs["resumed"]["losses"]
+    final = _saved_bases(final_dir)
     saved = _saved_bases(ckpt / f"step_{resume_at:08d}")
     assert len(saved) == 8 and all(basis is not None for _, basis in saved)
-    resumed = train(2, common, tmp_path, "resumed")["losses"]
     assert resumed == pytest.approx(full[resume_at:], rel=1e-6, abs=1e-6)
     again = _saved_bases(ckpt / f"step_{total:08d}")
     assert [k for k, _ in again] == [k for k, _ in final]

@@ -10,13 +10,11 @@ buffer on torch.cuda.current_device(), distrib_optimizer.py:420 accepts only
 'torch.cuda.FloatTensor' parameters, clip_grads.py:115 allocates the norm on 'cuda'.
 """
 
-import json
-
 import pytest
 import torch
 
 from distributed import run_distributed, run_distributed_raw
-from test_train import _ddp_reference, small, train
+from test_train import small, train_many
 from test_zero import LR, STEPS, WD, _compression, _reference_losses
 
 
@@ -74,28 +72,26 @@ def test_fsdp2_matches_full_batch_reference(megatron_tp1, moments, projection):
     run_distributed(_fsdp_run, 2, moments, projection, expected, tp=1)
 
 
-def test_compact_train_fsdp2_at_tp2_dp2_matches_ddp_and_resumes(tmp_path):
+def test_compact_train_fsdp2_at_tp2_dp2_matches_ddp_and_resumes(tmp_path, dp2_runs):
     """compact-train with train.engine=fsdp2 (ZeRO-3-like: reshard after forward) at
-    TP=2 x DP=2 follows torch DDP's run at DP=2 (kept-energy probes, merges, resamples,
-    clipping over FSDP2 x TP); resumed from its step-2 checkpoint (one DCP checkpoint per TP
-    rank), it repeats steps 3-4 bit for bit."""
+    TP=2 x DP=2 follows torch DDP's run at DP=2 (conftest.dp2_runs; kept-energy probes,
+    merges, resamples, clipping over FSDP2 x TP); resumed from its step-2 checkpoint (one DCP
+    checkpoint per TP rank; both runs in one launch), it repeats steps 3-4 bit for bit."""
     ckpt = tmp_path / "ckpt"
-    overrides = small(tmp_path)
-    out = tmp_path / "ddp.json"
-    run_distributed_raw(_ddp_reference, 2, overrides, str(out))
-    reference = json.loads(out.read_text())["losses"]
+    reference = dp2_runs["ddp"]["losses"]
     assert reference[-1] < reference[0]
-    fsdp = overrides + ["train.engine=fsdp2", "train.zero_stage=3",
-                        "parallel.tensor_model_parallel_size=2", f"checkpoint.dir={ckpt}",
-                        "checkpoint.save_interval=2", "checkpoint.keep_last=5"]
-    full = train(4, fsdp, tmp_path, "full")
+    fsdp = small(tmp_path) + ["train.engine=fsdp2", "train.zero_stage=3",
+                              "parallel.tensor_model_parallel_size=2", f"checkpoint.dir={ckpt}",
+                              "checkpoint.save_interval=2", "checkpoint.keep_last=5"]
+    runs = train_many(4, [("full", fsdp), ("resumed", fsdp, (str(ckpt), "step_00000002"))],
+                      tmp_path)  # resumed as if the job had died after step 2
+    full = runs["full"]
     assert full["losses"] == pytest.approx(reference, rel=1e-4), (full, reference)
     assert full["kept_energy"]  # the probe ran through FSDP2's sharded model
-    assert (ckpt / "latest").read_text() == "step_00000004"
+    assert runs["resumed.latest_before"] == "step_00000004"
     assert sorted(p.name for p in (ckpt / "step_00000002").glob("fsdp2_tp*")) == [
         "fsdp2_tp00", "fsdp2_tp01"]
-    (ckpt / "latest").write_text("step_00000002")  # as if the job died after step 2
-    resumed = train(4, fsdp, tmp_path, "resumed")["losses"]
+    resumed = runs["resumed"]["losses"]
     assert resumed == pytest.approx(full["losses"][2:], rel=1e-6, abs=1e-6), (resumed, full)
 
 

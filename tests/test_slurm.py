@@ -278,33 +278,59 @@ def test_sbatch_torchrun_mode_tp2_dp2(cluster, tmp_path, cache):
     assert_tp2_dp2_checkpoint(ckpt, 3)
 
 
-@pytest.mark.parametrize("mode", ["srun", "torchrun"])
-def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(cluster, tmp_path, cache, mode):
-    """SIGUSR1 to the batch shell (what --signal=B:USR1@300 sends before the time limit) ->
-    scontrol requeue -> the same job id runs again and resumes from CKPT_DIR/latest. In
-    torchrun mode the requeue's SIGTERM reaches the ranks through torchrun."""
-    ckpt = tmp_path / "ckpt"
-    out = tmp_path / "job-%j.out"
-    steps = 150
-    layout, env = _layout(cluster, 2), {}
-    if mode == "torchrun":
-        layout = [f"--nodes={cluster.nodes}", "--ntasks-per-node=1", "--cpus-per-task=1",
-                  "--gpus-per-node=0", "--time=10"]
-        env = {"LAUNCH_MODE": "torchrun", "GPUS_PER_NODE": str(2 // cluster.nodes)}
-    job = cluster.submit(
-        [*layout, f"--output={out}"],
-        {"CONFIG": TINY, "CKPT_DIR": str(ckpt), "MASTER_PORT": str(free_port()), **env},
-        quick(cache, steps, "checkpoint.save_interval=25", "train.log_interval=25",
-              "checkpoint.keep_last=10"))
+REQUEUE_STEPS = 80
+REQUEUE_SAVE_INTERVAL = 10
+
+
+@pytest.fixture(scope="module")
+def requeued(cluster, tmp_path_factory, cache):
+    """One job per launch mode (srun: a task per rank; torchrun: a task per node), submitted
+    together so that they run side by side (each takes one of the two CPUs of every emulated
+    node). When a job's first checkpoint appears, SIGUSR1 goes to its batch shell (what
+    --signal=B:USR1@300 sends before the time limit), whose trap requeues the job.
+    {mode: (job id, final `scontrol show job`, the job's log, CKPT_DIR)}."""
+    base = tmp_path_factory.mktemp("requeue")
+    submitted = {}
+    for mode in ("srun", "torchrun"):
+        ckpt, out = base / mode / "ckpt", base / mode / "job-%j.out"
+        ckpt.parent.mkdir()
+        layout, env = _layout(cluster, 2), {}
+        if mode == "torchrun":
+            layout = [f"--nodes={cluster.nodes}", "--ntasks-per-node=1", "--cpus-per-task=1",
+                      "--gpus-per-node=0", "--time=10"]
+            env = {"LAUNCH_MODE": "torchrun", "GPUS_PER_NODE": str(2 // cluster.nodes)}
+        job = cluster.submit(
+            [*layout, f"--output={out}"],
+            {"CONFIG": TINY, "CKPT_DIR": str(ckpt), "MASTER_PORT": str(free_port()), **env},
+            quick(cache, REQUEUE_STEPS, f"checkpoint.save_interval={REQUEUE_SAVE_INTERVAL}",
+                  f"train.log_interval={REQUEUE_SAVE_INTERVAL}", "checkpoint.keep_last=10"))
+        submitted[mode] = job, out, ckpt
+    waiting = dict(submitted)
     deadline = time.monotonic() + 300
-    while not (ckpt / "latest").exists():
-        info = cluster.job(job)
-        assert info["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), info
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+    while waiting:
+        for mode, (job, _, ckpt) in list(waiting.items()):
+            if (ckpt / "latest").exists():
+                cluster.run("scancel", "--batch", "--signal=USR1", job)
+                del waiting[mode]
+                continue
+            info = cluster.job(job)
+            assert info["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), (mode, info)
+        assert time.monotonic() < deadline, f"no checkpoint within 300 s: {sorted(waiting)}"
         time.sleep(0.2)
-    cluster.run("scancel", "--batch", "--signal=USR1", job)
-    info = cluster.wait_job(job, 600)
-    log = Path(str(out).replace("%j", job)).read_text()
+    done = {}
+    for mode, (job, out, ckpt) in submitted.items():
+        info = cluster.wait_job(job, 600)
+        done[mode] = job, info, Path(str(out).replace("%j", job)).read_text(), ckpt
+    return done
+
+
+@pytest.mark.parametrize("mode", ["srun", "torchrun"])
+def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(requeued, mode):
+    """SIGUSR1 to the batch shell (fixture `requeued`) -> scontrol requeue -> the same job id
+    runs again and resumes from CKPT_DIR/latest. In torchrun mode the requeue's SIGTERM
+    reaches the ranks through torchrun."""
+    job, info, log, ckpt = requeued[mode]
+    steps = REQUEUE_STEPS
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, log[-4000:])
     assert info["Restarts"] == "1", info
     first, _, second = log.partition(f"job {job} restart 1:")
@@ -318,7 +344,7 @@ def test_sbatch_requeues_on_usr1_and_resumes_from_the_checkpoint(cluster, tmp_pa
     resumed = re.search(r"resumed from step (\d+)", second)
     assert stopped and resumed, (first[-4000:], second[-4000:])
     assert int(resumed.group(1)) == int(stopped.group(1)), (stopped.group(0), resumed.group(0))
-    assert 25 <= int(resumed.group(1)) < steps
+    assert REQUEUE_SAVE_INTERVAL <= int(resumed.group(1)) < steps
     assert f"done: {steps} steps" in second
     assert checkpoint_layout(ckpt)[0] == f"step_{steps:08d}"
 

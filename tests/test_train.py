@@ -42,6 +42,47 @@ def train(world: int, overrides: list[str], tmp: Path, name: str) -> dict:
     return json.loads(out.read_text())
 
 
+def _one_after_another(rank, runs, out):
+    """Each (name, overrides[, rewind]) of `runs` in turn in the same processes (one start-up
+    for all): name "ddp*" is _ddp_losses's DDP run, any other name compact-train's run().
+    rewind = (checkpoint dir, step directory name[, aside]): before the run, rank 0 points
+    `latest` at that step, as if the job had died there (what `latest` said is kept as
+    "<name>.latest_before"; with `aside`, the checkpoint it named is moved there first, so the
+    run writes that step anew). Each run sets the model-parallel state up itself and this tears
+    it down after it; the world group stays. Rank 0 writes {name: the run's history (DDP:
+    {"losses": [...]})}."""
+    from megatron.core import parallel_state
+
+    from compact_dist.training.train import run
+    from compact_dist.training.train_config import load_train_config
+
+    got = {}
+    for name, overrides, *rewind in runs:
+        if rewind:
+            ckpt, step, *aside = rewind[0]
+            if rank == 0:
+                got[f"{name}.latest_before"] = before = (Path(ckpt) / "latest").read_text()
+                if aside:
+                    (Path(ckpt) / before).rename(aside[0])
+                (Path(ckpt) / "latest").write_text(step)
+            torch.distributed.barrier()
+        if name.startswith("ddp"):
+            got[name] = {"losses": _ddp_losses(overrides)}
+        else:
+            got[name] = run(load_train_config(None, overrides))
+        parallel_state.destroy_model_parallel()
+        torch.distributed.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(got))
+
+
+def train_many(world: int, runs: list[tuple], tmp: Path) -> dict:
+    """{name: history} of the runs, one after another in one launch of `world` processes."""
+    out = tmp / "runs.json"
+    run_distributed_raw(_one_after_another, world, runs, str(out))
+    return json.loads(out.read_text())
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -83,8 +124,9 @@ def test_cli_reports_bad_config_and_exits_nonzero(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def _ddp_reference(rank, overrides, out):
-    """The same model, data and schedule trained with torch DDP + torch AdamW."""
+def _ddp_losses(overrides):
+    """The losses (mean over the data-parallel ranks, per step) of the same model, data and
+    schedule trained with torch DDP + torch AdamW."""
     from megatron.core import parallel_state as ps
 
     from compact_dist.training.data import build_data
@@ -131,18 +173,16 @@ def _ddp_reference(rank, overrides, out):
         total = loss.detach().clone()
         torch.distributed.all_reduce(total)
         losses.append(total.item() / dp)
-    if rank == 0:
-        Path(out).write_text(json.dumps({"losses": losses}))
+    return losses
 
 
-def test_zero_1_2_3_match_ddp(tmp_path):
-    overrides = small(tmp_path)
-    out = tmp_path / "ddp.json"
-    run_distributed_raw(_ddp_reference, 2, overrides, str(out))
-    reference = json.loads(out.read_text())["losses"]
+def test_zero_1_2_3_match_ddp(dp2_runs):
+    """compact-train at ZeRO-1, 2 and 3 follows torch DDP's run (conftest.dp2_runs: all in
+    one launch)."""
+    reference = dp2_runs["ddp"]["losses"]
     assert reference[-1] < reference[0]
     for stage in (1, 2, 3):
-        got = train(2, overrides + [f"train.zero_stage={stage}"], tmp_path, f"z{stage}")
+        got = dp2_runs[f"z{stage}"]
         assert got["losses"] == pytest.approx(reference, rel=1e-4), (stage, got, reference)
 
 
@@ -152,29 +192,28 @@ def test_data_aware_projections_match_ddp(tmp_path, stage, projection):
     DDP's reference computes, and the probe's backward leaves ZeRO's gradients alone."""
     overrides = small(tmp_path, f"compression.projection={projection}",
                       "compression.moments_on_resample=transport")
-    out = tmp_path / "ddp.json"
-    run_distributed_raw(_ddp_reference, 2, overrides, str(out))
-    reference = json.loads(out.read_text())["losses"]
-    got = train(2, overrides + [f"train.zero_stage={stage}"], tmp_path, projection)
+    runs = train_many(2, [("ddp", overrides),
+                          (projection, overrides + [f"train.zero_stage={stage}"])], tmp_path)
+    reference = runs["ddp"]["losses"]
+    got = runs[projection]
     assert got["losses"] == pytest.approx(reference, rel=1e-4), (got, reference)
 
 
-def test_tp2_dp2_equals_tp1_dp2(tmp_path):
-    base = train(2, small(tmp_path), tmp_path, "tp1")
+def test_tp2_dp2_equals_tp1_dp2(tmp_path, dp2_runs):
+    base = dp2_runs["z1"]  # the same job at TP=1 x DP=2 (ZeRO-1, the default)
     tp2 = train(4, small(tmp_path, "parallel.tensor_model_parallel_size=2"), tmp_path, "tp2")
     assert tp2["losses"] == pytest.approx(base["losses"], rel=1e-4)
 
 
 def test_recompute_variants_give_the_same_losses(tmp_path):
     extra = ["model.hidden_dropout=0.1", "model.attention_dropout=0.1", "train.train_steps=3"]
-    runs = {}
-    for name, opts in {
+    runs = train_many(1, [(name, small(tmp_path, *extra, *opts)) for name, opts in {
         "none": [],
         "full": ["recompute.granularity=full"],
         "selective": ["recompute.granularity=selective"],
         "deepspeed": ["recompute.granularity=full", "recompute.deepspeed_checkpointing=true"],
-    }.items():
-        runs[name] = train(1, small(tmp_path, *extra, *opts), tmp_path, name)["losses"]
+    }.items()], tmp_path)
+    runs = {name: history["losses"] for name, history in runs.items()}
     for name in ("full", "selective", "deepspeed"):
         assert runs[name] == pytest.approx(runs["none"], rel=1e-5), (name, runs)
 
@@ -184,10 +223,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     common = small(tmp_path, "train.train_steps=6", "train.zero_stage=3",
                    f"checkpoint.dir={ckpt}", "checkpoint.save_interval=3",
                    "checkpoint.keep_last=5")
-    full = train(2, common, tmp_path, "full")["losses"]
-    assert (ckpt / "latest").read_text() == "step_00000006"
-    (ckpt / "latest").write_text("step_00000003")  # as if the job died after step 3
-    resumed = train(2, common, tmp_path, "resumed")["losses"]
+    runs = train_many(2, [("full", common), ("resumed", common, (str(ckpt), "step_00000003"))],
+                      tmp_path)  # resumed as if the job had died after step 3
+    full, resumed = runs["full"]["losses"], runs["resumed"]["losses"]
+    assert runs["resumed.latest_before"] == "step_00000006"
     assert len(resumed) == 3
     assert resumed == pytest.approx(full[3:], rel=1e-6, abs=1e-6)
 
@@ -201,10 +240,10 @@ def test_resume_restores_a_bf16_pair_w0(tmp_path):
                    "compression.base_dtype=bf16_pair", "optim.lr=3e-3",
                    f"checkpoint.dir={ckpt}", "checkpoint.save_interval=3",
                    "checkpoint.keep_last=5")
-    full = train(2, common, tmp_path, "full")["losses"]
-    (ckpt / "latest").write_text("step_00000003")
-    resumed = train(2, common, tmp_path, "resumed")["losses"]
-    assert resumed == pytest.approx(full[3:], rel=1e-6, abs=1e-6)
+    runs = train_many(2, [("full", common), ("resumed", common, (str(ckpt), "step_00000003"))],
+                      tmp_path)
+    resumed = runs["resumed"]["losses"]
+    assert resumed == pytest.approx(runs["full"]["losses"][3:], rel=1e-6, abs=1e-6)
 
 
 def _killed_save(rank, overrides, out):
@@ -240,8 +279,9 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert (ckpt / "step_00000004" / "complete").is_file()
 
 
-def _stopped_by_signal(rank, overrides, out, stop_rank, stop_step):
-    """compact_dist.training.train.run where only `stop_rank` gets SIGUSR1, at step `stop_step`."""
+def _run_signalled(rank, overrides, stop_rank, stop_step):
+    """compact_dist.training.train.run where only `stop_rank` gets SIGUSR1, at step
+    `stop_step`; its history plus "restored": whether run() put the previous handler back."""
     import signal
 
     import compact_dist.training.train as train_mod
@@ -260,9 +300,26 @@ def _stopped_by_signal(rank, overrides, out, stop_rank, stop_step):
 
     Logger.step = step
     signal.signal(signal.SIGUSR1, mine)  # run() must put this one back
-    history = train_mod.run(load_train_config(None, overrides))
-    restored = signal.getsignal(signal.SIGUSR1) is mine
-    Path(f"{out}.{rank}").write_text(json.dumps({**history, "restored": restored}))
+    try:
+        history = train_mod.run(load_train_config(None, overrides))
+    finally:
+        Logger.step = original
+    return {**history, "restored": signal.getsignal(signal.SIGUSR1) is mine}
+
+
+def _stopped_then_resumed(rank, overrides, ckpt, out):
+    """In the same processes (one start-up): the run that SIGUSR1 reaches on rank 1 alone at
+    step 2, then the next run, which resumes from what it saved. Rank r writes {"stopped":
+    history, "latest": `latest` between the runs, "resumed": history} to out.r."""
+    from megatron.core import parallel_state
+
+    stopped = _run_signalled(rank, overrides, 1, 2)
+    parallel_state.destroy_model_parallel()  # run() sets the parallel state up again
+    torch.distributed.barrier()
+    latest = (Path(ckpt) / "latest").read_text()
+    resumed = _run_signalled(rank, overrides, -1, 0)
+    Path(f"{out}.{rank}").write_text(json.dumps(
+        {"stopped": stopped, "latest": latest, "resumed": resumed}))
 
 
 def test_signal_stops_every_rank_after_the_step_with_a_checkpoint(tmp_path):
@@ -273,17 +330,16 @@ def test_signal_stops_every_rank_after_the_step_with_a_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     common = small(tmp_path, "train.train_steps=5", f"checkpoint.dir={ckpt}",
                    "checkpoint.save_interval=0")
-    run_distributed_raw(_stopped_by_signal, 2, common, str(tmp_path / "stop"), 1, 2)
-    got = [json.loads((tmp_path / f"stop.{r}").read_text()) for r in range(2)]
-    for h in got:
+    run_distributed_raw(_stopped_then_resumed, 2, common, str(ckpt), str(tmp_path / "out"))
+    runs = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2)]
+    for h in (r["stopped"] for r in runs):
         assert h["stopped_early"] is True and h["step"] == 2 and len(h["losses"]) == 2
         assert h["restored"]
-    assert got[0]["losses"] == got[1]["losses"]
-    assert (ckpt / "latest").read_text() == "step_00000002"
+    assert runs[0]["stopped"]["losses"] == runs[1]["stopped"]["losses"]
+    assert runs[0]["latest"] == "step_00000002"
     assert sorted(p.name for p in (ckpt / "step_00000002").glob("compact_rank*.pt")) == [
-        "compact_rank0.pt", "compact_rank1.pt"]
-    run_distributed_raw(_stopped_by_signal, 2, common, str(tmp_path / "resume"), -1, 0)
-    resumed = json.loads((tmp_path / "resume.0").read_text())
+        "compact_rank0.pt", "compact_rank1.pt"]  # kept: keep_last 2
+    resumed = runs[0]["resumed"]
     assert resumed["stopped_early"] is False and resumed["step"] == 5
     assert len(resumed["losses"]) == 3 and resumed["restored"]
     assert (ckpt / "latest").read_text() == "step_00000005"
@@ -383,3 +439,4 @@ def test_log_lines_carry_what_megatron_users_grep_for(tmp_path):
                 "perf/memory_allocated_GiB", "perf/memory_allocated_rank",
                 "perf/memory_reserved_GiB", "valid/loss"):
         assert key in got["keys"], key
+
