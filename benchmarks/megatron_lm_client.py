@@ -150,9 +150,17 @@ def command(args, variant: str, corpus: Path, work: Path) -> list[str]:
 
 def losses_of(log: str, side: str = "mlm") -> dict[int, float]:
     """iteration -> loss, from Megatron-LM's ('lm loss: ...') or compact-train's
-    ('| loss ... |') training log lines."""
+    ('| loss ... |') training log lines (--log-interval 1 / train.log_interval=1).
+
+    Megatron-LM does not reset its loss sums after logging the first iteration
+    (megatron/training/training.py, training_log: `should_reset = not is_first_iteration`),
+    so the 'lm loss' it prints at iteration 2 is the mean of iterations 1 and 2; iteration 2's
+    own loss is 2 x printed - iteration 1's, which this returns."""
     pattern = MLM_LOSS if side == "mlm" else TRAIN_LOSS
-    return {int(m.group(1)): float(m.group(2)) for m in pattern.finditer(log)}
+    curve = {int(m.group(1)): float(m.group(2)) for m in pattern.finditer(log)}
+    if side == "mlm" and 1 in curve and 2 in curve:
+        curve[2] = 2 * curve[2] - curve[1]
+    return curve
 
 
 def tail_mean(curve: dict[int, float], last: int = 20) -> Optional[float]:
