@@ -7,11 +7,11 @@ import os
 import runpy
 import sys
 
-from compact_dist.megatron.megatron_lm import _use_packaged_dataset_helpers
+from compact_dist.megatron.megatron_lm import use_packaged_dataset_helpers
 
 if __name__ == "__main__":
     script = os.path.abspath(sys.argv[1])
     sys.path.insert(0, os.path.dirname(script))
-    _use_packaged_dataset_helpers()
+    use_packaged_dataset_helpers()
     sys.argv = [script, *sys.argv[2:]]
     runpy.run_path(script, run_name="__main__")

@@ -335,17 +335,17 @@ def test_packaged_dataset_helpers_replace_the_make_only_without_a_makefile(tmp_p
     and leaves a source checkout's (with its Makefile) alone."""
     import megatron.core.datasets.utils as dataset_utils
 
-    from compact_dist.megatron.megatron_lm import _use_packaged_dataset_helpers
+    from compact_dist.megatron.megatron_lm import use_packaged_dataset_helpers
 
     original = dataset_utils.compile_helpers
     monkeypatch.setattr(dataset_utils, "compile_helpers", original)
     (tmp_path / "utils.py").write_text("")
     monkeypatch.setattr(dataset_utils, "__file__", str(tmp_path / "utils.py"))
     (tmp_path / "Makefile").write_text("all:\n")
-    _use_packaged_dataset_helpers()
+    use_packaged_dataset_helpers()
     assert dataset_utils.compile_helpers is original
     (tmp_path / "Makefile").unlink()
-    _use_packaged_dataset_helpers()
+    use_packaged_dataset_helpers()
     assert dataset_utils.compile_helpers is not original
     dataset_utils.compile_helpers()  # imports the wheel's helpers_cpp, runs no make
     monkeypatch.setitem(sys.modules, "megatron.core.datasets.helpers_cpp", None)

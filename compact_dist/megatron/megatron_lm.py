@@ -271,7 +271,7 @@ def install(compression: Optional[CompressionConfig] = None) -> None:
     from compact_dist.megatron.norm import SequenceParallelTorchNorm
 
     register_backend(MEGATRON_LM_BACKEND)
-    _use_packaged_dataset_helpers()
+    use_packaged_dataset_helpers()
     # the final norm: Megatron builds it from LayerNormImpl when --spec names a layer spec
     transformer_block.LayerNormImpl = SequenceParallelTorchNorm
     if getattr(training.train_step, "compact_dist_merge", False):
@@ -298,7 +298,7 @@ def install(compression: Optional[CompressionConfig] = None) -> None:
     training.train_step = train_step
 
 
-def _use_packaged_dataset_helpers() -> None:
+def use_packaged_dataset_helpers() -> None:
     """Megatron-LM's initialize runs megatron-core's `compile_helpers()` (`make` in
     megatron/core/datasets). The megatron-core wheel ships those helpers compiled
     (`helpers_cpp`) but no Makefile, so with a pip-installed megatron-core the make fails and
