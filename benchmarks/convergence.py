@@ -82,6 +82,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
                        **_GAUSSIAN, "compression.moments_on_resample": "reset"},
     "unbiased_r1/4": {"compression.mode": "unbiased", "compression.ratio": 0.25, **_GAUSSIAN},
     "gaussian_r1/4": {"compression.ratio": 0.25, **_GAUSSIAN},
+    "gaussian_r1/4_seed2": {"compression.ratio": 0.25, **_GAUSSIAN, "_train_seed_offset": 1},
+    # the numerics of configs/train/llama_7b_24gb.yaml: gaussian P, a bf16 W0 (stochastically
+    # rounded merges), the optimizer offloaded to the host (issue 28)
+    "gaussian_r1/4_preset24": {"compression.ratio": 0.25, **_GAUSSIAN,
+                               "compression.base_dtype": "bf16",
+                               "train.offload_optimizer": "cpu"},
+    "gaussian_r1/4_preset24_seed2": {"compression.ratio": 0.25, **_GAUSSIAN,
+                                     "compression.base_dtype": "bf16",
+                                     "train.offload_optimizer": "cpu", "_train_seed_offset": 1},
     # the defaults (pca, transport, T = 200, update_scale 1)
     "pca_r1/4": {"compression.ratio": 0.25, **_PCA},
     # the defaults with W0 as a bf16 pair / in bf16, and with another initialisation

