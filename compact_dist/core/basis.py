@@ -388,8 +388,9 @@ def bases_from_factors(groups: list[NystromGroup], count: int,
                     for lo, hi, i, sk in ends if max(part.start, lo) < min(part.stop, hi)]
             for _, sk, own, row in mine:  # Y = S + nu Q0 (the fp32 S is read as fp64)
                 y[row:row + own.stop - own.start].add_(sk.sums[own])
-            p = _orthonormalised(y @ group.transform[part].to(device))
+            p = y @ group.transform[part].to(device)
             del y
+            p = _orthonormalised(p)
             for i, sk, own, row in mine:  # each layer's new basis, its own tensor
                 if out[i] is None:
                     out[i] = torch.empty((sk.num_blocks, b, group.rank), dtype=torch.float32,
