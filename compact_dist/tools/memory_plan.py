@@ -243,8 +243,8 @@ def estimate_bytes(setup: Setup) -> dict[str, float]:
       step 3 (bases_from_factors): one layer's fp32 new basis [kb, b, r_b] (a layer's
         sketch is freed as soon as its basis is done, before the next layer's is made: the
         bases of finished layers take fewer bytes than the sketches they replace) + the
-        larger of Y and Y T fp64 [c3, b, k + r_b] and 3 fp64 [c3, b, r_b]
-        (re-orthonormalisation), 3 fp64 [c3, r_b, r_b];
+        larger of Y, T and Y T fp64 ([c3, b, k], [c3, k, r_b], [c3, b, r_b]) and 3 fp64
+        [c3, b, r_b] (re-orthonormalisation), 3 fp64 [c3, r_b, r_b];
       share (DP or TP > 1): the sketches freed, every new basis and its flat copy
         (_share_bases)."""
     groups: dict[tuple, dict] = {}
@@ -268,7 +268,7 @@ def estimate_bytes(setup: Setup) -> dict[str, float]:
         c1 = min(n, max(1, basis.CHUNK_ELEMENTS // (b * k)))
         c3 = min(n, max(1, basis.CHUNK_ELEMENTS // (b * r)))
         step1 = max(step1, 8 * c1 * (2 * b * k + 3 * k * k))
-        chunk = 8 * c3 * (max(b * (k + r), 3 * b * r) + 3 * r * r)
+        chunk = 8 * c3 * (max(b * k + k * r + b * r, 3 * b * r) + 3 * r * r)
         if 4 * kb * b * r + chunk > new_bases + step3:
             new_bases, step3 = 4 * kb * b * r, chunk
     out = {"step 1: one chunk's fp64 S / Y, Q0, k x k products": step1,
