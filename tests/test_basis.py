@@ -1,5 +1,7 @@
 """Data-aware projections (pca / gradient), the merge scale, and Adam moments on resample."""
 
+import copy
+
 import pytest
 import torch
 
@@ -436,8 +438,8 @@ def test_host_solve_is_thread_count_invariant_and_matches_a_direct_eigendecompos
         sk.add_input(torch.randn(200, shape[0] * shape[1], generator=gen))
         sketches.append(sk)
     results = []
-    for threads in (1, 3):
-        groups = nystrom_factors(sketches)
+    for threads in (1, 3):  # an estimate consumes its sketches: each run gets copies
+        groups = nystrom_factors([copy.copy(sk) for sk in sketches])
         solve_factors(groups, threads=threads)
         results.append(bases_from_factors(groups, len(sketches), torch.device("cpu")))
     for a, b in zip(*results):

@@ -410,3 +410,52 @@ def test_sketch_and_basis_prediction_is_what_the_layers_hold(megatron_tp1):
     assert predicted["P basis (fp32, data-aware)"] == basis
     assert predicted["sketch S, Q0 extra columns (fp32, estimating steps)"] == warm
     assert first == warm + basis
+
+
+@pytest.mark.parametrize("warm,chunk_blocks", [(False, 1), (True, 3)])
+def test_estimate_prediction_is_what_the_estimate_holds(megatron_tp1, monkeypatch, warm,
+                                                        chunk_blocks):
+    """pca, the estimate after the estimating step's merge: the sketches and new bases the
+    layers hold at once peak at the planner's sketch (+ basis: the first estimate's sketch
+    owns all of Q0) + 'step 3: one layer's new basis' terms: each layer gets its own new
+    basis and its sketch's S and Q0 are freed once that basis is done, before the next
+    layer's is made. Row-parallel layers of 2 blocks; chunks of 1 block or 3 (a chunk
+    spanning two layers)."""
+    import sys
+
+    from compact_dist.core import basis
+    from compact_dist.core.subspace import compact_layers, resample_projections
+    from compact_dist.training.model_setup import build_model
+
+    cfg = load_train_config(None, TINY + ["compression.ratio=0.25", "compression.projection=pca",
+                                          "compression.row_parallel_blocks=2",
+                                          "compression.layers=[proj]"])
+    model = build_model(cfg, torch.device("cpu"), False, VOCAB)
+    layers = compact_layers(model)
+    b, rank = layers[0].projection_blocks().shape[1:]
+    monkeypatch.setattr(basis, "CHUNK_ELEMENTS", chunk_blocks * b * rank)
+    predicted = predict(setup_from(cfg, 1, "cpu", "flash"))
+    if warm:  # as after an estimate: an orthonormal basis of the same shape
+        for layer in layers:
+            layer.resample_projection(torch.linalg.qr(layer.projection_blocks())[0])
+    gen = torch.Generator().manual_seed(0)
+    for layer in layers:
+        sketch = layer.start_sketch("pca")
+        sketch.add_input(torch.randn(40, sketch.num_blocks * b, generator=gen))
+    held, release = [], basis.SubspaceSketch.release
+
+    def measured_release(sketch):  # held bytes peak right before each release
+        new = sys._getframe(1).f_locals["out"]  # bases_from_factors' new bases so far
+        held.append(sum(layer.sketch.stored_bytes() for layer in layers)
+                    + sum(p.untyped_storage().nbytes() for p in new if p is not None))
+        release(sketch)
+
+    monkeypatch.setattr(basis.SubspaceSketch, "release", measured_release)
+    resample_projections(model)
+    assert len(held) == len(layers) == 2 and all(layer.basis is not None for layer in layers)
+    proj, estimate = predicted["projection"], predicted["estimate_transients"]
+    new_bases = estimate["step 3: one layer's new basis"]
+    assert new_bases == 4 * b * rank * 2
+    assert max(held) == (proj["sketch S, Q0 extra columns (fp32, estimating steps)"]
+                         + (0 if warm else proj["P basis (fp32, data-aware)"]) + new_bases)
+    assert predicted["phases"]["estimate P"] >= new_bases

@@ -33,6 +33,7 @@ shard), blocks [kb, b, r_b] (P's diagonal blocks of this TP rank), sums [kb, b, 
 
 from __future__ import annotations
 
+import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,8 +89,11 @@ class SubspaceSketch:
         if orthonormal is None:
             orthonormal = _is_orthonormal(previous.double())
         if orthonormal:  # Q0 = [previous, E]: keep a reference to previous, store E
-            self.kept: Optional[torch.Tensor] = (
-                previous if previous.dtype == torch.float32 else previous.float())
+            if previous.dtype != torch.float32:
+                raise ValueError(
+                    f"an orthonormal previous P must be the layer's fp32 basis (the sketch "
+                    f"references it as Q0's first columns), got {previous.dtype}")
+            self.kept: Optional[torch.Tensor] = previous
             self.new_columns = _orthonormal_complement(previous.double(),
                                                        omega.double()).float()
         else:
@@ -104,24 +108,44 @@ class SubspaceSketch:
             raise ValueError(f"a {self.kind} projection is not estimated from a sketch")
         self.fed_in_backward = not self.kind.sketch_in_forward
         self.rank = rb
+        self.num_blocks = kb
         self.open = False  # accumulating (pca: training forwards; gradient: the probe)
+        self.released = False
 
-    @property
-    def num_blocks(self) -> int:
-        return self.new_columns.shape[0]
+    def release(self) -> None:
+        """Drop S and Q0's columns (and the reference to P): the estimate is done with them
+        (`bases_from_factors`); any later use raises."""
+        self.sums = self.new_columns = self.kept = None
+        self.released = True
+
+    def _check(self) -> None:
+        if self.released:
+            raise RuntimeError("this sketch was consumed by an estimate (top_eigenvectors): "
+                               "its S and Q0 are freed")
+        if self.kept is not None and self.kept._version != self._kept_version:
+            raise RuntimeError("the P a sketch was started from changed in place while the "
+                               "sketch was open: its test basis Q0 = [P | E] is no longer "
+                               "the one S = C Q0 was accumulated with")
 
     def test_columns(self, part: slice = slice(None),
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Q0 of blocks `part` in `dtype`: [len, b, k]; [kept | new_columns] put together (a
         copy of these blocks) or, without `kept`, `new_columns` (a view in fp32)."""
+        self._check()
         if self.kept is None:
             return self.new_columns[part].to(dtype)
-        if self.kept._version != self._kept_version:
-            raise RuntimeError("the P a sketch was started from changed in place while the "
-                               "sketch was open: its test basis Q0 = [P | E] is no longer "
-                               "the one S = C Q0 was accumulated with")
         return torch.cat([self.kept[part].to(dtype), self.new_columns[part].to(dtype)],
                          dim=-1)
+
+    def copy_test_columns(self, part: slice, out: torch.Tensor) -> None:
+        """Write Q0 of blocks `part` into `out` [len, b, k] (any dtype; no fp32 copy of the
+        blocks on the way)."""
+        self._check()
+        if self.kept is None:
+            out.copy_(self.new_columns[part])
+            return
+        out[..., :self.rank].copy_(self.kept[part])
+        out[..., self.rank:].copy_(self.new_columns[part])
 
     @property
     def test_basis(self) -> torch.Tensor:
@@ -131,7 +155,9 @@ class SubspaceSketch:
 
     def stored_bytes(self) -> int:
         """Bytes this sketch holds itself: S and Q0's columns it owns (not `kept`, the
-        caller's P)."""
+        caller's P); 0 once released."""
+        if self.released:
+            return 0
         return sum(t.numel() * t.element_size() for t in (self.sums, self.new_columns))
 
     @torch.no_grad()
@@ -139,6 +165,7 @@ class SubspaceSketch:
         """S += X^T (X Q0) per block, X = the tokens of x [..., kb * b] (in x's dtype). X Q0
         is one product with all k columns (X P alone, as forward computes it, rounds
         differently: GEMM kernels differ by shape)."""
+        self._check()
         kb, b = self.sums.shape[:2]
         xb = x.detach().reshape(-1, kb, b).transpose(0, 1)  # [kb, T, b]
         xq = torch.bmm(xb, self.test_columns(dtype=x.dtype))  # [kb, T, k]
@@ -147,18 +174,21 @@ class SubspaceSketch:
     @torch.no_grad()
     def add_gradient(self, g: torch.Tensor) -> None:
         """S += G^T (G Q0) per block, G [m, kb * b] (fp32)."""
+        self._check()
         kb, b = self.sums.shape[:2]
         gb = g.detach().float().reshape(g.shape[0], kb, b).transpose(0, 1)  # [kb, m, b]
         self.sums += torch.bmm(gb.transpose(1, 2), torch.bmm(gb, self.test_columns()))
 
     def top(self) -> Optional[torch.Tensor]:
         """Orthonormal top-r_b eigenvector estimates of C per block, [kb, b, r_b] fp32, in
-        decreasing order; None when nothing was accumulated (the caller keeps its P)."""
-        return top_eigenvectors([self])[0]
+        decreasing order; None when nothing was accumulated (the caller keeps its P). The
+        sketch stays usable (the estimate consumes a shallow copy of it)."""
+        self._check()
+        return top_eigenvectors([copy.copy(self)])[0]
 
 
 # fp64 elements per chunk of a tall [blocks, b, k] tensor (16 MiB): bounds the transient
-# memory of a group of many layers of one shape
+# memory of a group of many layers of one shape (at least one block per chunk)
 CHUNK_ELEMENTS = 2 * 2**20
 
 
@@ -166,18 +196,26 @@ CHUNK_ELEMENTS = 2 * 2**20
 class NystromGroup:
     """The sketches of one shape, reduced to what the solve needs (see `nystrom_factors`).
 
-    members: indices into the sketch list; blocks: each member's block count; rank: r_b.
-    y [B, b, k] = S + nu Q0 (fp64, on the sketches' device; B = sum(blocks));
+    members: indices into the sketch list; sketches: those sketches (in that order; their
+    blocks laid end to end make the group's B blocks); shape: (b, k); rank: r_b.
+    shift [B, 1, 1] = nu per block (fp64, on the sketches' device: Y = S + nu Q0 is formed
+    again one chunk at a time where it is needed, never kept whole);
     gram_b [B, k, k] = Q0^T Y and gram_y [B, k, k] = Y^T Y (fp64, in host memory, pinned
     with CUDA); transform [B, k, r_b] (fp64, host) once solved."""
 
     members: list[int]
-    blocks: list[int]
+    sketches: list[SubspaceSketch]
+    shape: tuple[int, int]
     rank: int
-    y: torch.Tensor
+    shift: torch.Tensor
     gram_b: torch.Tensor
     gram_y: torch.Tensor
     transform: Optional[torch.Tensor] = None
+
+    @property
+    def blocks(self) -> list[int]:
+        """Each member's block count."""
+        return [sk.num_blocks for sk in self.sketches]
 
 
 def _chunks(total: int, per_item: int) -> list[slice]:
@@ -188,13 +226,16 @@ def _chunks(total: int, per_item: int) -> list[slice]:
 @torch.no_grad()
 def nystrom_factors(sketches: list[SubspaceSketch]) -> list[NystromGroup]:
     """Step 1 of `top_eigenvectors` (on the sketches' stream, chunked): which sketches saw
-    data (one host sync), then per shape Y, Q0^T Y and Y^T Y in fp64 (the only tall products;
-    the rest is k x k), the latter two copied to host memory (asynchronously with CUDA: wait
-    for the stream before reading them). Sketches that saw nothing are in no group. Q0 and S
-    are put together one chunk of blocks at a time (`_blocks_of`)."""
+    data (one host sync), then per shape nu, Q0^T Y and Y^T Y in fp64 (Y = S + nu Q0, the
+    only tall operand; the rest is k x k), the latter two copied to host memory
+    (asynchronously with CUDA: wait for the stream before reading them). Sketches that saw
+    nothing are in no group. Per chunk of blocks [c, b, k] it holds S (then Y, in place) and
+    Q0 in fp64 (`_blocks_of`) and the k x k products: no tall tensor outlives its chunk."""
     groups: dict[tuple, list[int]] = {}
     if not sketches:
         return []
+    for sk in sketches:
+        sk._check()
     seen = torch.stack([torch.isfinite(sk.sums).all() & (sk.sums.abs().amax() > 0)
                         for sk in sketches]).tolist()
     for i, sk in enumerate(sketches):
@@ -207,33 +248,49 @@ def nystrom_factors(sketches: list[SubspaceSketch]) -> list[NystromGroup]:
         n, (b, k) = sum(sk.num_blocks for sk in group_sketches), shape
         cuda = device.type == "cuda"
         group = NystromGroup(
-            members, [sk.num_blocks for sk in group_sketches], rank,
-            torch.empty((n, b, k), dtype=torch.float64, device=device),
+            members, group_sketches, (b, k), rank,
+            torch.empty((n, 1, 1), dtype=torch.float64, device=device),
             torch.empty((n, k, k), dtype=torch.float64, pin_memory=cuda),
             torch.empty((n, k, k), dtype=torch.float64, pin_memory=cuda))
         for part in _chunks(n, b * k):
-            s, q0 = _blocks_of(group_sketches, part)
-            y = group.y[part]
-            torch.add(s, 1e-10 * torch.linalg.matrix_norm(s, keepdim=True) * q0, out=y)
+            y = _blocks_of(group_sketches, part, "sums")
+            shift = group.shift[part]
+            torch.mul(torch.linalg.matrix_norm(y, keepdim=True), 1e-10, out=shift)
+            q0 = _blocks_of(group_sketches, part, "test_columns")
+            y.add_(q0.mul_(shift))  # Y = S + nu Q0
+            del q0
+            q0 = _blocks_of(group_sketches, part, "test_columns")
             group.gram_b[part].copy_(_symmetric(q0.transpose(1, 2) @ y), non_blocking=cuda)
+            del q0
             group.gram_y[part].copy_(_symmetric(y.transpose(1, 2) @ y), non_blocking=cuda)
         out.append(group)
     return out
 
 
-def _blocks_of(sketches: list[SubspaceSketch], part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """S and Q0 (fp64 [len, b, k] each) of the blocks `part` of the sketches' blocks laid end
-    to end: only these blocks are put together (no copy of a whole group's Q0 or S)."""
-    sums, bases, start = [], [], 0
+def _blocks_of(sketches: list[SubspaceSketch], part: slice, what: str) -> torch.Tensor:
+    """S (what='sums') or Q0 (what='test_columns') of the blocks `part` of the sketches'
+    blocks laid end to end, fp64 [len, b, k]: only these blocks are put together (no copy of
+    a whole group's Q0 or S), written straight into one fp64 tensor (the fp32 -> fp64 copy is
+    exact)."""
+    pieces, start = [], 0
     for sk in sketches:
         stop = start + sk.num_blocks
         lo, hi = max(part.start, start), min(part.stop, stop)
         if lo < hi:
-            own = slice(lo - start, hi - start)
-            sums.append(sk.sums[own])
-            bases.append(sk.test_columns(own))
+            pieces.append((sk, slice(lo - start, hi - start)))
         start = stop
-    return torch.cat(sums).double(), torch.cat(bases).double()
+    first = pieces[0][0].sums
+    out = torch.empty((part.stop - part.start,) + tuple(first.shape[1:]), dtype=torch.float64,
+                      device=first.device)
+    row = 0
+    for sk, own in pieces:
+        rows = out[row:row + own.stop - own.start]
+        if what == "sums":
+            rows.copy_(sk.sums[own])
+        else:
+            sk.copy_test_columns(own, rows)
+        row += own.stop - own.start
+    return out
 
 
 def solver_threads() -> int:
@@ -308,18 +365,40 @@ def solve_factors(groups: list[NystromGroup], threads: Optional[int] = None) -> 
 @torch.no_grad()
 def bases_from_factors(groups: list[NystromGroup], count: int,
                        device: torch.device) -> list[Optional[torch.Tensor]]:
-    """Step 3 (on `device`'s current stream): P = Y T per block, fp32 [kb, b, r_b] per sketch
-    (None for the `count` - grouped ones that saw nothing). Y T is orthonormal up to rounding
-    amplified by the kept spectrum's condition number (1e-2 for a rank-deficient C), so it is
-    re-orthonormalised (Cholesky-QR twice: column j keeps the span of columns 1..j)."""
+    """Step 3 (on `device`'s current stream): P = Y T per block, fp32 [kb, b, r_b] per sketch,
+    each its own tensor (None for the `count` - grouped ones that saw nothing). Y = S + nu Q0
+    is formed again per chunk of blocks from the sketches ([c, b, k] fp64, the same bits as
+    in step 1). Consumes the grouped sketches: a sketch's S and Q0 columns are freed
+    (`SubspaceSketch.release`) once its last block is done, so the new bases replace the
+    sketches layer by layer. Y T is orthonormal up to rounding amplified by the kept
+    spectrum's condition number (1e-2 for a rank-deficient C), so it is re-orthonormalised
+    (Cholesky-QR twice: column j keeps the span of columns 1..j)."""
     out: list[Optional[torch.Tensor]] = [None] * count
     for group in groups:
-        n, b, _ = group.y.shape
-        bases = torch.empty((n, b, group.rank), dtype=torch.float32, device=device)
+        (b, _), n = group.shape, group.shift.shape[0]
+        ends, start = [], 0
+        for i, sk in zip(group.members, group.sketches):
+            ends.append((start, start + sk.num_blocks, i, sk))
+            start += sk.num_blocks
         for part in _chunks(n, b * group.rank):
-            bases[part] = _orthonormalised(group.y[part] @ group.transform[part].to(device))
-        for i, part in zip(group.members, bases.split(group.blocks)):
-            out[i] = part
+            y = _blocks_of(group.sketches, part, "test_columns")
+            y.mul_(group.shift[part])
+            mine = [(i, sk, slice(max(part.start, lo) - lo, min(part.stop, hi) - lo),
+                     max(part.start, lo) - part.start)
+                    for lo, hi, i, sk in ends if max(part.start, lo) < min(part.stop, hi)]
+            for _, sk, own, row in mine:  # Y = S + nu Q0 (the fp32 S is read as fp64)
+                y[row:row + own.stop - own.start].add_(sk.sums[own])
+            p = y @ group.transform[part].to(device)
+            del y
+            p = _orthonormalised(p)
+            for i, sk, own, row in mine:  # each layer's new basis, its own tensor
+                if out[i] is None:
+                    out[i] = torch.empty((sk.num_blocks, b, group.rank), dtype=torch.float32,
+                                         device=device)
+                out[i][own] = p[row:row + own.stop - own.start]
+                if own.stop == sk.num_blocks:  # its last block is done
+                    sk.release()
+            del p
     return out
 
 
@@ -329,7 +408,9 @@ def top_eigenvectors(sketches: list[SubspaceSketch]) -> list[Optional[torch.Tens
     fp64 with a tiny shift nu (Y = S + nu Q0): `nystrom_factors`, `solve_factors`,
     `bases_from_factors` (no SVD of a tall matrix, one k x k eigendecomposition per block;
     orthonormal to fp64 rounding times the kept spectrum's condition number before the cast
-    to fp32); the k x k solves run on the host's cores (`solve_factors`)."""
+    to fp32); the k x k solves run on the host's cores (`solve_factors`). Consumes the
+    sketches that saw data (their S and Q0 are freed as their new bases are made,
+    `bases_from_factors`); `SubspaceSketch.top` keeps its sketch."""
     if not sketches:
         return []
     device = sketches[0].sums.device

@@ -13,7 +13,7 @@ the budget (default ./plan.yaml).
 
 Prediction (bytes per GPU, this TP rank), every term a short formula below:
 
-    peak = persistent + max(forward/backward phase, optimizer phase)
+    peak = persistent + max(forward/backward, optimizer, estimate phase)
     persistent = static (W0, trainable params, fp32 masters, Adam moments; as the ZeRO stage
                  partitions them, `compact_dist.tools.memory_report.static_bytes`) + P (cached
                  blocks, data-aware basis, the estimating step's sketch)
@@ -23,6 +23,8 @@ Prediction (bytes per GPU, this TP rank), every term a short formula below:
                  recompute's re-run chunk, ZeRO-3 gathered parameters, reduce buckets)
     optimizer  = gradients + the step's temporaries (flat copy, fp32 gradient partition) or
                  the subspace merge's temporaries
+    estimate   = a data-aware P's estimate after the estimating step's merge (`estimate_bytes`):
+                 the new bases and one chunk's fp64 transients (no group-wide Y)
     reserved   = peak * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB: what must fit the budget.
 
 ZeRO-1/2 keep the bf16 gradients of every parameter (ZeRO-1) or of their partition (ZeRO-2)
@@ -63,6 +65,7 @@ from typing import Optional
 
 import yaml
 
+from compact_dist.core import basis
 from compact_dist.core.basis import oversampling
 from compact_dist.core.config import ALL_ROLES, COLUMN_ROLES
 from compact_dist.core.config_loading import validate
@@ -160,7 +163,9 @@ def roles(setup: Setup) -> dict[str, dict]:
     the local A shape. `exact`: the role keeps its exact input (compression.exact_input).
     p_elems: this rank's P blocks; sketch_elems: what a warm-started estimate's sketch
     stores (compact_dist.core.basis.SubspaceSketch): S [blocks, b, r_b + p] and Q0's extra
-    columns [blocks, b, p] (Q0's first r_b columns are the layer's basis itself)."""
+    columns [blocks, b, p] (Q0's first r_b columns are the layer's basis itself);
+    local_blocks, block_in (b), block_rank (r_b), test_width (k = r_b + p): the estimate's
+    shapes."""
     m, c, tp = setup.cfg.model, setup.cfg.compression, setup.tp
     shapes = {role: (n, mo) for role, (_, n, mo) in m.linear_shapes().items()}
     exact = set(getattr(c, "exact_input", []) or [])
@@ -180,6 +185,8 @@ def roles(setup: Setup) -> dict[str, dict]:
                         a_shape=(mo // tp, r) if column else (mo, r // tp),
                         p_elems=(n * r) if column else (n * r // blocks // tp),
                         sketch_elems=local_blocks * b * (rb + 2 * extra),
+                        local_blocks=local_blocks, block_in=b, block_rank=rb,
+                        test_width=rb + extra,
                         saves_z=role not in exact)
         out[role] = info
     return out
@@ -219,6 +226,65 @@ def param_counts(setup: Setup) -> dict[str, int]:
         counts["other"] += m.seq_length * h                   # learned positions
     counts["largest_trainable"] = max(counts["largest_a"], counts["output"])
     return counts
+
+
+def estimate_bytes(setup: Setup) -> dict[str, float]:
+    """What the estimate of a data-aware P holds beyond `persistent` (which counts the basis,
+    the sketches and the cached P), bytes per GPU, by sub-step; the estimating step's
+    'estimate P' phase is the largest of 'reduce', 'step 1', 'step 3' (new bases + chunk)
+    and 'share'. It runs after that step's optimizer step and merge
+    (SubspaceStepper.after_step -> resample_projections -> compact_dist.core.subspace.
+    estimate_bases). Per shape group of blocks (b, r_b, k = r_b + p; n blocks over the
+    layers, kb per layer; c1 / c3 blocks per chunk of step 1 / 3: basis.CHUNK_ELEMENTS //
+    (b k) / (b r_b), at least 1, at most n):
+      reduce (DP or TP > 1): the flat fp32 copy of every S (_reduce_sketches);
+      step 1 (nystrom_factors): S -> Y and Q0 fp64 [c1, b, k], 3 fp64 [c1, k, k] (or,
+        if more, the largest S's |S| and isfinite(S) of the check which sketches saw data);
+      step 3 (bases_from_factors): one layer's fp32 new basis [kb, b, r_b] (a layer's
+        sketch is freed as soon as its basis is done, before the next layer's is made: the
+        bases of finished layers take fewer bytes than the sketches they replace) + the
+        larger of Y, T and Y T fp64 ([c3, b, k], [c3, k, r_b], [c3, b, r_b]) and 3 fp64
+        [c3, b, r_b] (re-orthonormalisation), 3 fp64 [c3, r_b, r_b];
+      share (DP or TP > 1): the sketches freed, every new basis and its flat copy
+        (_share_bases)."""
+    groups: dict[tuple, dict] = {}
+    L = setup.cfg.model.num_layers
+    s_elems = p_elems = sketch_elems = largest_s = 0
+    for info in roles(setup).values():
+        if info["setting"] is None:
+            continue
+        b, r, k, kb = (info["block_in"], info["block_rank"], info["test_width"],
+                       info["local_blocks"])
+        g = groups.setdefault((b, r, k), {"n": 0, "kb": 0})
+        g["n"] += kb * L
+        g["kb"] = max(g["kb"], kb)
+        s_elems += kb * b * k * L
+        largest_s = max(largest_s, kb * b * k)
+        p_elems += info["p_elems"] * L
+        sketch_elems += info["sketch_elems"] * L
+    new_bases, step1, step3 = 0.0, 5.0 * largest_s, 0.0
+    for (b, r, k), g in groups.items():
+        n, kb = g["n"], g["kb"]
+        c1 = min(n, max(1, basis.CHUNK_ELEMENTS // (b * k)))
+        c3 = min(n, max(1, basis.CHUNK_ELEMENTS // (b * r)))
+        step1 = max(step1, 8 * c1 * (2 * b * k + 3 * k * k))
+        chunk = 8 * c3 * (max(b * k + k * r + b * r, 3 * b * r) + 3 * r * r)
+        if 4 * kb * b * r + chunk > new_bases + step3:
+            new_bases, step3 = 4 * kb * b * r, chunk
+    out = {"step 1: one chunk's fp64 S / Y, Q0, k x k products": step1,
+           "step 3: one layer's new basis": new_bases,
+           "step 3: one chunk's fp64 Y, Y T, re-orthonormalisation": step3}
+    if setup.dp > 1 or setup.tp > 1:
+        out["reduce: flat copy of every S"] = 4 * s_elems
+        out["share: every new basis and its flat copy, sketches freed"] = max(
+            0, 8 * p_elems - 4 * sketch_elems)
+    return out
+
+
+def estimate_phase(terms: dict[str, float]) -> float:
+    """The 'estimate P' phase of `estimate_bytes`'s terms: its largest sub-step."""
+    step3 = sum(v for k, v in terms.items() if k.startswith("step 3"))
+    return max([step3] + [v for k, v in terms.items() if not k.startswith("step 3")])
 
 
 def _fp8(elems: float, last_dim: int) -> float:
@@ -438,12 +504,15 @@ def predict(setup: Setup) -> dict:
             merge["merge: gathered A masters (256 MiB bucket)"] = min(256 * 2 ** 20, 4 * n["a"])
     phases = {"forward/backward": backward, "optimizer step": sum(step.values()),
               "subspace merge": sum(merge.values())}
+    estimate = estimate_bytes(setup) if data_aware else {}
+    if estimate:   # the estimating step, after its merge
+        phases["estimate P"] = estimate_phase(estimate)
     peak = persistent + max(phases.values())
     reserved = peak * (1 + FRAGMENTATION) + CUDA_CONTEXT_GIB * GiB
     return {
         "static": static, "projection": proj, "buffers": buffers, "persistent": persistent,
         "activations": acts, "backward_transients": transient, "step_transients": step,
-        "merge_transients": merge, "phases": phases,
+        "merge_transients": merge, "estimate_transients": estimate, "phases": phases,
         "peak_phase": max(phases, key=phases.get),
         "peak_allocated": peak, "peak_reserved": reserved,
         "host": host, "host_bytes": sum(host.values()),
