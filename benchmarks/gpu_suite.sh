@@ -178,6 +178,19 @@ x() {  # x <hard timeout s> command...: logged to <work>/logs/<job>.log, or prin
     >> "$WORK/logs/$JOB.log"
   timeout -k 15 "$t" "$@" >> "$WORK/logs/$JOB.log" 2>&1
 }
+lr2_references() {  # lr2_references <prefix> <run>...: convergence110m_lr2's runs (the same
+  # data order, on the GPU) copied in as <prefix>'s reference runs; 1 if one is missing
+  local prefix=$1 run src missing=0; shift
+  [ "$DRY" = 1 ] && return 0
+  mkdir -p "$RES/$prefix"
+  for run in "$@"; do
+    src=$RES/convergence110m_lr2/convergence110m_lr2_$run.json
+    if [ -e "$src" ]; then cp "$src" "$RES/$prefix/${prefix}_$run.json"
+    else log "$prefix: no $src (the reference runs): the table will lack them"; missing=1
+    fi
+  done
+  return $missing
+}
 keep() {  # keep <file>...: from the job's work directory to the results directory
   local f
   for f in "$@"; do
@@ -345,27 +358,13 @@ run_job() {  # run_job <job>, with JOB, JW, JSTART, JT, CUDA_VISIBLE_DEVICES set
         ${extra[@]+"${extra[@]}"} || rc=$? ;;
     convergence110m_offload)
       [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m_offload")
-      [ "$DRY" = 1 ] || mkdir -p "$RES/convergence110m_offload"
-      for run in baseline baseline_seed2 pca_r1-4 pca_r1-4_seed2; do  # same order, on the GPU
-        src=$RES/convergence110m_lr2/convergence110m_lr2_$run.json
-        [ "$DRY" = 1 ] && continue
-        if [ -e "$src" ]; then cp "$src" "$RES/convergence110m_offload/convergence110m_offload_$run.json"
-        else log "convergence110m_offload: no $src (the reference runs): the table will lack them"; rc=1
-        fi
-      done
+      lr2_references convergence110m_offload baseline baseline_seed2 pca_r1-4 pca_r1-4_seed2 || rc=1
       x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
         --prefix convergence110m_offload --results-dir "$RES" --per-gpu 2 --data-dir "$CVDATA" \
         --variants pca_r1/4_offload,pca_r1/4_offload_seed2 ${extra[@]+"${extra[@]}"} || rc=$? ;;
     convergence110m_preset24)
       [ "$TINY" = 1 ] && extra=(--tiny --state-dir "$WORK/convergence110m_preset24")
-      [ "$DRY" = 1 ] || mkdir -p "$RES/convergence110m_preset24"
-      for run in baseline baseline_seed2; do  # same data order, on the GPU
-        src=$RES/convergence110m_lr2/convergence110m_lr2_$run.json
-        [ "$DRY" = 1 ] && continue
-        if [ -e "$src" ]; then cp "$src" "$RES/convergence110m_preset24/convergence110m_preset24_$run.json"
-        else log "convergence110m_preset24: no $src (the reference runs): the table will lack them"; rc=1
-        fi
-      done
+      lr2_references convergence110m_preset24 baseline baseline_seed2 || rc=1
       x $(( JT + 20 )) env -u OUT bash "$B"/convergence_gpu.sh --deadline-s "$JT" \
         --prefix convergence110m_preset24 --results-dir "$RES" --per-gpu 4 --data-dir "$CVDATA" \
         --variants gaussian_r1/4,gaussian_r1/4_seed2,gaussian_r1/4_preset24,gaussian_r1/4_preset24_seed2 \
