@@ -249,7 +249,7 @@ def estimate_bytes(setup: Setup) -> dict[str, float]:
         (_share_bases)."""
     groups: dict[tuple, dict] = {}
     L = setup.cfg.model.num_layers
-    s_elems = p_elems = sketch_elems = largest_s = 0
+    s_elems = largest_s = 0
     for info in roles(setup).values():
         if info["setting"] is None:
             continue
@@ -260,8 +260,6 @@ def estimate_bytes(setup: Setup) -> dict[str, float]:
         g["kb"] = max(g["kb"], kb)
         s_elems += kb * b * k * L
         largest_s = max(largest_s, kb * b * k)
-        p_elems += info["p_elems"] * L
-        sketch_elems += info["sketch_elems"] * L
     new_bases, step1, step3 = 0.0, 5.0 * largest_s, 0.0
     for (b, r, k), g in groups.items():
         n, kb = g["n"], g["kb"]
@@ -275,9 +273,10 @@ def estimate_bytes(setup: Setup) -> dict[str, float]:
            "step 3: one layer's new basis": new_bases,
            "step 3: one chunk's fp64 Y, Y T, re-orthonormalisation": step3}
     if setup.dp > 1 or setup.tp > 1:
+        n = param_counts(setup)  # this rank's P and sketch elements over the layers
         out["reduce: flat copy of every S"] = 4 * s_elems
         out["share: every new basis and its flat copy, sketches freed"] = max(
-            0, 8 * p_elems - 4 * sketch_elems)
+            0, 8 * n["p"] - 4 * n["sketch"])
     return out
 
 
